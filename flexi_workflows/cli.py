@@ -1,0 +1,129 @@
+"""The `flexi` command line.
+
+Each subcommand is a thin shell over a library function; errors that are the user's input
+(FlexiError) print one clear line and exit 2 instead of a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from flexi_workflows.errors import ConfigError, FlexiError
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{what} is empty")
+    return values
+
+
+def _float_list(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from flexi_workflows.adapters.accounting import param_report
+    from flexi_workflows.adapters.model import resolve_targets
+    from flexi_workflows.models.loading import build_on_meta, load_config
+
+    if args.rank is not None:
+        if args.mix is not None:
+            raise ConfigError("--mix goes with --ranks (a set of rank classes), not with --rank")
+        ranks = [args.rank]
+    else:
+        ranks = _int_list(args.ranks, "--ranks")
+    if any(r < 1 for r in ranks):
+        raise ConfigError(f"ranks must be ≥ 1, got {ranks}")
+    if ranks != sorted(ranks) or len(set(ranks)) != len(ranks):
+        raise ConfigError(f"--ranks must be strictly increasing, got {ranks}")
+    mix = _float_list(args.mix, "--mix") if args.mix is not None else None
+
+    config = load_config(args.model, trust_remote_code=args.trust_remote_code)
+    model = build_on_meta(config)
+    targets = resolve_targets(model, _targets(args.targets))
+    report = param_report(
+        model,
+        targets,
+        max(ranks),
+        ranks=ranks if mix is not None else None,
+        mix=mix,
+        learned_scaling=args.learned_scaling,
+    )
+    if mix is None and len(ranks) > 1:
+        report.active_params = {r: report.params_per_rank * r for r in ranks}
+    out = {"model": args.model, "model_type": config.model_type, "targets": targets, **report.to_dict()}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"model             {args.model} ({config.model_type})")
+    print(f"targets           {', '.join(targets)}")
+    print(f"base params       {report.base_params:,}")
+    print(f"params per rank   {report.params_per_rank:,}")
+    for r, n in report.active_params.items():
+        print(f"active at r={r:<4}  {n:,}  ({100 * n / report.base_params:.4f} % of base)")
+    print(f"LoRA at r_max={report.r_max:<3} {report.lora_params:,}  ({report.lora_pct_of_base:.4f} % of base)")
+    if report.scaling_params:
+        print(f"learned γ params  {report.scaling_params:,}")
+    if report.mean_active_params is not None:
+        print(
+            f"mean active       {report.mean_active_params:,.0f}  (mean rank {report.mean_rank:.3f}; "
+            f"{100 * report.mean_active_params / report.lora_params:.2f} % of LoRA-{report.r_max})"
+        )
+    return 0
+
+
+def _targets(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    if not targets:
+        raise ConfigError("--targets is empty")
+    return targets
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexi", description="Flexi-LoRA workflows: input-adaptive LoRA ranks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "params",
+        help="parameter accounting for LoRA / Flexi-LoRA on a model (built on the meta device, no weights)",
+        description="Count base, per-rank, LoRA and mean active parameters. MODEL is a config.json, "
+        "a local model folder or a hub name.",
+    )
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--targets", help="comma-separated target module names (default: the model type's)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--rank", type=int, help="a static LoRA rank")
+    group.add_argument("--ranks", help="comma-separated rank classes, e.g. 2,8")
+    p.add_argument("--mix", help="share of inputs at each of --ranks, e.g. 0.94,0.06 (sums to 1)")
+    p.add_argument("--learned-scaling", action="store_true", help="count the learned per-rank γ scalars too")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_params)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except FlexiError as exc:
+        print(f"flexi {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Resolve a model reference (config.json, local folder, hub name) into a config or a model.
+
+Hub names work for users with internet; here only local paths do, so every failure to resolve a
+name says which of the three forms was tried. Weights load through safetensors only and
+`trust_remote_code` stays off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from flexi_workflows.errors import ModelNotFoundError
+
+_SPEECH_SEQ2SEQ = {"whisper"}
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or ref.endswith(".json") or ref.count("/") > 1 or Path(ref).exists()
+
+
+def load_config(ref: str | Path, *, trust_remote_code: bool = False) -> PretrainedConfig:
+    """A transformers config from a `config.json` file, a local model folder or a hub name."""
+    ref_str = str(ref)
+    path = Path(ref_str).expanduser()
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelNotFoundError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        model_type = data.get("model_type")
+        if model_type is None:
+            raise ModelNotFoundError(f"{path}: config has no 'model_type'")
+        return AutoConfig.for_model(**data)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path}: folder has no config.json")
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if _looks_like_path(ref_str):
+        raise ModelNotFoundError(f"model {ref_str!r}: no such file or folder")
+    try:
+        return AutoConfig.from_pretrained(ref_str, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"model {ref_str!r}: not a local config.json or folder, and the Hugging Face hub could not "
+            f"provide it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from None
+
+
+def model_class(config: PretrainedConfig) -> type:
+    """The model class named in config.architectures, else the Auto class for the model type."""
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    if config.model_type in _SPEECH_SEQ2SEQ:
+        return transformers.AutoModelForSpeechSeq2Seq
+    return transformers.AutoModelForCausalLM
+
+
+def build_on_meta(config: PretrainedConfig) -> nn.Module:
+    """The model's modules with shapes but no storage: parameter accounting for 1B-70B models on a laptop."""
+    cls = model_class(config)
+    with torch.device("meta"):
+        if hasattr(cls, "from_config"):
+            return cls.from_config(config)
+        return cls(config)
+
+
+def load_model(
+    ref: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+) -> nn.Module:
+    """Pretrained weights (safetensors only) for a local folder or hub name."""
+    config = load_config(ref, trust_remote_code=trust_remote_code)
+    cls = model_class(config)
+    return cls.from_pretrained(
+        str(ref), config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
