@@ -46,7 +46,8 @@ class RankState:
 
     def __init__(self, config: FlexiLoraConfig) -> None:
         self.r_max = config.r_max
-        self.gamma_table = torch.tensor([0.0] + [config.gamma(r) for r in range(1, config.r_max + 1)])
+        self.gamma_values = [0.0] + [config.gamma(r) for r in range(1, config.r_max + 1)]
+        self.gamma_table = torch.tensor(self.gamma_values)
         self.ranks: torch.Tensor | None = None
         self.uniform: int | None = None
         self.expandable = False
@@ -132,7 +133,7 @@ class FlexiLoraLinear(nn.Module):
     def gamma(self, rank: int) -> torch.Tensor | float:
         if self.lora_gamma is not None:
             return self.lora_gamma[rank - 1]
-        return float(self.rank_state.gamma_table[rank])
+        return self.rank_state.gamma_values[rank]
 
     def delta_weight(self, rank: int) -> torch.Tensor:
         """γ(r) · B[:, :r] · A[:r], the dense update that rank r adds to W (used by merge)."""

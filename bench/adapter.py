@@ -1,0 +1,213 @@
+"""Flexi-LoRA vs PEFT LoRA: training-step and generation cost on a LLaMA-shaped model.
+
+All variants share one set of random base weights and run in this one process, interleaved
+round-robin so drift (thermal, other load) hits each equally; each figure is a median of repeats.
+
+    frozen base        backprop through the frozen model to its input embeddings (no adapter)
+    peft lora r_max    PEFT LoRA at r_max on q, k, v, o
+    flexi mixed        Flexi-LoRA r_max, a mixed-rank batch (paper-like: most at the low rank)
+    flexi r_max        Flexi-LoRA r_max, every sample at r_max (uniform fast path)
+    flexi low          Flexi-LoRA, every sample at the low rank (uniform fast path)
+
+The last line printed is one JSON object; `train_step_ratio_vs_peft` and `generate_ratio_vs_peft`
+are flexi-mixed time / PEFT time (lower is better).
+
+    python bench/adapter.py            # hidden 512, 4 layers, seq 256, batch 8
+    python bench/adapter.py --quick    # same shapes, fewer repeats: under a minute on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flexi_workflows.adapters import FlexiLoraConfig, StaticRank, inject_flexi_lora  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def build_base(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 2.6875),
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 256),
+        vocab_size=args.vocab,
+        max_position_embeddings=max(args.seq, args.prompt + args.new_tokens) + 8,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config).to(dtype=args.dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_variants(base, args):
+    from peft import LoraConfig, get_peft_model
+
+    r_max, low = args.r_max, args.low_rank
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=r_max, lora_alpha=2 * r_max, target_modules=TARGETS, lora_dropout=0.0)
+    )
+    flexi = inject_flexi_lora(
+        copy.deepcopy(base), FlexiLoraConfig(r_max=r_max, alpha=2 * r_max, targets=TARGETS), StaticRank(r_max)
+    )
+    # identical nonzero adapter weights in both, so both do the same arithmetic
+    g = torch.Generator().manual_seed(1)
+    peft_modules = dict(peft_model.base_model.model.named_modules())
+    with torch.no_grad():
+        for name, layer in flexi.flexi_layers():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.02)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.02)
+            peft_modules[name].lora_A["default"].weight.copy_(layer.lora_A)
+            peft_modules[name].lora_B["default"].weight.copy_(layer.lora_B)
+    n_high = max(1, round(args.batch * args.high_share))
+    mixed = torch.tensor([r_max] * n_high + [low] * (args.batch - n_high))[torch.randperm(args.batch, generator=g)]
+    return {
+        "frozen base": (base, None),
+        f"peft lora r{r_max}": (peft_model, None),
+        "flexi mixed": (flexi, mixed),
+        f"flexi r{r_max}": (flexi, r_max),
+        f"flexi r{low}": (flexi, low),
+    }, mixed
+
+
+def train_step(model, ranks, ids, is_base):
+    """One forward + backward with a next-token loss; gradients are dropped, not applied."""
+    kwargs = {} if ranks is None else {"ranks": ranks}
+    if is_base:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        loss = model(inputs_embeds=embeds, labels=ids).loss
+    else:
+        loss = model(input_ids=ids, labels=ids, **kwargs).loss
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def generate(model, ranks, prompt, new_tokens):
+    kwargs = {} if ranks is None else {"ranks": ranks}
+    with torch.no_grad():
+        model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
+        )
+
+
+def measure(variants, fn, repeats, warmup):
+    times = {name: [] for name in variants}
+    for i in range(warmup + repeats):
+        for name, (model, ranks) in variants.items():
+            start = time.perf_counter()
+            fn(name, model, ranks)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (under a minute on 2 cores)")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--r-max", type=int, default=8)
+    parser.add_argument("--low-rank", type=int, default=2)
+    parser.add_argument("--high-share", type=float, default=0.25, help="share of the mixed batch at r_max")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_repeats = args.repeats or (3 if args.quick else 15)
+    gen_repeats = args.repeats or (5 if args.quick else 15)
+
+    base = build_base(args).to(args.device)
+    variants, mixed = build_variants(base, args)
+    variants = {k: (m.to(args.device), r) for k, (m, r) in variants.items()}
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
+    prompt = torch.randint(3, args.vocab, (args.batch, args.prompt), generator=g).to(args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    def train_fn(name, model, ranks):
+        for m, _ in variants.values():
+            m.train() if m is not base else m.eval()
+        train_step(model, ranks, ids, model is base)
+        sync()
+
+    def gen_fn(name, model, ranks):
+        model.eval()
+        generate(model, ranks, prompt, args.new_tokens)
+        sync()
+
+    started = time.perf_counter()
+    train = measure(variants, train_fn, train_repeats, warmup=1)
+    gen = measure(variants, gen_fn, gen_repeats, warmup=1 if args.quick else 2)
+    peft_name = f"peft lora r{args.r_max}"
+
+    print(
+        f"LLaMA-shaped: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype}, "
+        f"{args.device}, {torch.get_num_threads()} threads; LoRA r_max={args.r_max} on {','.join(TARGETS)}"
+    )
+    print(
+        f"train step: batch {args.batch} × seq {args.seq}, fwd+bwd, median of {train_repeats}; "
+        f"generate: batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens greedy, "
+        f"median of {gen_repeats}"
+    )
+    print(f"mixed batch ranks: {mixed.tolist()}")
+    print()
+    print(f"{'variant':<16}{'train step s':>14}{'vs peft':>9}{'generate s':>13}{'vs peft':>9}{'tokens/s':>11}")
+    for name in variants:
+        tok_s = args.batch * args.new_tokens / gen[name]
+        print(
+            f"{name:<16}{train[name]:>14.4f}{train[name] / train[peft_name]:>9.3f}"
+            f"{gen[name]:>13.4f}{gen[name] / gen[peft_name]:>9.3f}{tok_s:>11.0f}"
+        )
+    result = {
+        "train_step_ratio_vs_peft": round(train["flexi mixed"] / train[peft_name], 4),
+        "generate_ratio_vs_peft": round(gen["flexi mixed"] / gen[peft_name], 4),
+        "train_step_ratio_rmax_vs_peft": round(train[f"flexi r{args.r_max}"] / train[peft_name], 4),
+        "generate_ratio_rmax_vs_peft": round(gen[f"flexi r{args.r_max}"] / gen[peft_name], 4),
+        "train_step_s": {k: round(v, 5) for k, v in train.items()},
+        "generate_s": {k: round(v, 5) for k, v in gen.items()},
+        "mixed_ranks": mixed.tolist(),
+        "device": args.device,
+        "dtype": str(args.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    print()
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
