@@ -23,3 +23,7 @@ class TargetModuleError(FlexiError, ValueError):
 
 class ModelNotFoundError(FlexiError, FileNotFoundError):
     """A model path or hub name could not be resolved."""
+
+
+class DataError(FlexiError, ValueError):
+    """A dataset file is malformed, misses a field or is empty; the message names file and line."""

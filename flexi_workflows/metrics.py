@@ -66,7 +66,8 @@ _THE_ANSWER = re.compile(r"answer is\s*:?\s*(" + _NUMBER + ")", re.IGNORECASE)
 _ANY_NUMBER = re.compile(_NUMBER)
 
 
-def _to_float(token: str) -> float | None:
+def parse_number(token: str) -> float | None:
+    """A number written as in a word problem ("$1,000.", "-3", ".5"), or None."""
     cleaned = token.replace("$", "").replace(",", "").replace(" ", "").rstrip(".")
     if cleaned in ("", "-", "."):
         return None
@@ -86,11 +87,11 @@ def extract_number(text: str) -> float | None:
     for pattern in (_HASH_ANSWER, _THE_ANSWER):
         match = pattern.search(text)
         if match:
-            value = _to_float(match.group(1))
+            value = parse_number(match.group(1))
             if value is not None:
                 return value
     for token in reversed(_ANY_NUMBER.findall(text)):
-        value = _to_float(token)
+        value = parse_number(token)
         if value is not None:
             return value
     return None
@@ -98,7 +99,7 @@ def extract_number(text: str) -> float | None:
 
 def math_correct(prediction_text: str, gold: float | int | str, rel_tol: float = 1e-4) -> bool:
     """Whether the completion's answer equals `gold` (a number or numeric string) within rel_tol."""
-    gold_value = gold if isinstance(gold, (int, float)) else _to_float(str(gold).strip())
+    gold_value = gold if isinstance(gold, (int, float)) else parse_number(str(gold).strip())
     if gold_value is None:
         raise ValueError(f"gold answer {gold!r} is not a number")
     predicted = extract_number(prediction_text)

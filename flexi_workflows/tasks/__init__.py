@@ -1,0 +1,20 @@
+"""Task registry: a task loads rows, builds prompts and scores predictions."""
+
+from __future__ import annotations
+
+from flexi_workflows.errors import ConfigError
+from flexi_workflows.tasks.base import DataSource, Row, Task
+from flexi_workflows.tasks.math import MathTask
+from flexi_workflows.tasks.qa import QATask
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (MathTask, QATask)}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(TASKS))}") from None
+
+
+__all__ = ["DataSource", "Row", "Task", "TASKS", "get_task"]

@@ -1,0 +1,82 @@
+"""Extractive QA in the MRQA format (paper §4: train on the six MRQA training sets, test on six
+out-of-domain sets).
+
+A local MRQA file is JSONL: a header line {"header": {"dataset", "split"}}, then one line per context:
+{"context": "...", "qas": [{"qid", "question", "answers": [...], "detected_answers": [{"text", ...}]}]}.
+Each question becomes a row; every entry of `answers` is a gold answer (max over them), and the
+training target is the first detected answer (the span as it occurs in the context).
+Hub: mrqa-workshop/mrqa, filtered to one subset (train / validation splits hold the six training
+sets, test the six out-of-domain ones).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flexi_workflows.errors import DataError
+from flexi_workflows.metrics import qa_exact_match, qa_f1
+from flexi_workflows.tasks.base import DataSource, Row, Task
+from flexi_workflows.tasks.io import iter_jsonl, require
+
+MRQA_TRAIN_SETS = ("SQuAD", "NewsQA", "TriviaQA", "SearchQA", "HotpotQA", "NaturalQuestions")
+MRQA_OOD_SETS = ("BioASQ", "DROP", "DuoRC", "RACE", "RelationExtraction", "TextbookQA")
+MRQA_HUB = "mrqa-workshop/mrqa"
+
+
+def _qa_row(context: str, qa: dict, where: str, label: str, index: int) -> Row:
+    question = require(qa, "question", where)
+    answers = require(qa, "answers", where, list)
+    if not answers or not all(isinstance(a, str) for a in answers):
+        raise DataError(f"{where}: 'answers' must be a non-empty list of strings")
+    detected = qa.get("detected_answers") or []
+    target = detected[0]["text"] if detected and isinstance(detected[0], dict) and "text" in detected[0] else answers[0]
+    qid = qa.get("qid") or qa.get("id") or f"{index}"
+    return {"id": f"{label}:{qid}", "question": question.strip(), "context": context, "answers": answers,
+            "target": target, "source": label}
+
+
+class QATask(Task):
+    name = "qa"
+    metric = "f1"
+    plain_template = "Context: {context}\nQuestion: {question}"
+
+    def _load(self, source: DataSource) -> list[Row]:
+        label = source.label
+        rows: list[Row] = []
+        if source.path:
+            path = Path(source.path)
+            for lineno, obj in iter_jsonl(path):
+                where = f"{path}:{lineno}"
+                if "header" in obj:
+                    continue
+                context = require(obj, "context", where)
+                for qa in require(obj, "qas", where, list):
+                    if not isinstance(qa, dict):
+                        raise DataError(f"{where}: each entry of 'qas' must be an object")
+                    rows.append(_qa_row(context, qa, where, label, len(rows)))
+                if source.limit is not None and len(rows) >= source.limit:
+                    break
+            return rows
+        from flexi_workflows.tasks.hub import load_hub_dataset
+
+        wanted = {s.lower(): s for s in (*MRQA_TRAIN_SETS, *MRQA_OOD_SETS)}
+        subset = wanted.get(source.name.lower())
+        if subset is None:
+            raise DataError(f"unknown MRQA subset {source.name!r}; one of {', '.join(wanted.values())}, or a local path")
+        for i, obj in enumerate(load_hub_dataset(MRQA_HUB, None, source.split)):
+            if obj.get("subset") != subset:
+                continue
+            detected = obj.get("detected_answers") or {}
+            texts = detected.get("text", []) if isinstance(detected, dict) else []
+            qa = {"qid": obj.get("qid"), "question": obj["question"], "answers": list(obj["answers"]),
+                  "detected_answers": [{"text": t} for t in texts]}
+            rows.append(_qa_row(obj["context"], qa, f"{MRQA_HUB} row {i}", label, len(rows)))
+            if source.limit is not None and len(rows) >= source.limit:
+                break
+        return rows
+
+    def score(self, prediction: str, row: Row) -> float:
+        return qa_f1(prediction, row["answers"])
+
+    def metrics(self, prediction: str, row: Row) -> dict[str, float]:
+        return {"f1": qa_f1(prediction, row["answers"]), "exact_match": qa_exact_match(prediction, row["answers"])}
