@@ -7,6 +7,7 @@ Each subcommand is a thin shell over a library function; errors that are the use
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import sys
 from typing import Callable, Sequence
@@ -91,6 +92,41 @@ def _targets(text: str | None) -> list[str] | None:
     return targets
 
 
+def _load_recipe(args: argparse.Namespace):
+    from flexi_workflows.recipes import load_recipe
+
+    return load_recipe(args.recipe, args.overrides)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from flexi_workflows.stages.score import STATS, run_score
+
+    out = run_score(_load_recipe(args), force=args.force)
+    stats = json.loads((out / STATS).read_text())
+    shares = ", ".join(f"{c['name']} {c['count']} ({100 * c['share']:.1f} %)" for c in stats["classes"])
+    print(f"scored {stats['total']} rows → {out}; mean {stats['metric']} {stats['mean_score']:.3f}; {shares}")
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from flexi_workflows.stages.route import REPORT, run_route
+
+    out = run_route(_load_recipe(args), force=args.force)
+    hold = json.loads((out / REPORT).read_text())["holdout"]
+    recall = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in hold["per_class_recall"].items())
+    print(f"router → {out}; held-out accuracy {hold['accuracy']:.3f} on {hold['size']} rows; recall: {recall}")
+    print(f"confusion (rows true, columns predicted): {hold['confusion_matrix']}")
+    return 0
+
+
+def _add_stage(sub, name: str, func, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("recipe", metavar="RECIPE", help="YAML recipe")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    p.add_argument("--force", action="store_true", help="recompute even if the inputs are unchanged")
+    p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexi", description="Flexi-LoRA workflows: input-adaptive LoRA ranks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,12 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_params)
+
+    _add_stage(sub, "score", cmd_score, "score the training set with the base model on Ray Data (difficulty classes)")
+    _add_stage(sub, "route", cmd_route, "train the difficulty router on the scored training set")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -80,3 +80,31 @@ def randomize_lora(model, seed: int = 1, std: float = 0.1) -> None:
         for _, layer in model.flexi_layers():
             layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * std)
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
+
+
+ARITH_CORPUS = [
+    f"Question: What is {a} plus {b}?\nAnswer: {a}+{b}={a + b}. #### {a + b}"
+    for a in range(12)
+    for b in range(12)
+] + ["Question: Where is the apple? The zebra ran home.\nAnswer: #### 3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny LLaMA (config.json + model.safetensors + tokenizer), as a user's local model folder."""
+    from flexi_workflows.models.tiny import save_model_folder, tiny_llama, train_tokenizer
+
+    tokenizer = train_tokenizer(ARITH_CORPUS, vocab_size=160)
+    model = tiny_llama(tokenizer, hidden_size=32, layers=1, heads=2, kv_heads=1)
+    return save_model_folder(model, tokenizer, tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the whole session (starting one costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

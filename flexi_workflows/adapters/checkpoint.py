@@ -11,12 +11,7 @@ rank with `peft.PeftModel.from_pretrained`, no flexi-workflows needed.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,30 +21,11 @@ from flexi_workflows.adapters.config import FlexiLoraConfig
 from flexi_workflows.adapters.model import FlexiLoraModel
 from flexi_workflows.adapters.policies import RankPolicy, policy_from_dict
 from flexi_workflows.errors import ConfigError, RankError
+from flexi_workflows.fsutil import atomic_dir
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "flexi_config.json"
 FORMAT_VERSION = 1
-
-
-@contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temp folder beside `target`; on success replace `target` with it in one rename."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_adapter(model: FlexiLoraModel, path: str | Path) -> Path:

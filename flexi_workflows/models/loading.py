@@ -81,3 +81,28 @@ def load_model(
     return cls.from_pretrained(
         str(ref), config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
+
+
+def load_tokenizer(ref: str | Path, *, trust_remote_code: bool = False, padding_side: str = "left"):
+    """The model's tokenizer, set up for batched generation (left padding, a pad token)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"tokenizer for {str(ref)!r} could not be loaded: {str(exc).splitlines()[0][:200]}") from None
+    tokenizer.padding_side = padding_side
+    tokenizer.truncation_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_fingerprint(ref: str | Path) -> dict:
+    """What identifies a model for stage caching: a local folder's contents, or the hub name."""
+    from flexi_workflows.fsutil import path_digest
+
+    path = Path(str(ref)).expanduser()
+    if path.exists():
+        return {"path": str(path.resolve()), "digest": path_digest(path)}
+    return {"hub": str(ref)}

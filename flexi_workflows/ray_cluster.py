@@ -1,0 +1,28 @@
+"""Starting or joining Ray the same way from the CLI, from `ray job submit` and from tests."""
+
+from __future__ import annotations
+
+import os
+
+from flexi_workflows.recipes.schema import RayConfig
+
+# Variables Ray workers need: they are separate processes that import the project.
+_WORKER_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
+
+def ensure_ray(config: RayConfig | None = None) -> None:
+    """Join the cluster named by `ray.address` (or RAY_ADDRESS, as under `ray job submit`), else start
+    a local one. Already connected (e.g. a test's local cluster): nothing to do."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    config = config or RayConfig()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env_vars = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
+    kwargs = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False, **kwargs)

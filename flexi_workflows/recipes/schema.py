@@ -1,0 +1,169 @@
+"""The recipe: one YAML file per experiment, loaded into these dataclasses.
+
+Relative paths in a recipe (model, datasets, output_dir) are resolved against the working directory
+the command runs in — the project root locally, the job's working_dir under `ray job submit`.
+
+Checks that involve several keys (thresholds vs classes, ranks vs classes, order of ranks) live in
+`__post_init__`, so an invalid recipe fails when it is loaded, before Ray starts anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from flexi_workflows.errors import ConfigError
+from flexi_workflows.tasks.base import DataSource
+
+METHODS = ("full", "lora", "adalora", "dylora", "dylora_plus", "flexi")
+
+
+@dataclass
+class ModelConfig:
+    """The base model: a hub name (needs internet) or a local folder with config.json + safetensors."""
+
+    name_or_path: str = ""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TaskConfig:
+    name: str = "math"
+    train: DataSource | None = None
+    eval: list[DataSource] = field(default_factory=list)
+    max_prompt_tokens: int = 512
+    max_target_tokens: int = 256
+
+
+@dataclass
+class ScoringConfig:
+    """Difficulty scoring: the base model answers each training sample, the task metric grades it.
+
+    thresholds: K-1 descending cut points on the metric; a score ≥ thresholds[0] is class 0 (the
+    easiest), below thresholds[-1] is class K-1 (the hardest). Math: [0.5] (correct = easy);
+    QA: e.g. [0.5] for F1 ≥ 0.5 = easy.
+    """
+
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    num_classes: int = 2
+    thresholds: list[float] = field(default_factory=lambda: [0.5])
+    class_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise ConfigError(f"scoring.num_classes must be ≥ 2, got {self.num_classes}")
+        if len(self.thresholds) != self.num_classes - 1:
+            raise ConfigError(
+                f"scoring.thresholds has {len(self.thresholds)} values but scoring.num_classes = "
+                f"{self.num_classes} needs {self.num_classes - 1} (K classes take K-1 cut points)"
+            )
+        if any(a <= b for a, b in zip(self.thresholds, self.thresholds[1:])):
+            raise ConfigError(f"scoring.thresholds must be strictly decreasing (easiest class first), got {self.thresholds}")
+        if self.class_names is None:
+            self.class_names = ["easy", "hard"] if self.num_classes == 2 else [f"class{k}" for k in range(self.num_classes)]
+        if len(self.class_names) != self.num_classes:
+            raise ConfigError(f"scoring.class_names needs {self.num_classes} names, got {self.class_names}")
+        for key in ("batch_size", "max_new_tokens", "num_actors"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"scoring.{key} must be ≥ 1, got {getattr(self, key)}")
+
+
+@dataclass
+class RouterConfig:
+    """The difficulty router: masked mean-pooled input embeddings → classifier → class logits.
+
+    Noise (noise-added cross-entropy, paper §3) is applied in training only:
+      noise_on=logits, noise_type=multiplicative:  l' = l ⊙ (1 + ε)   (default, as in PT-MoE)
+      noise_on=logits, noise_type=additive:        l' = l + ε
+      noise_on=pooled: the same applied to the pooled embedding before the classifier
+    with ε ~ N(0, noise_std²) drawn per element; noise_std = 0 turns it off.
+    """
+
+    classifier: Literal["linear", "mlp"] = "linear"
+    hidden_size: int = 256
+    noise_std: float = 0.1
+    noise_type: Literal["multiplicative", "additive"] = "multiplicative"
+    noise_on: Literal["logits", "pooled"] = "logits"
+    epochs: int = 50
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    holdout: float = 0.2
+    balance: Literal["downsample", "reweight", "none"] = "downsample"
+
+    def __post_init__(self) -> None:
+        if self.noise_std < 0:
+            raise ConfigError(f"router.noise_std must be ≥ 0, got {self.noise_std}")
+        if not 0 < self.holdout < 1:
+            raise ConfigError(f"router.holdout must be in (0, 1), got {self.holdout}")
+        for key in ("epochs", "batch_size", "hidden_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"router.{key} must be ≥ 1, got {getattr(self, key)}")
+
+
+@dataclass
+class MethodConfig:
+    """What is fine-tuned.
+
+    ranks: flexi — one rank per difficulty class, easiest first, strictly increasing, e.g. [2, 8];
+    lora / adalora — [r]; dylora / dylora_plus — [r_min, r_max].
+    """
+
+    name: Literal["full", "lora", "adalora", "dylora", "dylora_plus", "flexi"] = "flexi"
+    ranks: list[int] = field(default_factory=lambda: [2, 8])
+    alpha: float = 16.0
+    scaling: Literal["alpha_over_r", "alpha_over_sqrt_r", "learned"] = "alpha_over_r"
+    dropout: float = 0.05
+    targets: list[str] | None = None
+    eval_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if any(r < 1 for r in self.ranks):
+            raise ConfigError(f"method.ranks must be ≥ 1, got {self.ranks}")
+        if any(a >= b for a, b in zip(self.ranks, self.ranks[1:])):
+            raise ConfigError(f"method.ranks must be strictly increasing (easiest class first), got {self.ranks}")
+        if self.name in ("lora", "adalora") and len(self.ranks) != 1:
+            raise ConfigError(f"method.ranks for {self.name} is one rank, e.g. [8]; got {self.ranks}")
+        if self.name in ("dylora", "dylora_plus") and len(self.ranks) != 2:
+            raise ConfigError(f"method.ranks for {self.name} is [r_min, r_max]; got {self.ranks}")
+        if self.name == "flexi" and len(self.ranks) < 2:
+            raise ConfigError(f"method.ranks for flexi needs one rank per difficulty class, got {self.ranks}")
+        if self.eval_rank is not None and not 1 <= self.eval_rank <= max(self.ranks):
+            raise ConfigError(f"method.eval_rank must be in [1, {max(self.ranks)}], got {self.eval_rank}")
+
+    @property
+    def r_max(self) -> int:
+        return max(self.ranks)
+
+
+@dataclass
+class RayConfig:
+    """address: None starts (or joins) a cluster on this machine; "auto" or ray://... join a running one."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+
+
+@dataclass
+class Recipe:
+    name: str = "experiment"
+    output_dir: str = "outputs/experiment"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if self.method.name == "flexi" and len(self.method.ranks) != self.scoring.num_classes:
+            raise ConfigError(
+                f"method.ranks {self.method.ranks} gives {len(self.method.ranks)} ranks but scoring.num_classes "
+                f"is {self.scoring.num_classes}: flexi maps each difficulty class to one rank"
+            )

@@ -1,0 +1,7 @@
+"""The difficulty router: input embeddings → difficulty class → LoRA rank (paper §3 "Router")."""
+
+from flexi_workflows.router.assign import RankAssigner
+from flexi_workflows.router.model import RankRouter, RouterSpec, load_router, save_router
+from flexi_workflows.router.pooling import masked_mean_pool
+
+__all__ = ["RankAssigner", "RankRouter", "RouterSpec", "load_router", "masked_mean_pool", "save_router"]

@@ -1,0 +1,64 @@
+"""From metric scores to difficulty classes, and class-balanced sampling (pure functions)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from flexi_workflows.errors import ConfigError, DataError
+
+
+def assign_classes(scores: Sequence[float], thresholds: Sequence[float]) -> np.ndarray:
+    """Class k = number of thresholds the score falls below; thresholds descend, class 0 is easiest.
+
+    With thresholds [0.5]: score ≥ 0.5 → 0 (easy), else 1 (hard). With [0.8, 0.3]: ≥ 0.8 → 0,
+    [0.3, 0.8) → 1, < 0.3 → 2.
+    """
+    if any(a <= b for a, b in zip(thresholds, thresholds[1:])):
+        raise ConfigError(f"thresholds must be strictly decreasing, got {list(thresholds)}")
+    scores = np.asarray(scores, dtype=np.float64)
+    if np.isnan(scores).any():
+        raise DataError("a score is NaN; every scored row needs a metric value")
+    return (scores[:, None] < np.asarray(thresholds, dtype=np.float64)[None, :]).sum(axis=1).astype(np.int64)
+
+
+def class_stats(classes: Sequence[int], class_names: Sequence[str], scores: Sequence[float] | None = None) -> dict:
+    classes = np.asarray(classes)
+    total = int(classes.size)
+    out = {"total": total, "classes": []}
+    for k, name in enumerate(class_names):
+        mask = classes == k
+        entry = {"class": k, "name": name, "count": int(mask.sum()), "share": float(mask.mean()) if total else 0.0}
+        if scores is not None and mask.any():
+            entry["mean_score"] = float(np.asarray(scores, dtype=np.float64)[mask].mean())
+        out["classes"].append(entry)
+    return out
+
+
+def balanced_indices(classes: Sequence[int], num_classes: int, seed: int) -> np.ndarray:
+    """Indices with every class equally represented: each class down-sampled to the smallest one.
+
+    The paper balances easy and hard samples for router training; a class with no samples at all
+    makes that impossible and is an error (usually thresholds that do not fit the metric).
+    """
+    classes = np.asarray(classes)
+    counts = np.bincount(classes, minlength=num_classes)
+    if (counts == 0).any():
+        empty = [k for k in range(num_classes) if counts[k] == 0]
+        raise DataError(
+            f"difficulty classes {empty} have no samples (counts {counts.tolist()}); balanced router training "
+            f"needs every class — adjust scoring.thresholds or use more data"
+        )
+    rng = np.random.default_rng(seed)
+    n = counts.min()
+    picked = [rng.choice(np.flatnonzero(classes == k), size=n, replace=False) for k in range(num_classes)]
+    return np.sort(np.concatenate(picked))
+
+
+def class_weights(classes: Sequence[int], num_classes: int) -> np.ndarray:
+    """Inverse-frequency weights (mean 1 over samples) for loss re-weighting instead of down-sampling."""
+    counts = np.bincount(np.asarray(classes), minlength=num_classes).astype(np.float64)
+    if (counts == 0).any():
+        raise DataError(f"difficulty classes with no samples: counts {counts.astype(int).tolist()}")
+    return counts.sum() / (num_classes * counts)

@@ -1,0 +1,78 @@
+"""Batched greedy generation over task rows — the work of one Ray Data actor, or of a plain loop.
+
+One class serves both so the Ray stage and its single-process reference (bench/scoring.py) run the
+very same code: the model loads once per actor in __init__, and __call__ maps a batch of rows
+(columns as numpy arrays, Ray Data's "numpy" batch format) to their prompts and predictions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from flexi_workflows.tasks import get_task
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BatchGenerator:
+    def __init__(
+        self,
+        model_ref: str,
+        task_name: str,
+        *,
+        max_new_tokens: int,
+        max_prompt_tokens: int = 512,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        device: str | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        from flexi_workflows.models.loading import load_model, load_tokenizer
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.task = get_task(task_name)
+        self.tokenizer = load_tokenizer(model_ref, trust_remote_code=trust_remote_code)
+        self.model = load_model(model_ref, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+        self.model.to(self.device).eval()
+        self.max_new_tokens = max_new_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        # a chat template already writes BOS; tokenizing with special tokens would add a second one
+        self.add_special_tokens = not getattr(self.tokenizer, "chat_template", None)
+
+    def prompts(self, batch: dict[str, np.ndarray]) -> list[str]:
+        n = len(batch["id"])
+        contexts = batch.get("context", [""] * n)
+        return [
+            self.task.build_prompt({"question": str(q), "context": str(c)}, self.tokenizer)
+            for q, c in zip(batch["question"], contexts)
+        ]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], **generate_kwargs: Any) -> list[str]:
+        enc = self.tokenizer(
+            prompts,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.max_prompt_tokens,
+            add_special_tokens=self.add_special_tokens,
+        ).to(self.device)
+        out = self.model.generate(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **generate_kwargs,
+        )
+        return self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompts = self.prompts(batch)
+        predictions = self.generate(prompts)
+        return {"id": np.asarray(batch["id"]), "prompt": np.asarray(prompts), "prediction": np.asarray(predictions)}

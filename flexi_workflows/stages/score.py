@@ -1,0 +1,154 @@
+"""Stage 1, score: the base model answers every training sample on Ray Data, the task metric grades
+each answer, and the grades become difficulty classes (paper §3 "Router": F1 for QA, accuracy for math).
+
+    rows (validated here) ──► ray.data.from_items ──► map_batches(BatchGenerator, actor pool)
+        ──► prediction per row ──► task.score ──► assign_classes ──► <output_dir>/score/
+                                                                     scored.parquet, stats.json, manifest.json
+
+The stage's manifest records a fingerprint of everything it consumed (data file contents, model,
+task and scoring settings); a rerun with the same fingerprint reuses the output instead of
+generating again. The folder is written to a temp path and renamed, so it is whole or absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flexi_workflows.errors import ConfigError
+from flexi_workflows.fsutil import path_digest
+from flexi_workflows.recipes.schema import Recipe
+from flexi_workflows.scoring.difficulty import assign_classes, class_stats
+from flexi_workflows.stages.common import cached_output, publish_stage
+from flexi_workflows.tasks import Row, get_task
+
+log = logging.getLogger(__name__)
+
+SCORED = "scored.parquet"
+STATS = "stats.json"
+
+
+def stage_dir(recipe: Recipe) -> Path:
+    return Path(recipe.output_dir) / "score"
+
+
+def score_fingerprint(recipe: Recipe) -> dict:
+    from flexi_workflows.models.loading import model_fingerprint
+
+    train = recipe.task.train
+    data = {"source": dataclasses.asdict(train)}
+    if train.path:
+        data["digest"] = path_digest(train.path)
+    return {
+        "stage": "score",
+        "task": recipe.task.name,
+        "max_prompt_tokens": recipe.task.max_prompt_tokens,
+        "data": data,
+        "model": {**dataclasses.asdict(recipe.model), **model_fingerprint(recipe.model.name_or_path)},
+        "scoring": dataclasses.asdict(recipe.scoring),
+    }
+
+
+def validate_score_inputs(recipe: Recipe) -> list[Row]:
+    """Everything that can be checked before Ray starts: task, data (parsed in full), model reference."""
+    from flexi_workflows.models.loading import load_config
+
+    if recipe.task.train is None:
+        raise ConfigError("task.train is not set: the score stage needs a training set (path or hub name)")
+    if not recipe.model.name_or_path:
+        raise ConfigError("model.name_or_path is not set")
+    task = get_task(recipe.task.name)
+    rows = task.load(recipe.task.train)
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{recipe.task.train.path or recipe.task.train.name}: row ids are not unique")
+    load_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    return rows
+
+
+def score_rows(rows: list[Row], recipe: Recipe) -> dict[str, dict]:
+    """Predictions for `rows` from a Ray Data actor pool; returns id → {prompt, prediction}."""
+    import ray
+
+    from flexi_workflows.scoring.generation import BatchGenerator
+
+    cfg = recipe.scoring
+    columns = [{"id": r["id"], "question": r["question"], "context": r.get("context", "")} for r in rows]
+    # blocks of one batch each: the actor pool pulls work in batch-sized units
+    ds = ray.data.from_items(columns, override_num_blocks=max(1, -(-len(columns) // cfg.batch_size)))
+    ds = ds.map_batches(
+        BatchGenerator,
+        fn_constructor_kwargs={
+            "model_ref": recipe.model.name_or_path,
+            "task_name": recipe.task.name,
+            "max_new_tokens": cfg.max_new_tokens,
+            "max_prompt_tokens": recipe.task.max_prompt_tokens,
+            "dtype": recipe.model.dtype,
+            "trust_remote_code": recipe.model.trust_remote_code,
+            "num_threads": max(1, int(cfg.cpus_per_actor)),
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor,
+    )
+    return {str(r["id"]): {"prompt": str(r["prompt"]), "prediction": str(r["prediction"])} for r in ds.iter_rows()}
+
+
+def build_scored_table(rows: list[Row], outputs: dict[str, dict], recipe: Recipe) -> tuple[pa.Table, dict]:
+    task = get_task(recipe.task.name)
+    missing = [r["id"] for r in rows if r["id"] not in outputs]
+    if missing:
+        raise RuntimeError(f"scoring lost {len(missing)} rows, e.g. {missing[:3]}")
+    predictions = [outputs[r["id"]]["prediction"] for r in rows]
+    scores = np.array([task.score(p, r) for p, r in zip(predictions, rows)], dtype=np.float64)
+    classes = assign_classes(scores, recipe.scoring.thresholds)
+    names = recipe.scoring.class_names
+    table = pa.table(
+        {
+            "id": [r["id"] for r in rows],
+            "source": [r.get("source", "") for r in rows],
+            "question": [r["question"] for r in rows],
+            "context": [r.get("context", "") for r in rows],
+            "prompt": [outputs[r["id"]]["prompt"] for r in rows],
+            "target": [r["target"] for r in rows],
+            "answers": [list(r["answers"]) for r in rows],
+            "prediction": predictions,
+            "score": scores,
+            "class": classes,
+            "class_name": [names[k] for k in classes],
+        }
+    )
+    stats = class_stats(classes, names, scores)
+    stats.update({"metric": task.metric, "thresholds": recipe.scoring.thresholds, "mean_score": float(scores.mean())})
+    return table, stats
+
+
+def run_score(recipe: Recipe, *, force: bool = False) -> Path:
+    """Run (or reuse) the score stage; returns the stage folder."""
+    from flexi_workflows.ray_cluster import ensure_ray
+
+    rows = validate_score_inputs(recipe)
+    out_dir = stage_dir(recipe)
+    inputs = score_fingerprint(recipe)
+    if not force and cached_output(out_dir, inputs) is not None:
+        log.info("score: inputs unchanged, reusing %s", out_dir)
+        return out_dir
+    ensure_ray(recipe.ray)
+    started = time.time()
+    outputs = score_rows(rows, recipe)
+    table, stats = build_scored_table(rows, outputs, recipe)
+    stats["seconds"] = round(time.time() - started, 2)
+    with publish_stage(out_dir, inputs, [SCORED, STATS], rows=len(rows)) as tmp:
+        pq.write_table(table, tmp / SCORED)
+        (tmp / STATS).write_text(json.dumps(stats, indent=2) + "\n")
+    log.info("score: %d rows, classes %s", len(rows), [c["count"] for c in stats["classes"]])
+    return out_dir

@@ -1,0 +1,84 @@
+"""The score stage on a real local Ray cluster with a tiny LlamaForCausalLM."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from flexi_workflows.errors import ConfigError, DataError
+from flexi_workflows.recipes import Recipe
+from flexi_workflows.recipes.loader import build
+from flexi_workflows.stages.score import build_scored_table, run_score, stage_dir
+
+
+def _write_math(path, n):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"question": f"What is {i} plus 1?", "answer": f"{i}+1={i + 1}. #### {i + 1}"}) + "\n")
+    return path
+
+
+def _recipe(tmp_path, model_dir, data, **extra):
+    data_cfg = {
+        "output_dir": str(tmp_path / "out"),
+        "model": {"name_or_path": str(model_dir)},
+        "task": {"name": "math", "train": {"path": str(data)}},
+        "scoring": {"max_new_tokens": 6, "batch_size": 4},
+    }
+    return build(Recipe, data_cfg, overrides=[f"{k}={v}" for k, v in extra.items()])
+
+
+def test_score_stage_writes_labelled_parquet_and_reuses_it(tmp_path, tiny_model_dir, ray_local):
+    data = _write_math(tmp_path / "train.jsonl", 10)
+    recipe = _recipe(tmp_path, tiny_model_dir, data)
+    out = run_score(recipe)
+    table = pq.read_table(out / "scored.parquet").to_pandas()
+    assert len(table) == 10 and table["id"].is_unique
+    assert {"id", "prompt", "target", "prediction", "score", "class"} <= set(table.columns)
+    assert table["prompt"].str.startswith("Question: What is").all()
+    assert ((table["score"] >= 0.5) == (table["class"] == 0)).all()
+    stats = json.loads((out / "stats.json").read_text())
+    assert sum(c["count"] for c in stats["classes"]) == 10
+
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    assert run_score(recipe) == out
+    assert (out / "manifest.json").stat().st_mtime_ns == mtime, "same inputs: reused, not recomputed"
+
+    changed = _recipe(tmp_path, tiny_model_dir, data, **{"scoring.max_new_tokens": 4})
+    run_score(changed)
+    assert (out / "manifest.json").stat().st_mtime_ns != mtime, "changed config: recomputed"
+    _write_math(data, 12)
+    run_score(changed)
+    assert len(pq.read_table(out / "scored.parquet")) == 12, "changed data: recomputed"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no temp folders left"
+
+
+def test_known_scores_give_known_classes(tmp_path, tiny_model_dir):
+    data = _write_math(tmp_path / "train.jsonl", 4)
+    recipe = _recipe(tmp_path, tiny_model_dir, data)
+    from flexi_workflows.tasks import DataSource, get_task
+
+    rows = get_task("math").load(DataSource(path=str(data)))
+    predictions = ["0+1=1. #### 1", "#### 7", "The answer is 3", "no idea"]  # right, wrong, right, wrong
+    outputs = {r["id"]: {"prompt": "p", "prediction": p} for r, p in zip(rows, predictions)}
+    table, stats = build_scored_table(rows, outputs, recipe)
+    assert table.column("score").to_pylist() == [1.0, 0.0, 1.0, 0.0]
+    assert table.column("class").to_pylist() == [0, 1, 0, 1]
+    assert table.column("class_name").to_pylist() == ["easy", "hard", "easy", "hard"]
+    assert [c["share"] for c in stats["classes"]] == [0.5, 0.5]
+
+
+def test_bad_data_fails_before_ray_and_leaves_nothing(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a", "answer": "#### 1"}\n{"question": oops}\n')
+    recipe = _recipe(tmp_path, tiny_model_dir, bad)
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        run_score(recipe)
+    assert not stage_dir(recipe).exists() and not (tmp_path / "out").exists()
+    missing = _recipe(tmp_path, tmp_path / "no-model", _write_math(tmp_path / "ok.jsonl", 3))
+    with pytest.raises(Exception, match="no such file or folder"):
+        run_score(missing)
+    with pytest.raises(ConfigError, match="task.train is not set"):
+        run_score(build(Recipe, {"model": {"name_or_path": str(tiny_model_dir)}}))
