@@ -78,7 +78,7 @@ def train_router(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            epoch_loss += float(loss) * len(batch)
+            epoch_loss += loss.item() * len(batch)
         losses.append(epoch_loss / len(perm))
     router.eval()
     report = {

@@ -56,14 +56,14 @@ def run_route(recipe: Recipe, *, force: bool = False) -> Path:
     from flexi_workflows.router.pooling import load_input_embeddings, pool_texts
     from flexi_workflows.router.train import train_router
 
-    scored_path = score_dir(recipe) / SCORED
-    if not scored_path.is_file():
-        raise ConfigError(f"{scored_path}: no scored data; run `flexi score` with this recipe first")
     if recipe.method.name != "flexi" or len(recipe.method.ranks) != recipe.scoring.num_classes:
         raise ConfigError(
             f"the router maps {recipe.scoring.num_classes} difficulty classes to ranks; method.ranks "
             f"{recipe.method.ranks} (method {recipe.method.name}) does not give one rank per class"
         )
+    scored_path = score_dir(recipe) / SCORED
+    if not scored_path.is_file():
+        raise ConfigError(f"{scored_path}: no scored data; run `flexi score` with this recipe first")
     out_dir = stage_dir(recipe)
     inputs = route_fingerprint(recipe)
     if not force and cached_output(out_dir, inputs) is not None:

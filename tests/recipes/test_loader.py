@@ -1,0 +1,92 @@
+"""Recipe loading: typed sections, unknown keys with suggestions and line numbers, overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from flexi_workflows.errors import ConfigError
+from flexi_workflows.recipes import Recipe, load_recipe
+from flexi_workflows.recipes.loader import build, flatten
+
+GOOD = """\
+name: demo
+output_dir: out/demo
+model:
+  name_or_path: some/model
+task:
+  name: math
+  train: {path: data/train.jsonl, limit: 100}
+  eval:
+    - {name: gsm8k, path: data/test.jsonl}
+method:
+  name: flexi
+  ranks: [2, 8]
+scoring:
+  thresholds: [0.5]
+router:
+  noise_std: 0.2
+"""
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_recipe_loads_into_typed_sections(tmp_path):
+    recipe = load_recipe(_write(tmp_path, GOOD))
+    assert isinstance(recipe, Recipe)
+    assert recipe.task.train.limit == 100 and recipe.task.eval[0].name == "gsm8k"
+    assert recipe.router.noise_std == 0.2 and recipe.scoring.class_names == ["easy", "hard"]
+    assert flatten(recipe)["method.ranks"] == [2, 8]
+
+
+def test_overrides(tmp_path):
+    recipe = load_recipe(_write(tmp_path, GOOD), ["router.noise_std=0", "method.ranks=[1, 8]", "task.eval.0.limit=5",
+                                                 "ray.address=auto"])
+    assert recipe.router.noise_std == 0.0 and recipe.method.ranks == [1, 8]
+    assert recipe.task.eval[0].limit == 5 and recipe.ray.address == "auto"
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (("  noise_std: 0.2", "  noise_sdt: 0.2"), r"r\.yaml:16: unknown key 'router.noise_sdt'; did you mean 'router.noise_std'"),
+        (("  thresholds: [0.5]", "  thresholds: 0.5"), r"r\.yaml:14: scoring.thresholds must be a list"),
+        (("  noise_std: 0.2", "  noise_std: lots"), r"r\.yaml:16: router.noise_std must be a number, got 'lots'"),
+        (("  ranks: [2, 8]", "  ranks: [8, 2]"), r"ranks must be strictly increasing"),
+        (("  thresholds: [0.5]", "  thresholds: [0.8, 0.3]"), r"thresholds has 2 values but scoring.num_classes = 2 needs 1"),
+        (("name: flexi", "name: flexy"), r"method.name must be one of .*did you mean 'flexi'"),
+        (("  ranks: [2, 8]", "  ranks: [2, 4, 8]"), r"gives 3 ranks but scoring.num_classes is 2"),
+    ],
+)
+def test_bad_recipes_name_the_key_and_line(tmp_path, edit, message):
+    old, new = edit
+    assert old in GOOD
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(_write(tmp_path, GOOD.replace(old, new, 1)))
+
+
+def test_bad_overrides(tmp_path):
+    path = _write(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match=r"override 'router.nois_std=1'.*did you mean 'router.noise_std'"):
+        load_recipe(path, ["router.nois_std=1"])
+    with pytest.raises(ConfigError, match=r"override 'router.epochs=many': router.epochs must be an integer"):
+        load_recipe(path, ["router.epochs=many"])
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_recipe(path, ["router.epochs"])
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"r\.yaml:2: not valid YAML"):
+        load_recipe(_write(tmp_path, "a: [1\nb: 2\n"))
+    with pytest.raises(ConfigError, match="duplicate key 'name'"):
+        load_recipe(_write(tmp_path, "name: a\nname: b\n"))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_build_from_dict_with_nested_dataclasses():
+    recipe = build(Recipe, {"scoring": {"num_classes": 3, "thresholds": [0.8, 0.3]}, "method": {"ranks": [1, 4, 8]}})
+    assert recipe.scoring.class_names == ["class0", "class1", "class2"]
