@@ -10,6 +10,7 @@ import argparse
 import logging
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from flexi_workflows.errors import ConfigError, FlexiError
@@ -93,9 +94,57 @@ def _targets(text: str | None) -> list[str] | None:
 
 
 def _load_recipe(args: argparse.Namespace):
+    from flexi_workflows.pipeline import resolve_model
     from flexi_workflows.recipes import load_recipe
 
-    return load_recipe(args.recipe, args.overrides)
+    return resolve_model(load_recipe(args.recipe, args.overrides))
+
+
+def _methods(recipe, wanted: str | None):
+    from flexi_workflows.training.methods import method_label
+
+    methods = {method_label(m): m for m in recipe.methods}
+    if wanted is None:
+        return list(methods.values())
+    if wanted not in methods:
+        raise ConfigError(f"--method {wanted!r} is not in this recipe; it has: {', '.join(methods)}")
+    return [methods[wanted]]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from flexi_workflows.stages.train import REPORT, run_train
+
+    recipe = _load_recipe(args)
+    for method in _methods(recipe, args.method):
+        out = run_train(recipe, method, force=args.force)
+        report = json.loads((out / REPORT).read_text())
+        curve = report["loss_curve"]
+        loss = f"loss {curve[0][1]:.3f} → {curve[-1][1]:.3f}" if curve else ""
+        print(f"trained {report['method']}: {report['steps']} steps, {report['trainable_params']:,} trainable params; {loss} → {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from flexi_workflows.stages.evaluate import METRICS, run_eval
+
+    recipe = _load_recipe(args)
+    for method in _methods(recipe, args.method):
+        out = run_eval(recipe, method, force=args.force)
+        results = json.loads((out / METRICS).read_text())
+        for name, summary in results["datasets"].items():
+            shown = {k: round(v, 4) for k, v in summary.items() if isinstance(v, float)}
+            print(f"{results['method']} on {name}: {shown}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flexi_workflows.pipeline import run_pipeline
+    from flexi_workflows.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_pipeline(recipe, recipe_path=args.recipe, force=args.force)
+    print(f"\nsummary → {(Path(recipe.output_dir) / 'summary.json').resolve()}")
+    return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -150,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_stage(sub, "score", cmd_score, "score the training set with the base model on Ray Data (difficulty classes)")
     _add_stage(sub, "route", cmd_route, "train the difficulty router on the scored training set")
+    _add_stage(sub, "train", cmd_train, "fine-tune the recipe's methods on Ray Train (DeepSpeed ZeRO or DDP)")
+    _add_stage(sub, "eval", cmd_eval, "evaluate the trained methods on the recipe's eval sets (Ray Data)")
+    _add_stage(sub, "run", cmd_run, "the whole pipeline: score → route → train → evaluate, skipping finished stages")
+    for name in ("train", "eval"):
+        sub.choices[name].add_argument("--method", help="only this method label, e.g. flexi-2-8 or lora-8")
     return parser
 
 

@@ -20,11 +20,13 @@ METHODS = ("full", "lora", "adalora", "dylora", "dylora_plus", "flexi")
 
 @dataclass
 class ModelConfig:
-    """The base model: a hub name (needs internet) or a local folder with config.json + safetensors."""
+    """The base model: a hub name (needs internet), a local folder with config.json + safetensors, or
+    `builtin:arith-tiny` (the quickstart's tiny LLaMA, trained here on first use and cached in cache_dir)."""
 
     name_or_path: str = ""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    cache_dir: str = "~/.cache/flexi-workflows"
 
 
 @dataclass
@@ -142,6 +144,81 @@ class MethodConfig:
 
 
 @dataclass
+class TrainingConfig:
+    """Optimisation, identical for every method so comparisons are fair. `micro_batch_size` is per worker."""
+
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float = 2e-4
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 0
+    log_every: int = 10
+    max_failures: int = 1
+    resume: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"training.{key} must be ≥ 1, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"training.max_steps must be ≥ 1, got {self.max_steps}")
+        if self.lr <= 0:
+            raise ConfigError(f"training.lr must be > 0, got {self.lr}")
+        if self.checkpoint_every < 0:
+            raise ConfigError("training.checkpoint_every must be ≥ 0 (0 = at the end of each epoch)")
+
+
+@dataclass
+class DistributionConfig:
+    """How Ray Train runs the fine-tuning: DeepSpeed ZeRO (stage 0-3) or plain DDP."""
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: int = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"distribution.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.num_workers < 1:
+            raise ConfigError(f"distribution.num_workers must be ≥ 1, got {self.num_workers}")
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: tracking_uri None means a sqlite store at <output_dir>/mlflow.db."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "flexi-workflows"
+
+
+@dataclass
 class RayConfig:
     """address: None starts (or joins) a cluster on this machine; "auto" or ray://... join a running one."""
 
@@ -157,13 +234,32 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    compare: list[MethodConfig] = field(default_factory=list)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    distribution: DistributionConfig = field(default_factory=DistributionConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
-        if self.method.name == "flexi" and len(self.method.ranks) != self.scoring.num_classes:
-            raise ConfigError(
-                f"method.ranks {self.method.ranks} gives {len(self.method.ranks)} ranks but scoring.num_classes "
-                f"is {self.scoring.num_classes}: flexi maps each difficulty class to one rank"
-            )
+        for key, method in self.keyed_methods():
+            if method.name == "flexi" and len(method.ranks) != self.scoring.num_classes:
+                raise ConfigError(
+                    f"{key}.ranks {method.ranks} gives {len(method.ranks)} ranks but scoring.num_classes "
+                    f"is {self.scoring.num_classes}: flexi maps each difficulty class to one rank"
+                )
+            if method.name == "adalora" and self.distribution.strategy == "deepspeed" and self.distribution.zero_stage > 0:
+                raise ConfigError(
+                    f"{key}: AdaLoRA's update_and_allocate reads every parameter's gradient after backward, which "
+                    f"DeepSpeed ZeRO stage {self.distribution.zero_stage} partitions away; use "
+                    f"distribution.strategy=ddp or distribution.zero_stage=0"
+                )
+
+    def keyed_methods(self) -> list[tuple[str, MethodConfig]]:
+        return [("method", self.method)] + [(f"compare.{i}", m) for i, m in enumerate(self.compare)]
+
+    @property
+    def methods(self) -> list[MethodConfig]:
+        return [m for _, m in self.keyed_methods()]

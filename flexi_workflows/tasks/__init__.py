@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from flexi_workflows.errors import ConfigError
+from flexi_workflows.tasks.arith import ArithTask
 from flexi_workflows.tasks.base import DataSource, Row, Task
 from flexi_workflows.tasks.math import MathTask
 from flexi_workflows.tasks.qa import QATask
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (MathTask, QATask)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (MathTask, QATask, ArithTask)}
 
 
 def get_task(name: str) -> Task:
