@@ -31,7 +31,7 @@ class PretrainSpec:
     heads: int = 4
     intermediate_size: int = 512
     max_positions: int = 128
-    vocab_size: int = 256
+    vocab_size: int = 512
     steps: int = 570
     batch_size: int = 64
     lr: float = 3e-3

@@ -151,7 +151,7 @@ def run_train(recipe: Recipe, method: MethodConfig, *, tracking: Any = None, for
 
     from flexi_workflows.ray_cluster import ensure_ray
     from flexi_workflows.recipes.loader import to_dict
-    from flexi_workflows.training.loop import EXPORT_DIR, train_loop_per_worker
+    from flexi_workflows.training.loop import EXPORT_DIR, FAIL_HOOK_ENV, train_loop_per_worker
     from flexi_workflows.training.methods import method_label
 
     label = method_label(method)
@@ -203,6 +203,8 @@ def run_train(recipe: Recipe, method: MethodConfig, *, tracking: Any = None, for
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # the test-only fault hook must reach worker processes that Ray starts later
+            worker_runtime_env={"env_vars": {FAIL_HOOK_ENV: os.environ[FAIL_HOOK_ENV]}} if FAIL_HOOK_ENV in os.environ else None,
         ),
         datasets={f"train_{i}": shard for i, shard in enumerate(shards)},
         dataset_config=DataConfig(datasets_to_split=[]),

@@ -7,8 +7,8 @@ operation from 10-39; L3 two operations from 1-20; L4 three operations from 1-20
 the running total kept in 0-39. Rows carry `group` easy (L1, L2) or hard (L3, L4) so evaluation can
 report both. The answers show their working steps: that is what lets a tiny model learn them.
 
-Splits (DataSource name "arith"): `pretrain` (mix L1-L4 = .6/.3/.1/0, for building the quickstart's
-base model), `train` (.1/.2/.35/.35, the fine-tuning set), `test` (.25 each, held out: no test
+Splits (DataSource name "arith"): `pretrain` (mix L1-L4 = .5/.4/.1/0, for building the quickstart's
+base model), `train` (.2/.2/.3/.3, the fine-tuning set), `test` (.25 each, held out: no test
 question appears in the other splits). `limit` sets the number of rows (defaults in SPLITS).
 """
 
@@ -26,8 +26,8 @@ ADD = ["finds {n} more", "gets {n} more", "buys {n} more", "wins {n} more"]
 SUB = ["sells {n}", "gives away {n}", "loses {n}", "eats {n}"]
 LEVELS = {1: ((1, 9), 1), 2: ((10, 39), 1), 3: ((1, 20), 2), 4: ((1, 20), 3)}
 SPLITS = {  # name: (level mix, seed, default rows)
-    "pretrain": ((0.6, 0.3, 0.1, 0.0), 11, 20000),
-    "train": ((0.1, 0.2, 0.35, 0.35), 22, 2000),
+    "pretrain": ((0.5, 0.4, 0.1, 0.0), 11, 20000),
+    "train": ((0.2, 0.2, 0.3, 0.3), 22, 2000),
     "test": ((0.25, 0.25, 0.25, 0.25), 33, 400),
 }
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -12,11 +11,8 @@ from flexi_workflows.cli import main
 from flexi_workflows.errors import ConfigError
 from flexi_workflows.recipes import load_recipe
 from flexi_workflows.router import load_router
-from flexi_workflows.stages.common import publish_stage
 from flexi_workflows.stages.route import run_route
-from flexi_workflows.stages.score import SCORED, STATS, build_scored_table, score_fingerprint
-from flexi_workflows.stages.score import stage_dir as score_dir
-from flexi_workflows.tasks import DataSource, get_task
+from tests.helpers import record_scores
 
 
 def _recipe_file(tmp_path, model_dir, n=80):
@@ -37,23 +33,12 @@ def _recipe_file(tmp_path, model_dir, n=80):
     return path
 
 
-def _fake_score_stage(recipe):
-    """Score artifacts as the score stage writes them, with predictions right exactly on 'apple' rows."""
-    rows = get_task("math").load(recipe.task.train)
-    outputs = {r["id"]: {"prompt": r["question"], "prediction": r["target"] if "apple" in r["question"] else "#### -1"}
-               for r in rows}
-    table, stats = build_scored_table(rows, outputs, recipe)
-    with publish_stage(score_dir(recipe), score_fingerprint(recipe), [SCORED, STATS]) as tmp:
-        pq.write_table(table, tmp / SCORED)
-        (tmp / STATS).write_text(json.dumps(stats))
-
-
 def test_route_stage_trains_saves_and_reuses(tmp_path, tiny_model_dir, capsys):
     path = _recipe_file(tmp_path, tiny_model_dir)
     recipe = load_recipe(path)
     with pytest.raises(ConfigError, match="run `flexi score`"):
         run_route(recipe)
-    _fake_score_stage(recipe)
+    record_scores(recipe)
     assert main(["route", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "held-out accuracy" in printed

@@ -1,0 +1,73 @@
+"""Test helpers shared across test modules: small recipes and recorded stage artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from flexi_workflows.recipes import Recipe
+from flexi_workflows.recipes.loader import build
+
+
+def write_math_set(path: Path, n: int, *, marked: bool = True) -> Path:
+    """`n` addition problems; with `marked`, odd rows mention zebras (the 'hard' ones in fake scoring)."""
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = i % 10, (i // 10) % 10
+            word = ("zebra" if i % 2 else "apple") if marked else "item"
+            f.write(json.dumps({"question": f"The {word} has {a} plus {b}?", "answer": f"{a}+{b}={a + b}. #### {a + b}"}) + "\n")
+    return path
+
+
+def small_recipe(tmp_path: Path, model_dir: Path, overrides: list[str] | None = None, **sections) -> Recipe:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    train = write_math_set(tmp_path / "train.jsonl", 64)
+    evals = write_math_set(tmp_path / "eval.jsonl", 12)
+    data = {
+        "name": "test",
+        "output_dir": str(tmp_path / "out"),
+        "model": {"name_or_path": str(model_dir)},
+        "task": {"name": "math", "train": {"path": str(train)}, "eval": [{"name": "mini", "path": str(evals)}],
+                 "max_prompt_tokens": 64, "max_target_tokens": 24},
+        "method": {"name": "flexi", "ranks": [2, 8], "dropout": 0.0},
+        "scoring": {"max_new_tokens": 8, "batch_size": 16},
+        "router": {"epochs": 30},
+        "training": {"epochs": 1, "lr": 0.01, "micro_batch_size": 4, "log_every": 1, "warmup_ratio": 0.0,
+                     "schedule": "constant"},
+        "distribution": {"num_workers": 1, "strategy": "deepspeed", "zero_stage": 2},
+        "evaluation": {"batch_size": 12, "max_new_tokens": 8},
+        "tracking": {"enabled": False},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return build(Recipe, data, overrides=overrides or [])
+
+
+def record_scores(recipe: Recipe) -> None:
+    """Record score artifacts with known classes ('apple' rows right, 'zebra' rows wrong).
+
+    A random tiny model gets every row wrong, which leaves one class empty; the stages exchange data
+    only through these recorded files, so the downstream stages run for real on top of them.
+    """
+    from flexi_workflows.stages.common import publish_stage
+    from flexi_workflows.stages.score import SCORED, STATS, build_scored_table, score_fingerprint
+    from flexi_workflows.stages.score import stage_dir as score_dir
+    from flexi_workflows.tasks import get_task
+
+    rows = get_task("math").load(recipe.task.train)
+    outputs = {r["id"]: {"prompt": r["question"], "prediction": r["target"] if "apple" in r["question"] else "#### -1"}
+               for r in rows}
+    table, stats = build_scored_table(rows, outputs, recipe)
+    with publish_stage(score_dir(recipe), score_fingerprint(recipe), [SCORED, STATS]) as tmp:
+        pq.write_table(table, tmp / SCORED)
+        (tmp / STATS).write_text(json.dumps(stats))
+
+
+def score_and_route(recipe: Recipe) -> None:
+    """Recorded scores (see record_scores), then the real route stage on top of them."""
+    from flexi_workflows.stages.route import run_route
+
+    record_scores(recipe)
+    run_route(recipe)
