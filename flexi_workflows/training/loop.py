@@ -138,6 +138,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = ray.train.torch.prepare_model(trainable.model, move_to_device=device)
 
     step = 0
+    loss_curve: list[list[float]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -151,7 +152,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per micro-batch epoch is noise
     shard = ray.train.get_dataset_shard(f"train_{rank}")
     pad = config["pad_token_id"]
-    loss_curve: list[list[float]] = []
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
     every = train_cfg.checkpoint_every or steps_per_epoch
 
