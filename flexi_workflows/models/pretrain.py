@@ -32,7 +32,7 @@ class PretrainSpec:
     intermediate_size: int = 512
     max_positions: int = 128
     vocab_size: int = 512
-    steps: int = 570
+    steps: int = 380
     batch_size: int = 64
     lr: float = 3e-3
     rows: int = 20000

@@ -40,12 +40,26 @@ def router_texts(task_name: str, questions, contexts) -> list[str]:
     return [task.user_text({"question": str(q), "context": str(c)}) for q, c in zip(questions, contexts)]
 
 
+def flexi_ranks(recipe: Recipe) -> list[int]:
+    """The class → rank map stored with the router: the first flexi method's ranks (every flexi method
+    of a recipe shares the router's classes and maps them to its own ranks when it routes)."""
+    for key, method in recipe.keyed_methods():
+        if method.name == "flexi":
+            if len(method.ranks) != recipe.scoring.num_classes:
+                raise ConfigError(f"{key}.ranks {method.ranks} does not give one rank per difficulty class")
+            return list(method.ranks)
+    raise ConfigError(
+        f"the router maps {recipe.scoring.num_classes} difficulty classes to ranks, but the recipe has no flexi "
+        f"method (method.name / compare) to give one rank per class"
+    )
+
+
 def route_fingerprint(recipe: Recipe) -> dict:
     return {
         "stage": "route",
         "score": manifest_fingerprint(score_dir(recipe)),
         "router": dataclasses.asdict(recipe.router),
-        "class_ranks": recipe.method.ranks,
+        "class_ranks": flexi_ranks(recipe),
         "seed": recipe.seed,
     }
 
@@ -56,11 +70,7 @@ def run_route(recipe: Recipe, *, force: bool = False) -> Path:
     from flexi_workflows.router.pooling import load_input_embeddings, pool_texts
     from flexi_workflows.router.train import train_router
 
-    if recipe.method.name != "flexi" or len(recipe.method.ranks) != recipe.scoring.num_classes:
-        raise ConfigError(
-            f"the router maps {recipe.scoring.num_classes} difficulty classes to ranks; method.ranks "
-            f"{recipe.method.ranks} (method {recipe.method.name}) does not give one rank per class"
-        )
+    class_ranks = flexi_ranks(recipe)
     scored_path = score_dir(recipe) / SCORED
     if not scored_path.is_file():
         raise ConfigError(f"{scored_path}: no scored data; run `flexi score` with this recipe first")
@@ -82,7 +92,7 @@ def run_route(recipe: Recipe, *, force: bool = False) -> Path:
         embed_dim=int(embedding.weight.shape[1]),
         vocab_size=int(embedding.weight.shape[0]),
         class_names=list(recipe.scoring.class_names),
-        class_ranks=list(recipe.method.ranks),
+        class_ranks=class_ranks,
         classifier=cfg.classifier,
         hidden_size=cfg.hidden_size,
         noise_std=cfg.noise_std,

@@ -60,7 +60,7 @@ def test_route_stage_trains_saves_and_reuses(tmp_path, tiny_model_dir, capsys):
 def test_route_rejects_a_method_without_one_rank_per_class(tmp_path, tiny_model_dir, capsys):
     path = _recipe_file(tmp_path, tiny_model_dir, n=8)
     assert main(["route", str(path), "method.name=lora", "method.ranks=[8]"]) == 2
-    assert "one rank per class" in capsys.readouterr().err
+    assert "has no flexi method" in capsys.readouterr().err
 
 
 def test_score_cli_on_local_ray(tmp_path, tiny_model_dir, ray_local, capsys):

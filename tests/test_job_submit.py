@@ -1,0 +1,74 @@
+"""`ray job submit` against a head node started by the test, running a small recipe to SUCCEEDED."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+from tests.helpers import write_math_set
+from tests.test_pipeline import free_port
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
+    train, evals = write_math_set(tmp_path / "train.jsonl", 32), write_math_set(tmp_path / "eval.jsonl", 6)
+    recipe = {
+        "name": "job", "output_dir": str(tmp_path / "out"),
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "task": {"name": "math", "train": {"path": str(train)}, "eval": [{"name": "mini", "path": str(evals)}]},
+        "method": {"name": "lora", "ranks": [2]},
+        "training": {"max_steps": 2, "micro_batch_size": 4},
+        "distribution": {"num_workers": 1},
+        "evaluation": {"batch_size": 6, "max_new_tokens": 4},
+        "tracking": {"enabled": True},
+    }
+    recipe_path = tmp_path / "job.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    gcs_port, dash_port = free_port(), free_port()
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs_port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
+         f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash_port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                                   capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("the Ray head did not come up")
+        submit = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "flexi-test-job",
+             "--working-dir", str(REPO_ROOT), "--", "python", "jobs/run.py", str(recipe_path)],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "flexi-test-job"],
+                                env=env, capture_output=True, text=True)
+        assert "SUCCEEDED" in status.stdout + status.stderr
+        assert (tmp_path / "out" / "summary.json").is_file()
+        assert (tmp_path / "out" / "mlflow.db").is_file()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # stops this head only (its own process group), not other clusters
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

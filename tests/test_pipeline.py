@@ -1,0 +1,118 @@
+"""The pipeline end to end: a real MLflow server, reruns that skip finished stages, and config changes
+that redo only what depends on them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flexi_workflows.pipeline import SUMMARY, run_pipeline
+from tests.helpers import record_scores, small_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not come up")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _rest(url: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {str(p.parent.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("manifest.json")}
+
+
+def test_pipeline_tracks_to_mlflow_server_and_reruns_only_what_changed(tmp_path, tiny_model_dir, ray_local, mlflow_server):
+    sections = dict(method={"name": "lora", "ranks": [4]},
+                    compare=[{"name": "flexi", "ranks": [2, 8], "dropout": 0.0}],
+                    training={"max_steps": 3},
+                    tracking={"enabled": True, "tracking_uri": mlflow_server, "experiment": "pipeline-test"})
+    recipe = small_recipe(tmp_path, tiny_model_dir, **sections)
+    record_scores(recipe)  # known difficulty classes; the pipeline's score stage finds them up to date
+    summary = run_pipeline(recipe)
+    out = Path(recipe.output_dir)
+    assert json.loads((out / SUMMARY).read_text()) == summary
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert set(rows) == {"lora-4", "flexi-2-8"}
+    assert rows["lora-4"]["params_pct_of_lora8"] == pytest.approx(50.0)
+    assert 0 <= rows["flexi-2-8"]["high_rank_rate"] <= 1
+    assert (out / "pareto.png").is_file()
+
+    # MLflow, read back over REST: one pipeline parent with the recipe as params, children per stage/method
+    exp = json.loads(urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name?experiment_name=pipeline-test").read())
+    runs = _rest(mlflow_server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment"]["experiment_id"]]})["runs"]
+    by_name = {r["info"]["run_name"]: r for r in runs}
+    assert {"test", "score", "route", "train:lora-4", "eval:lora-4", "train:flexi-2-8", "eval:flexi-2-8"} <= set(by_name)
+    parent = by_name["test"]
+    params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    assert params["method.name"] == "lora" and params["training.max_steps"] == "3"
+    parent_id = parent["info"]["run_id"]
+    for name in ("train:lora-4", "eval:flexi-2-8", "route"):
+        tags = {t["key"]: t["value"] for t in by_name[name]["data"]["tags"]}
+        assert tags["mlflow.parentRunId"] == parent_id
+    eval_metrics = {m["key"]: m["value"] for m in by_name["eval:flexi-2-8"]["data"]["metrics"]}
+    assert {"mini.accuracy", "mini.mean_active_params", "mini.high_rank_rate", "params_per_rank", "base_params"} <= set(eval_metrics)
+    train_metrics = {m["key"]: m["value"] for m in by_name["train:lora-4"]["data"]["metrics"]}
+    assert train_metrics["trainable_params"] > 0 and "loss" in train_metrics and "tokens_per_s" in train_metrics
+    assert by_name["eval:lora-4"]["info"]["status"] == "FINISHED"
+
+    # rerun, same inputs: nothing is redone
+    before = _mtimes(out)
+    run_pipeline(recipe)
+    assert _mtimes(out) == before
+
+    # a new router σ redoes the router and what depends on it — not scoring, not the LoRA baseline
+    changed = small_recipe(tmp_path, tiny_model_dir, overrides=["router.noise_std=0.5"], **sections)
+    run_pipeline(changed)
+    after = _mtimes(out)
+    redone = {k for k in after if after[k] != before.get(k)}
+    assert redone == {"route", "train/flexi-2-8", "eval/flexi-2-8"}
+
+
+def test_unreachable_tracking_server_fails_before_any_work(tmp_path, tiny_model_dir):
+    from flexi_workflows.errors import ConfigError
+
+    recipe = small_recipe(tmp_path, tiny_model_dir, tracking={"enabled": True, "tracking_uri": f"http://127.0.0.1:{free_port()}"})
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        run_pipeline(recipe)
+    assert not (tmp_path / "out").exists()

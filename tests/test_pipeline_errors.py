@@ -1,0 +1,42 @@
+"""Bad recipes fail with a clear error before Ray starts work (and leave no output behind)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flexi_workflows.cli import main
+from flexi_workflows.errors import ConfigError, FlexiError
+from flexi_workflows.pipeline import run_pipeline
+from tests.helpers import small_recipe
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("distribution.zero_stage=4", "zero_stage must be 0, 1, 2 or 3"),
+        ("method.ranks=[8, 2]", "strictly increasing"),
+        ("training.epochs=two", "training.epochs must be an integer"),
+        ("distribution.num_workers=8", "needs 8 CPUs but only"),
+        ("distribution.gpus_per_worker=1", "GPUs but 0 are available"),
+        ("task.train.path=/no/such/train.jsonl", "no such file"),
+        ("tracking.tracking_uri=http://127.0.0.1:9", "cannot be reached"),
+        ("traning.epochs=2", "did you mean 'training'"),
+        ("method.name=adalora", "AdaLoRA's update_and_allocate"),
+    ],
+)
+def test_bad_recipe_fails_before_ray(tmp_path, tiny_model_dir, override, message):
+    with pytest.raises(FlexiError, match=message):
+        recipe = small_recipe(tmp_path, tiny_model_dir, overrides=[override, "tracking.enabled=true"]
+                              + (["method.ranks=[4]"] if override == "method.name=adalora" else []))
+        run_pipeline(recipe)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_bad_recipe_without_traceback(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\ndistribution: {zero_stage: 5}\n")
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "r.yaml" in err and "zero_stage" in err and "Traceback" not in err
+    assert main(["train", str(recipe), "--method", "nope"]) == 2
+    assert isinstance(ConfigError("x"), FlexiError)
