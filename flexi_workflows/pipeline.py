@@ -69,22 +69,25 @@ def summary_rows(recipe: Recipe) -> tuple[list[dict[str, Any]], dict]:
     from flexi_workflows.stages.evaluate import METRICS
     from flexi_workflows.stages.evaluate import stage_dir as eval_dir
 
+    from flexi_workflows.stages.evaluate import BASE
+
     rows = []
     metric = "accuracy" if recipe.task.name in ("math", "arith") else "f1"
-    for method in recipe.methods:
-        label = label_of(method)
+    entries = [(BASE, None)] if recipe.evaluation.include_base else []
+    entries += [(label_of(m), m) for m in recipe.methods]
+    for label, method in entries:
         results = json.loads((eval_dir(recipe, label) / METRICS).read_text())
-        params = results["params"]
+        params = results.get("params") or {}
         for name, summary in results["datasets"].items():
             mean_active = summary.get("mean_active_params")
             row = {
                 "method": label,
                 "dataset": name,
-                "ranks": method.ranks if method.name != "full" else [],
+                "ranks": method.ranks if method is not None and method.name != "full" else [],
                 f"{metric}_all": summary.get(metric),
                 "mean_active_params": mean_active,
-                "params_pct_of_lora8": (100 * mean_active / params["lora8_params"]) if mean_active is not None else None,
-                "params_pct_of_base": (100 * mean_active / params["base_params"]) if mean_active is not None else None,
+                "params_pct_of_lora8": (100 * mean_active / params["lora8_params"]) if mean_active is not None and params else None,
+                "params_pct_of_base": (100 * mean_active / params["base_params"]) if mean_active is not None and params else None,
                 "high_rank_rate": summary.get("high_rank_rate"),
                 "mean_rank": summary.get("mean_rank"),
             }
@@ -118,7 +121,7 @@ def print_table(rows: list[dict], metric: str, score_stats: dict | None) -> None
 
 def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool = False) -> dict:
     from flexi_workflows.ray_cluster import ensure_ray
-    from flexi_workflows.stages.evaluate import run_eval
+    from flexi_workflows.stages.evaluate import run_base_eval, run_eval
     from flexi_workflows.stages.route import REPORT as ROUTE_REPORT
     from flexi_workflows.stages.route import run_route
     from flexi_workflows.stages.score import STATS, run_score
@@ -152,6 +155,8 @@ def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool 
                 tracker.log_artifacts(run_id, route_out / "router", "router")
                 tracker.log_artifacts(run_id, route_out / ROUTE_REPORT)
                 tracker.end(run_id)
+        if recipe.evaluation.include_base:
+            run_base_eval(recipe, force=force)
         for method in recipe.methods:
             run_train(recipe, method, tracking=tracker, force=force)
             run_eval(recipe, method, tracking=tracker, force=force)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
+def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir, monkeypatch):
     train, evals = write_math_set(tmp_path / "train.jsonl", 32), write_math_set(tmp_path / "eval.jsonl", 6)
     recipe = {
         "name": "job", "output_dir": str(tmp_path / "out"),
@@ -35,13 +37,17 @@ def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
     recipe_path = tmp_path / "job.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
 
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    # as after `source .venv/bin/activate`: the job's `python` is the project's environment
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # a short temp dir: Ray's unix sockets live under it and socket paths are limited to ~107 bytes
+    ray_tmp = Path(tempfile.mkdtemp(prefix="flexi-ray-", dir="/tmp"))
     env.pop("RAY_ADDRESS", None)
     gcs_port, dash_port = free_port(), free_port()
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
-         f"--temp-dir={tmp_path / 'ray'}"],
+         f"--temp-dir={ray_tmp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash_port}"
@@ -61,9 +67,10 @@ def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
             env=env, capture_output=True, text=True, timeout=600,
         )
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "flexi-test-job"],
-                                env=env, capture_output=True, text=True)
-        assert "SUCCEEDED" in status.stdout + status.stderr
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        assert JobSubmissionClient(address).get_job_status("flexi-test-job") == JobStatus.SUCCEEDED
         assert (tmp_path / "out" / "summary.json").is_file()
         assert (tmp_path / "out" / "mlflow.db").is_file()
     finally:
@@ -72,3 +79,4 @@ def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

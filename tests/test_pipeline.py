@@ -73,7 +73,8 @@ def test_pipeline_tracks_to_mlflow_server_and_reruns_only_what_changed(tmp_path,
     out = Path(recipe.output_dir)
     assert json.loads((out / SUMMARY).read_text()) == summary
     rows = {r["method"]: r for r in summary["rows"]}
-    assert set(rows) == {"lora-4", "flexi-2-8"}
+    assert set(rows) == {"base", "lora-4", "flexi-2-8"}
+    assert rows["base"]["mean_active_params"] == 0
     assert rows["lora-4"]["params_pct_of_lora8"] == pytest.approx(50.0)
     assert 0 <= rows["flexi-2-8"]["high_rank_rate"] <= 1
     assert (out / "pareto.png").is_file()

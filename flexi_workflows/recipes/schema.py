@@ -202,6 +202,9 @@ class DistributionConfig:
 
 @dataclass
 class EvalConfig:
+    """include_base: also evaluate the untouched base model (the reference row of the summary)."""
+
+    include_base: bool = True
     batch_size: int = 16
     max_new_tokens: int = 256
     num_actors: int = 1

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 METRICS = "metrics.json"
 PREDICTIONS = "predictions"
+BASE = "base"
 
 
 def stage_dir(recipe: Recipe, label: str) -> Path:
@@ -115,29 +116,33 @@ def summarize(task_name: str, rows: list[Row], outputs: dict[str, dict], account
     return summary, table
 
 
-def generate_with_method(rows: list[Row], recipe: Recipe, method: MethodConfig, artifact: Path) -> dict[str, dict]:
+def generate_with_method(rows: list[Row], recipe: Recipe, method: MethodConfig | None, artifact: Path | None) -> dict[str, dict]:
+    """Predictions (and ranks used) for `rows`; method None evaluates the base model itself."""
     import ray
 
     from flexi_workflows.scoring.evaluation import MethodGenerator
+    from flexi_workflows.scoring.generation import BatchGenerator
 
     cfg = recipe.evaluation
     columns = [{"id": r["id"], "question": r["question"], "context": r.get("context", ""), "rank": int(r.get("rank", 0))}
                for r in rows]
     ds = ray.data.from_items(columns, override_num_blocks=max(1, -(-len(columns) // cfg.batch_size)))
+    kwargs = {
+        "model_ref": recipe.model.name_or_path, "task_name": recipe.task.name,
+        "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": recipe.task.max_prompt_tokens,
+        "dtype": recipe.model.dtype, "trust_remote_code": recipe.model.trust_remote_code,
+        "num_threads": max(1, int(cfg.cpus_per_actor)),
+    }
+    if method is not None:
+        kwargs.update({"method": dataclasses.asdict(method), "artifact_dir": str(artifact), "seed": recipe.seed})
     ds = ds.map_batches(
-        MethodGenerator,
-        fn_constructor_kwargs={
-            "model_ref": recipe.model.name_or_path, "task_name": recipe.task.name,
-            "method": dataclasses.asdict(method), "artifact_dir": str(artifact), "seed": recipe.seed,
-            "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": recipe.task.max_prompt_tokens,
-            "dtype": recipe.model.dtype, "trust_remote_code": recipe.model.trust_remote_code,
-            "num_threads": max(1, int(cfg.cpus_per_actor)),
-        },
+        MethodGenerator if method is not None else BatchGenerator,
+        fn_constructor_kwargs=kwargs,
         batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
     )
-    return {str(r["id"]): {"prediction": str(r["prediction"]), "rank": int(r["rank"])} for r in ds.iter_rows()}
+    return {str(r["id"]): {"prediction": str(r["prediction"]), "rank": int(r.get("rank", 0))} for r in ds.iter_rows()}
 
 
 def run_eval(recipe: Recipe, method: MethodConfig, *, tracking: Any = None, force: bool = False) -> Path:
@@ -183,4 +188,36 @@ def run_eval(recipe: Recipe, method: MethodConfig, *, tracking: Any = None, forc
         (tmp / METRICS).write_text(json.dumps(results, indent=2) + "\n")
     if tracking is not None:
         tracking.log_eval(label, method, out_dir, results, recipe)
+    return out_dir
+
+
+def run_base_eval(recipe: Recipe, *, force: bool = False) -> Path:
+    """The base model itself on the eval sets: the reference every fine-tune is read against."""
+    from flexi_workflows.models.loading import model_fingerprint
+    from flexi_workflows.ray_cluster import ensure_ray
+
+    task = get_task(recipe.task.name)
+    datasets = [(source.label, task.load(source)) for source in recipe.task.eval]
+    out_dir = stage_dir(recipe, BASE)
+    inputs = {"stage": "eval-base", "model": {**dataclasses.asdict(recipe.model), **model_fingerprint(recipe.model.name_or_path)},
+              "datasets": [data_fingerprint(s) for s in recipe.task.eval], "evaluation": dataclasses.asdict(recipe.evaluation),
+              "task": recipe.task.name}
+    if not force and cached_output(out_dir, inputs) is not None:
+        return out_dir
+    ensure_ray(recipe.ray)
+    results: dict[str, Any] = {"method": BASE, "ranks": [], "datasets": {}}
+    tables = {}
+    base_method = MethodConfig(name="full")
+    for name, rows in datasets:
+        outputs = generate_with_method(rows, recipe, None, None)
+        summary, table = summarize(recipe.task.name, rows, outputs, {"base_params": 0}, base_method)
+        summary["mean_active_params"] = 0
+        results["datasets"][name] = summary
+        tables[name] = table
+        log.info("eval base model on %s: %s", name, {k: v for k, v in summary.items() if isinstance(v, float)})
+    with publish_stage(out_dir, inputs, [METRICS, PREDICTIONS]) as tmp:
+        (tmp / PREDICTIONS).mkdir()
+        for name, table in tables.items():
+            pq.write_table(table, tmp / PREDICTIONS / f"{name}.parquet")
+        (tmp / METRICS).write_text(json.dumps(results, indent=2) + "\n")
     return out_dir

@@ -5,8 +5,8 @@ A local MRQA file is JSONL: a header line {"header": {"dataset", "split"}}, then
 {"context": "...", "qas": [{"qid", "question", "answers": [...], "detected_answers": [{"text", ...}]}]}.
 Each question becomes a row; every entry of `answers` is a gold answer (max over them), and the
 training target is the first detected answer (the span as it occurs in the context).
-Hub: mrqa-workshop/mrqa, filtered to one subset (train / validation splits hold the six training
-sets, test the six out-of-domain ones).
+Hub: mrqa-workshop/mrqa, filtered to one subset, or name `mrqa` for every subset of the split (the
+train / validation splits hold the six training sets, test the six out-of-domain ones).
 """
 
 from __future__ import annotations
@@ -60,11 +60,12 @@ class QATask(Task):
         from flexi_workflows.tasks.hub import load_hub_dataset
 
         wanted = {s.lower(): s for s in (*MRQA_TRAIN_SETS, *MRQA_OOD_SETS)}
-        subset = wanted.get(source.name.lower())
-        if subset is None:
-            raise DataError(f"unknown MRQA subset {source.name!r}; one of {', '.join(wanted.values())}, or a local path")
+        subset = None if source.name.lower() == "mrqa" else wanted.get(source.name.lower())
+        if subset is None and source.name.lower() != "mrqa":
+            raise DataError(f"unknown MRQA subset {source.name!r}; one of {', '.join(wanted.values())}, "
+                            f"'mrqa' (every subset of the split), or a local path")
         for i, obj in enumerate(load_hub_dataset(MRQA_HUB, None, source.split)):
-            if obj.get("subset") != subset:
+            if subset is not None and obj.get("subset") != subset:
                 continue
             detected = obj.get("detected_answers") or {}
             texts = detected.get("text", []) if isinstance(detected, dict) else []

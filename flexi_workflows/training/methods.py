@@ -34,10 +34,13 @@ LORA_FAMILY = ("lora", "dylora", "dylora_plus", "flexi")
 
 
 def method_label(method: MethodConfig) -> str:
-    """A short unique name for a method's runs and folders: lora-8, flexi-2-8, dylora-1-8, full."""
+    """A short unique name for a method's runs and folders: lora-8, flexi-2-8, dylora-1-8-at4, full."""
     if method.name == "full":
         return "full"
-    return "-".join([method.name.replace("_", "")] + [str(r) for r in method.ranks])
+    label = "-".join([method.name.replace("_", "")] + [str(r) for r in method.ranks])
+    if method.name == "dylora" and method.eval_rank is not None and method.eval_rank != method.r_max:
+        label += f"-at{method.eval_rank}"
+    return label
 
 
 def rank_policy(method: MethodConfig, seed: int) -> RankPolicy:
