@@ -178,8 +178,15 @@ def run_train(recipe: Recipe, method: MethodConfig, *, tracking: Any = None, for
 
     ensure_ray(recipe.ray)
     check_resources(recipe)
-    dataset = ray.data.from_items(examples).materialize()
-    shards = dataset.split(dist.num_workers, equal=True)
+    # the shards carry the context they were made in: no per-epoch progress bars from the workers
+    # (rank 0 logs steps, loss and throughput instead)
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False
+    try:
+        dataset = ray.data.from_items(examples).materialize()
+        shards = dataset.split(dist.num_workers, equal=True)
+    finally:
+        context.enable_progress_bars = bars
     run_id = tracking.start_child(f"train:{label}", recipe, method) if tracking is not None else None
     storage = Path(recipe.output_dir).resolve() / "ray_results"
     trainer = TorchTrainer(

@@ -98,7 +98,6 @@ class _MlflowCurves:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.data
     import ray.train
     import torch.distributed as dist
 
@@ -149,7 +148,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     resumed_from = step
     curves = _MlflowCurves(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else _MlflowCurves(None, None)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per micro-batch epoch is noise
     shard = ray.train.get_dataset_shard(f"train_{rank}")
     pad = config["pad_token_id"]
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
@@ -217,7 +215,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 elapsed = time.perf_counter() - window_start
                 lr = scheduler.get_last_lr()[0]
                 loss_curve.append([step, mean_loss])
-                curves.log(step, loss=mean_loss, lr=lr, tokens_per_s=float(stats[1]) / max(elapsed, 1e-9))
+                tokens_per_s = float(stats[1]) / max(elapsed, 1e-9)
+                curves.log(step, loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s)
+                if rank == 0:
+                    print(f"[{method.name}] step {step}/{total_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  "
+                          f"{tokens_per_s:,.0f} tokens/s", flush=True)
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             if step < total_steps and step % every == 0:
                 curves.flush()
