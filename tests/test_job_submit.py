@@ -44,10 +44,14 @@ def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
     ray_tmp = Path(tempfile.mkdtemp(prefix="flexi-ray-", dir="/tmp"))
     env.pop("RAY_ADDRESS", None)
     gcs_port, dash_port = free_port(), free_port()
+    # every port of its own: the session's local cluster (other tests) holds Ray's default agent ports
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "metrics-export-port", "runtime-env-agent-port",
+                                                     "ray-client-server-port")]
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
-         f"--temp-dir={ray_tmp}"],
+         f"--temp-dir={ray_tmp}", *ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash_port}"
@@ -61,11 +65,15 @@ def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
             time.sleep(2)
         else:
             pytest.fail("the Ray head did not come up")
-        submit = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "flexi-test-job",
-             "--working-dir", str(REPO_ROOT), "--", "python", "jobs/run.py", str(recipe_path)],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
+        for attempt in range(10):  # the head's job agent comes up a little after its dashboard
+            submit = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "flexi-test-job",
+                 "--working-dir", str(REPO_ROOT), "--", "python", "jobs/run.py", str(recipe_path)],
+                env=env, capture_output=True, text=True, timeout=600,
+            )
+            if "No available agent" not in submit.stderr + submit.stdout:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         status = subprocess.run(
             [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
