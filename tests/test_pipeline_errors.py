@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flexi_workflows.cli import main
-from flexi_workflows.errors import ConfigError, FlexiError
+from flexi_workflows.errors import FlexiError
 from flexi_workflows.pipeline import run_pipeline
 from tests.helpers import small_recipe
 
@@ -32,11 +32,14 @@ def test_bad_recipe_fails_before_ray(tmp_path, tiny_model_dir, override, message
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_reports_bad_recipe_without_traceback(tmp_path, capsys):
+def test_cli_reports_bad_recipe_without_traceback(tmp_path, tiny_model_dir, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: x\ndistribution: {zero_stage: 5}\n")
     assert main(["run", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "r.yaml" in err and "zero_stage" in err and "Traceback" not in err
-    assert main(["train", str(recipe), "--method", "nope"]) == 2
-    assert isinstance(ConfigError("x"), FlexiError)
+    good = tmp_path / "good.yaml"
+    good.write_text(f"name: x\nmodel: {{name_or_path: {tiny_model_dir}}}\nmethod: {{name: lora, ranks: [4]}}\n")
+    assert main(["train", str(good), "--method", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--method 'nope' is not in this recipe; it has: lora-4" in err
