@@ -43,7 +43,7 @@ def build_model(folder: Path, rows, hidden: int, layers: int) -> None:
 
 
 def plain_loop(rows, recipe: Recipe, threads: int) -> tuple[float, dict]:
-    from flexi_workflows.scoring.generation import BatchGenerator
+    from flexi_workflows.generation import BatchGenerator
 
     started = time.perf_counter()
     gen = BatchGenerator(recipe.model.name_or_path, recipe.task.name, max_new_tokens=recipe.scoring.max_new_tokens,

@@ -7,8 +7,8 @@ Each subcommand is a thin shell over a library function; errors that are the use
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -101,7 +101,7 @@ def _load_recipe(args: argparse.Namespace):
 
 
 def _methods(recipe, wanted: str | None):
-    from flexi_workflows.training.methods import method_label
+    from flexi_workflows.methods import method_label
 
     methods = {method_label(m): m for m in recipe.methods}
     if wanted is None:
@@ -116,11 +116,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = _load_recipe(args)
     for method in _methods(recipe, args.method):
-        out = run_train(recipe, method, force=args.force)
-        report = json.loads((out / REPORT).read_text())
+        result = run_train(recipe, method, force=args.force)
+        report = result.read_json(REPORT)
         curve = report["loss_curve"]
         loss = f"loss {curve[0][1]:.3f} → {curve[-1][1]:.3f}" if curve else ""
-        print(f"trained {report['method']}: {report['steps']} steps, {report['trainable_params']:,} trainable params; {loss} → {out}")
+        print(f"trained {report['method']}: {report['steps']} steps, {report['trainable_params']:,} trainable params; "
+              f"{loss} → {result.folder}")
     return 0
 
 
@@ -129,8 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     recipe = _load_recipe(args)
     for method in _methods(recipe, args.method):
-        out = run_eval(recipe, method, force=args.force)
-        results = json.loads((out / METRICS).read_text())
+        results = run_eval(recipe, method, force=args.force).read_json(METRICS)
         for name, summary in results["datasets"].items():
             shown = {k: round(v, 4) for k, v in summary.items() if isinstance(v, float)}
             print(f"{results['method']} on {name}: {shown}")
@@ -150,20 +150,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from flexi_workflows.stages.score import STATS, run_score
 
-    out = run_score(_load_recipe(args), force=args.force)
-    stats = json.loads((out / STATS).read_text())
+    result = run_score(_load_recipe(args), force=args.force)
+    stats = result.read_json(STATS)
     shares = ", ".join(f"{c['name']} {c['count']} ({100 * c['share']:.1f} %)" for c in stats["classes"])
-    print(f"scored {stats['total']} rows → {out}; mean {stats['metric']} {stats['mean_score']:.3f}; {shares}")
+    print(f"scored {stats['total']} rows → {result.folder}; mean {stats['metric']} {stats['mean_score']:.3f}; {shares}")
     return 0
 
 
 def cmd_route(args: argparse.Namespace) -> int:
     from flexi_workflows.stages.route import REPORT, run_route
 
-    out = run_route(_load_recipe(args), force=args.force)
-    hold = json.loads((out / REPORT).read_text())["holdout"]
+    result = run_route(_load_recipe(args), force=args.force)
+    hold = result.read_json(REPORT)["holdout"]
     recall = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in hold["per_class_recall"].items())
-    print(f"router → {out}; held-out accuracy {hold['accuracy']:.3f} on {hold['size']} rows; recall: {recall}")
+    print(f"router → {result.folder}; held-out accuracy {hold['accuracy']:.3f} on {hold['size']} rows; recall: {recall}")
     print(f"confusion (rows true, columns predicted): {hold['confusion_matrix']}")
     return 0
 

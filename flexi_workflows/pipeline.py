@@ -1,23 +1,25 @@
 """`flexi run`: score → route → train → evaluate for every method of a recipe, then a summary.
 
-Each stage skips itself when its recorded inputs are unchanged (stages/common.py), so rerunning a
-recipe redoes only what a change touches: a new router σ retrains the router and the Flexi models,
-not the baselines; a new eval set re-evaluates, nothing else. Every stage is an MLflow child run of
-one pipeline run. The summary (`<output_dir>/summary.json`, a table on stdout, MLflow, a Pareto
-plot) compares the methods on each eval set.
+The recipe becomes a stage graph (stages/plan.py) whose folders are named by their inputs, so
+rerunning a recipe redoes only what a change touches: a new router σ retrains the router and the
+Flexi models, not the baselines; a new eval set re-evaluates, nothing else. Every stage — computed
+or reused — is an MLflow child run of one pipeline run, logged the same way. The summary
+(`summary.json`, a table on stdout, MLflow, a Pareto plot) compares the methods on each eval set.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from flexi_workflows.errors import ConfigError
 from flexi_workflows.fsutil import write_json_atomic
+from flexi_workflows.recipes.loader import flatten
 from flexi_workflows.recipes.schema import Recipe
+from flexi_workflows.stages.base import Stage, StageResult
+from flexi_workflows.stages.plan import Plan, plan_pipeline
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
@@ -26,7 +28,7 @@ SUMMARY = "summary.json"
 def prepare(recipe: Recipe) -> Recipe:
     """Resolve a built-in base model (building it once) and validate inputs before Ray starts."""
     from flexi_workflows.stages.train import check_resources
-    from flexi_workflows.tracking import check_tracking
+    from flexi_workflows.tracking import check_tracking_uri, resolve_tracking_uri
 
     if recipe.task.train is None:
         raise ConfigError("task.train is not set")
@@ -35,15 +37,11 @@ def prepare(recipe: Recipe) -> Recipe:
     from flexi_workflows.tasks import get_task
 
     task = get_task(recipe.task.name)
-    task.load(recipe.task.train)  # parse everything now: a bad line fails here, not mid-pipeline
-    for source in recipe.task.eval:
-        task.load(source)
+    for source in [recipe.task.train, *recipe.task.eval]:
+        task.load(source)  # parse everything now: a bad line fails here, not mid-pipeline
     check_resources(recipe)
     if recipe.tracking.enabled:
-        check_tracking(recipe)
-    labels = [label_of(m) for m in recipe.methods]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"method and compare name the same method twice: {labels}")
+        check_tracking_uri(resolve_tracking_uri(recipe.tracking.tracking_uri, recipe.output_dir))
     return resolve_model(recipe)
 
 
@@ -59,37 +57,45 @@ def resolve_model(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def label_of(method) -> str:
-    from flexi_workflows.training.methods import method_label
+def check_plan(plan: Plan) -> list[Stage]:
+    """The stages to run, each checked (data parsed, resources, model config) before any of them runs."""
+    stages = plan.stages()
+    for stage in stages:
+        stage.check()
+    return stages
 
-    return method_label(method)
+
+def lower_is_better(metric: str) -> bool:
+    return metric in ("wer", "cer")
 
 
-def summary_rows(recipe: Recipe) -> tuple[list[dict[str, Any]], dict]:
+def summary_rows(plan: Plan, results: dict[str, StageResult]) -> tuple[list[dict[str, Any]], str]:
+    """One row per method × eval set, read from the eval stages' recorded metrics."""
     from flexi_workflows.stages.evaluate import METRICS
-    from flexi_workflows.stages.evaluate import stage_dir as eval_dir
+    from flexi_workflows.tasks import get_task
 
-    from flexi_workflows.stages.evaluate import BASE
-
+    metric = get_task(plan.recipe.task.name).metric
+    evals = ([plan.base_eval] if plan.base_eval.name in results else []) + [m.eval for m in plan.methods]
     rows = []
-    metric = "accuracy" if recipe.task.name in ("math", "arith") else "f1"
-    entries = [(BASE, None)] if recipe.evaluation.include_base else []
-    entries += [(label_of(m), m) for m in recipe.methods]
-    for label, method in entries:
-        results = json.loads((eval_dir(recipe, label) / METRICS).read_text())
-        params = results.get("params") or {}
-        for name, summary in results["datasets"].items():
+    for stage in evals:
+        result = results[stage.name]
+        recorded = result.read_json(METRICS)
+        params = recorded.get("params") or {}
+        for name, summary in recorded["datasets"].items():
             mean_active = summary.get("mean_active_params")
+            histogram = summary.get("rank_histogram")
             row = {
-                "method": label,
+                "method": stage.label,
                 "dataset": name,
-                "ranks": method.ranks if method is not None and method.name != "full" else [],
+                "ranks": recorded.get("ranks", []),
+                "fingerprint": result.fingerprint,
                 f"{metric}_all": summary.get(metric),
                 "mean_active_params": mean_active,
-                "params_pct_of_lora8": (100 * mean_active / params["lora8_params"]) if mean_active is not None and params else None,
-                "params_pct_of_base": (100 * mean_active / params["base_params"]) if mean_active is not None and params else None,
+                "params_pct_of_lora8": (100 * mean_active / params["lora8_params"]) if mean_active is not None and params.get("lora8_params") else None,
+                "params_pct_of_base": (100 * mean_active / params["base_params"]) if mean_active is not None and params.get("base_params") else None,
                 "high_rank_rate": summary.get("high_rank_rate"),
                 "mean_rank": summary.get("mean_rank"),
+                "rank_shares": {k: v / sum(histogram.values()) for k, v in histogram.items()} if histogram else None,
             }
             for key, value in summary.items():
                 if key.startswith(f"{metric}_") and key != f"{metric}_all":
@@ -97,7 +103,7 @@ def summary_rows(recipe: Recipe) -> tuple[list[dict[str, Any]], dict]:
             if "exact_match" in summary:
                 row["exact_match_all"] = summary["exact_match"]
             rows.append(row)
-    return rows, {"metric": metric}
+    return rows, metric
 
 
 def print_table(rows: list[dict], metric: str, score_stats: dict | None) -> None:
@@ -119,64 +125,71 @@ def print_table(rows: list[dict], metric: str, score_stats: dict | None) -> None
         print(f"\nscored training data: {score_stats['total']} rows; difficulty classes: {shares}")
 
 
-def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool = False) -> dict:
+def run_stages(plan: Plan, stages: list[Stage], *, tracker=None, parent_id: str | None = None,
+               force: bool = False) -> dict[str, StageResult]:
+    """Run (or reuse) `stages` in order; each becomes an MLflow child run of `parent_id`."""
+    from flexi_workflows.stages.base import StageContext, run_stage
+
+    results: dict[str, StageResult] = {}
+    for stage in stages:
+        run_id = tracker.start_run(stage.name, parent_id=parent_id, tags={"flexi.kind": stage.kind}) if tracker else None
+        context = StageContext(tracker.uri if tracker else None, run_id)
+        try:
+            result = run_stage(stage, force=force, context=context)
+        except BaseException:
+            if tracker:
+                tracker.end(run_id, "FAILED")
+            raise
+        if tracker:
+            tracker.log_stage(run_id, result, curves_logged=not result.cached)
+            tracker.end(run_id)
+        results[stage.name] = result
+    return results
+
+
+def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool = False, tracker=None,
+                 parent_id: str | None = None, summary_dir: str | Path | None = None, quiet: bool = False) -> dict:
+    """The whole recipe. A sweep trial passes its own tracker, parent run and summary folder."""
+    from flexi_workflows.plots import pareto_plot
     from flexi_workflows.ray_cluster import ensure_ray
-    from flexi_workflows.stages.evaluate import run_base_eval, run_eval
-    from flexi_workflows.stages.route import REPORT as ROUTE_REPORT
-    from flexi_workflows.stages.route import run_route
-    from flexi_workflows.stages.score import STATS, run_score
-    from flexi_workflows.stages.train import run_train
-    from flexi_workflows.tracking import Tracker
+    from flexi_workflows.stages.score import STATS
+    from flexi_workflows.tracking import Tracker, resolve_tracking_uri
 
     recipe = prepare(recipe)
-    tracker = Tracker(recipe) if recipe.tracking.enabled else None
-    parent = tracker.start_parent() if tracker else None
-    if tracker:
-        tracker.log_recipe(parent, recipe_path)
+    plan = plan_pipeline(recipe)
+    stages = check_plan(plan)
+    own_parent = False
+    if tracker is None and recipe.tracking.enabled:
+        tracker = Tracker(resolve_tracking_uri(recipe.tracking.tracking_uri, recipe.output_dir), recipe.tracking.experiment)
+    if tracker is not None and parent_id is None:
+        parent_id = tracker.start_run(recipe.name, params=flatten(recipe), tags={"flexi.kind": "pipeline"})
+        own_parent = True
+        if recipe_path and Path(recipe_path).is_file():
+            tracker.log_artifacts(parent_id, Path(recipe_path), "recipe")
     ensure_ray(recipe.ray)
     status = "FAILED"
     try:
-        needs_router = any(m.name == "flexi" for m in recipe.methods)
-        score_stats = None
-        if needs_router:
-            score_out = run_score(recipe, force=force)
-            score_stats = json.loads((score_out / STATS).read_text())
-            route_out = run_route(recipe, force=force)
-            if tracker:
-                run_id = tracker.child("score", {"scoring." + k: v for k, v in dataclasses.asdict(recipe.scoring).items()})
-                tracker.log_metrics(run_id, {f"class_share_{c['name']}": c["share"] for c in score_stats["classes"]}
-                                    | {"scored_rows": score_stats["total"], "mean_score": score_stats["mean_score"]})
-                tracker.log_artifacts(run_id, score_out / STATS)
-                tracker.end(run_id)
-                run_id = tracker.child("route", {"router." + k: v for k, v in dataclasses.asdict(recipe.router).items()})
-                report = json.loads((route_out / ROUTE_REPORT).read_text())
-                tracker.log_metrics(run_id, {"holdout_accuracy": report["holdout"]["accuracy"],
-                                             **{f"holdout_recall_{k}": v for k, v in report["holdout"]["per_class_recall"].items() if v is not None}})
-                tracker.log_artifacts(run_id, route_out / "router", "router")
-                tracker.log_artifacts(run_id, route_out / ROUTE_REPORT)
-                tracker.end(run_id)
-        if recipe.evaluation.include_base:
-            run_base_eval(recipe, force=force)
-        for method in recipe.methods:
-            run_train(recipe, method, tracking=tracker, force=force)
-            run_eval(recipe, method, tracking=tracker, force=force)
-        rows, info = summary_rows(recipe)
-        summary = {"recipe": recipe.name, "metric": info["metric"], "rows": rows,
-                   "scored_class_shares": {c["name"]: c["share"] for c in score_stats["classes"]} if score_stats else None}
-        out = Path(recipe.output_dir)
+        results = run_stages(plan, stages, tracker=tracker, parent_id=parent_id, force=force)
+        rows, metric = summary_rows(plan, results)
+        score_stats = results[plan.score.name].read_json(STATS) if plan.score.name in results else None
+        summary = {"recipe": recipe.name, "metric": metric, "lower_is_better": lower_is_better(metric), "rows": rows,
+                   "scored_class_shares": {c["name"]: c["share"] for c in score_stats["classes"]} if score_stats else None,
+                   "stages": {name: {"fingerprint": r.fingerprint, "folder": str(r.folder), "cached": r.cached,
+                                     "seconds": r.manifest.get("seconds")} for name, r in results.items()}}
+        if plan.needs_router:
+            summary["router_holdout_accuracy"] = results[plan.route.name].metrics.get("holdout_accuracy")
+        out = Path(summary_dir or recipe.output_dir)
         write_json_atomic(out / SUMMARY, summary)
-        from flexi_workflows.plots import pareto_plot
-
-        pareto_plot(rows, out / "pareto.png", metric=f"{info['metric']}_all")
-        if tracker:
-            tracker.log_artifacts(parent, out / SUMMARY)
-            tracker.log_artifacts(parent, out / "pareto.png", "plots")
+        pareto_plot(rows, out / "pareto.png", metric=f"{metric}_all")
+        if tracker is not None:
+            tracker.log_artifacts(parent_id, out / SUMMARY)
+            tracker.log_artifacts(parent_id, out / "pareto.png", "plots")
             for r in rows:
-                tracker.log_metrics(parent, {f"{r['method']}.{r['dataset']}.{k}": v for k, v in r.items()
-                                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        print_table(rows, info["metric"], score_stats)
+                tracker.log_metrics(parent_id, {f"{r['method']}.{r['dataset']}.{k}": v for k, v in r.items()})
+        if not quiet:
+            print_table(rows, metric, score_stats)
         status = "FINISHED"
         return summary
     finally:
-        if tracker:
-            tracker.end_all(status)
+        if tracker is not None and own_parent:
+            tracker.end(parent_id, status)

@@ -41,7 +41,10 @@ def small_recipe(tmp_path: Path, model_dir: Path, overrides: list[str] | None = 
         "tracking": {"enabled": False},
     }
     for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+        if key == "method":  # another method has other fields: replace, keeping dropout off for adapters
+            data[key] = value if value.get("name") == "full" else {"dropout": 0.0, **value}
+        else:
+            data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return build(Recipe, data, overrides=overrides or [])
 
 
@@ -49,20 +52,25 @@ def record_scores(recipe: Recipe) -> None:
     """Record score artifacts with known classes ('apple' rows right, 'zebra' rows wrong).
 
     A random tiny model gets every row wrong, which leaves one class empty; the stages exchange data
-    only through these recorded files, so the downstream stages run for real on top of them.
+    only through these recorded files, so the downstream stages run for real on top of them. The
+    recorded stage has the real score stage's inputs, so it lands in the very folder the real one
+    would use and the pipeline finds it finished.
     """
-    from flexi_workflows.stages.common import publish_stage
-    from flexi_workflows.stages.score import SCORED, STATS, build_scored_table, score_fingerprint
-    from flexi_workflows.stages.score import stage_dir as score_dir
+    from flexi_workflows.stages.base import StageOutput, run_stage
+    from flexi_workflows.stages.score import SCORED, STATS, ScoreStage, build_scored_table
     from flexi_workflows.tasks import get_task
 
-    rows = get_task("math").load(recipe.task.train)
-    outputs = {r["id"]: {"prompt": r["question"], "prediction": r["target"] if "apple" in r["question"] else "#### -1"}
-               for r in rows}
-    table, stats = build_scored_table(rows, outputs, recipe)
-    with publish_stage(score_dir(recipe), score_fingerprint(recipe), [SCORED, STATS]) as tmp:
-        pq.write_table(table, tmp / SCORED)
-        (tmp / STATS).write_text(json.dumps(stats))
+    class RecordedScores(ScoreStage):
+        def run(self, tmp, upstream, context):
+            rows = get_task("math").load(self.recipe.task.train)
+            outputs = {r["id"]: {"prompt": r["question"],
+                                 "prediction": r["target"] if "apple" in r["question"] else "#### -1"} for r in rows}
+            table, stats = build_scored_table(rows, outputs, self.recipe)
+            pq.write_table(table, tmp / SCORED)
+            (tmp / STATS).write_text(json.dumps(stats))
+            return StageOutput(metrics={"scored_rows": len(rows)}, artifacts=[STATS])
+
+    run_stage(RecordedScores(recipe))
 
 
 def score_and_route(recipe: Recipe) -> None:

@@ -28,7 +28,7 @@ def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
         "name": "job", "output_dir": str(tmp_path / "out"),
         "model": {"name_or_path": str(tiny_model_dir)},
         "task": {"name": "math", "train": {"path": str(train)}, "eval": [{"name": "mini", "path": str(evals)}]},
-        "method": {"name": "lora", "ranks": [2]},
+        "method": {"name": "lora", "rank": 2},
         "training": {"max_steps": 2, "micro_batch_size": 4},
         "distribution": {"num_workers": 1},
         "evaluation": {"batch_size": 6, "max_new_tokens": 4},

@@ -26,8 +26,8 @@ from tests.helpers import small_recipe
 )
 def test_bad_recipe_fails_before_ray(tmp_path, tiny_model_dir, override, message):
     with pytest.raises(FlexiError, match=message):
-        recipe = small_recipe(tmp_path, tiny_model_dir, overrides=[override, "tracking.enabled=true"]
-                              + (["method.ranks=[4]"] if override == "method.name=adalora" else []))
+        extra = ["method={name: adalora, rank: 4}"] if override == "method.name=adalora" else [override]
+        recipe = small_recipe(tmp_path, tiny_model_dir, overrides=[*extra, "tracking.enabled=true"])
         run_pipeline(recipe)
     assert not (tmp_path / "out").exists()
 
@@ -39,7 +39,7 @@ def test_cli_reports_bad_recipe_without_traceback(tmp_path, tiny_model_dir, caps
     err = capsys.readouterr().err
     assert "r.yaml" in err and "zero_stage" in err and "Traceback" not in err
     good = tmp_path / "good.yaml"
-    good.write_text(f"name: x\nmodel: {{name_or_path: {tiny_model_dir}}}\nmethod: {{name: lora, ranks: [4]}}\n")
+    good.write_text(f"name: x\nmodel: {{name_or_path: {tiny_model_dir}}}\nmethod: {{name: lora, rank: 4}}\n")
     assert main(["train", str(good), "--method", "nope"]) == 2
     err = capsys.readouterr().err
     assert "--method 'nope' is not in this recipe; it has: lora-4" in err

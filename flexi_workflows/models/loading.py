@@ -104,5 +104,5 @@ def model_fingerprint(ref: str | Path) -> dict:
 
     path = Path(str(ref)).expanduser()
     if path.exists():
-        return {"path": str(path.resolve()), "digest": path_digest(path)}
+        return {"digest": path_digest(path)}  # by content: moving the cache folder keeps every stage valid
     return {"hub": str(ref)}

@@ -58,9 +58,9 @@ def pretrain_arith_model(path: Path, spec: PretrainSpec, threads: int | None = N
     """Train the tiny base model into `path` (atomically); returns the folder."""
     from tqdm import tqdm
 
+    from flexi_workflows.data.causal_lm import collate, encode_example
     from flexi_workflows.models.tiny import save_model_folder, tiny_llama, train_tokenizer
     from flexi_workflows.tasks.arith import generate
-    from flexi_workflows.training.data import collate, encode_example
 
     if threads:
         torch.set_num_threads(threads)

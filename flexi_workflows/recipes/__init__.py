@@ -6,6 +6,13 @@ from pathlib import Path
 
 from flexi_workflows.recipes import loader
 from flexi_workflows.recipes.schema import (
+    AdaLoraConfig,
+    DataSource,
+    DyLoraConfig,
+    DyLoraPlusConfig,
+    FlexiConfig,
+    FullConfig,
+    LoraConfig,
     MethodConfig,
     ModelConfig,
     RayConfig,
@@ -21,6 +28,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 __all__ = [
+    "AdaLoraConfig",
+    "DataSource",
+    "DyLoraConfig",
+    "DyLoraPlusConfig",
+    "FlexiConfig",
+    "FullConfig",
+    "LoraConfig",
     "MethodConfig",
     "ModelConfig",
     "RayConfig",

@@ -151,6 +151,11 @@ def _convert(value: Any, tp: Any, path: str, ctx: dict) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{_where(ctx, path)}: {path} must be a section (key: value mapping), got {value!r}")
+        if hasattr(tp, "variant"):  # a family of configs told apart by `name` (methods)
+            try:
+                tp = tp.variant(value.get("name"))
+            except FlexiError as exc:
+                raise ConfigError(f"{_where(ctx, path + '.name')}: {path}.{exc}") from None
         return _build(tp, value, path, ctx)
     if tp is Any:
         return value
@@ -207,6 +212,8 @@ def build(cls: type[T], data: dict[str, Any], *, source: str = "recipe", overrid
     """Turn a plain mapping into `cls`, applying `key.sub=value` overrides first."""
     applied = apply_overrides(data, overrides or [])
     ctx = {"source": source, "lines": {}, "overrides": applied}
+    if hasattr(cls, "variant"):
+        cls = cls.variant(data.get("name"))
     return _build(cls, data, "", ctx)
 
 

@@ -9,13 +9,32 @@ Checks that involve several keys (thresholds vs classes, ranks vs classes, order
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
-from flexi_workflows.errors import ConfigError
-from flexi_workflows.tasks.base import DataSource
+from flexi_workflows.errors import ConfigError, DataError
 
-METHODS = ("full", "lora", "adalora", "dylora", "dylora_plus", "flexi")
+
+@dataclass
+class DataSource:
+    """A dataset: a local file (`path`) or a hub dataset (`name`), one split, optionally the first `limit` rows."""
+
+    name: str | None = None
+    path: str | None = None
+    split: str = "train"
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name and not self.path:
+            raise DataError("a data source needs a `name` (hub dataset) or a `path` (local file)")
+        if self.limit is not None and self.limit < 1:
+            raise DataError(f"data source limit must be ≥ 1, got {self.limit}")
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).stem
 
 
 @dataclass
@@ -110,37 +129,152 @@ class RouterConfig:
 
 @dataclass
 class MethodConfig:
-    """What is fine-tuned.
+    """What is fine-tuned. One config class per method, chosen by `name`, each with its own typed
+    rank fields (the loader rejects another method's keys, e.g. `rank` on flexi):
 
-    ranks: flexi — one rank per difficulty class, easiest first, strictly increasing, e.g. [2, 8];
-    lora / adalora — [r]; dylora / dylora_plus — [r_min, r_max].
+    | name          | rank fields                      | label              |
+    |---------------|----------------------------------|--------------------|
+    | full          | -                                | full               |
+    | lora          | rank                             | lora-8             |
+    | adalora       | rank (the final budget)          | adalora-8          |
+    | dylora        | r_min, r_max, eval_rank          | dylora-1-8(-at4)   |
+    | dylora_plus   | r_min, r_max                     | dyloraplus-1-8     |
+    | flexi         | ranks (one per difficulty class) | flexi-2-8          |
+
+    `lr` overrides training.lr for this method only (full fine-tuning wants a smaller rate than LoRA).
     """
 
-    name: Literal["full", "lora", "adalora", "dylora", "dylora_plus", "flexi"] = "flexi"
-    ranks: list[int] = field(default_factory=lambda: [2, 8])
+    VARIANTS: ClassVar[dict[str, type["MethodConfig"]]] = {}
+    name: str = ""
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+    @classmethod
+    def variant(cls, name: Any) -> type["MethodConfig"]:
+        """The config class for a method name (the loader's discriminator); no name means flexi."""
+        name = "flexi" if name is None else name
+        if name not in cls.VARIANTS:
+            hint = difflib.get_close_matches(str(name), list(cls.VARIANTS), n=1)
+            more = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"name must be one of {list(cls.VARIANTS)}, got {name!r}{more}")
+        return cls.VARIANTS[name]
+
+    @property
+    def rank_list(self) -> list[int]:
+        """Every rank the method can use (for labels and reports); [] for full fine-tuning."""
+        return []
+
+
+@dataclass
+class AdapterFields(MethodConfig):
+    """Fields shared by the adapter methods (γ scaling, dropout, which linear layers get an adapter)."""
+
     alpha: float = 16.0
     scaling: Literal["alpha_over_r", "alpha_over_sqrt_r", "learned"] = "alpha_over_r"
     dropout: float = 0.05
     targets: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        bad = [r for r in self.rank_list if r < 1]
+        if bad:
+            raise ConfigError(f"ranks must be ≥ 1, got {self.rank_list}")
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    name: Literal["full"] = "full"
+
+
+@dataclass
+class LoraConfig(AdapterFields):
+    name: Literal["lora"] = "lora"
+    rank: int = 8
+
+    @property
+    def rank_list(self) -> list[int]:
+        return [self.rank]
+
+
+@dataclass
+class AdaLoraConfig(LoraConfig):
+    """AdaLoRA (PEFT): starts at init_rank (default 1.5 × rank) and prunes to `rank` on a schedule."""
+
+    name: Literal["adalora"] = "adalora"
+    init_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init_rank is not None and self.init_rank < self.rank:
+            raise ConfigError(f"init_rank must be ≥ rank ({self.rank}), got {self.init_rank}")
+
+
+@dataclass
+class DyLoraConfig(AdapterFields):
+    """DyLoRA: a rank drawn from [r_min, r_max] per training step; evaluated at eval_rank (default r_max)."""
+
+    name: Literal["dylora"] = "dylora"
+    r_min: int = 1
+    r_max: int = 8
     eval_rank: int | None = None
 
     def __post_init__(self) -> None:
-        if any(r < 1 for r in self.ranks):
-            raise ConfigError(f"method.ranks must be ≥ 1, got {self.ranks}")
-        if any(a >= b for a, b in zip(self.ranks, self.ranks[1:])):
-            raise ConfigError(f"method.ranks must be strictly increasing (easiest class first), got {self.ranks}")
-        if self.name in ("lora", "adalora") and len(self.ranks) != 1:
-            raise ConfigError(f"method.ranks for {self.name} is one rank, e.g. [8]; got {self.ranks}")
-        if self.name in ("dylora", "dylora_plus") and len(self.ranks) != 2:
-            raise ConfigError(f"method.ranks for {self.name} is [r_min, r_max]; got {self.ranks}")
-        if self.name == "flexi" and len(self.ranks) < 2:
-            raise ConfigError(f"method.ranks for flexi needs one rank per difficulty class, got {self.ranks}")
-        if self.eval_rank is not None and not 1 <= self.eval_rank <= max(self.ranks):
-            raise ConfigError(f"method.eval_rank must be in [1, {max(self.ranks)}], got {self.eval_rank}")
+        super().__post_init__()
+        if self.r_min >= self.r_max:
+            raise ConfigError(f"r_min must be < r_max, got r_min={self.r_min}, r_max={self.r_max}")
+        if self.eval_rank is not None and not self.r_min <= self.eval_rank <= self.r_max:
+            raise ConfigError(f"eval_rank must be in [{self.r_min}, {self.r_max}], got {self.eval_rank}")
 
     @property
-    def r_max(self) -> int:
-        return max(self.ranks)
+    def rank_list(self) -> list[int]:
+        return [self.r_min, self.r_max]
+
+
+@dataclass
+class DyLoraPlusConfig(AdapterFields):
+    """DyLoRA+: a rank drawn from [r_min, r_max] per training step and per evaluation batch."""
+
+    name: Literal["dylora_plus"] = "dylora_plus"
+    r_min: int = 1
+    r_max: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r_min >= self.r_max:
+            raise ConfigError(f"r_min must be < r_max, got r_min={self.r_min}, r_max={self.r_max}")
+
+    @property
+    def rank_list(self) -> list[int]:
+        return [self.r_min, self.r_max]
+
+
+@dataclass
+class FlexiConfig(AdapterFields):
+    """Flexi-LoRA: the router's difficulty class picks the rank, ranks[k] for class k (easiest first)."""
+
+    name: Literal["flexi"] = "flexi"
+    ranks: list[int] = field(default_factory=lambda: [2, 8])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.ranks) < 2:
+            raise ConfigError(f"ranks needs one rank per difficulty class (≥ 2), got {self.ranks}")
+        if any(a >= b for a, b in zip(self.ranks, self.ranks[1:])):
+            raise ConfigError(f"ranks must be strictly increasing (easiest class first), got {self.ranks}")
+
+    @property
+    def rank_list(self) -> list[int]:
+        return list(self.ranks)
+
+
+MethodConfig.VARIANTS.update({c.__dataclass_fields__["name"].default: c for c in (FullConfig, LoraConfig, AdaLoraConfig, DyLoraConfig,
+                                                   DyLoraPlusConfig, FlexiConfig)})
+METHODS = tuple(MethodConfig.VARIANTS)
 
 
 @dataclass
@@ -236,7 +370,7 @@ class Recipe:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=FlexiConfig)
     compare: list[MethodConfig] = field(default_factory=list)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -248,12 +382,12 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for key, method in self.keyed_methods():
-            if method.name == "flexi" and len(method.ranks) != self.scoring.num_classes:
+            if isinstance(method, FlexiConfig) and len(method.ranks) != self.scoring.num_classes:
                 raise ConfigError(
                     f"{key}.ranks {method.ranks} gives {len(method.ranks)} ranks but scoring.num_classes "
                     f"is {self.scoring.num_classes}: flexi maps each difficulty class to one rank"
                 )
-            if method.name == "adalora" and self.distribution.strategy == "deepspeed" and self.distribution.zero_stage > 0:
+            if isinstance(method, AdaLoraConfig) and self.distribution.strategy == "deepspeed" and self.distribution.zero_stage > 0:
                 raise ConfigError(
                     f"{key}: AdaLoRA's update_and_allocate reads every parameter's gradient after backward, which "
                     f"DeepSpeed ZeRO stage {self.distribution.zero_stage} partitions away; use "

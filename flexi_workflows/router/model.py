@@ -26,7 +26,6 @@ from torch import nn
 
 from flexi_workflows.errors import ConfigError
 from flexi_workflows.fsutil import atomic_dir
-from flexi_workflows.router.assign import RankAssigner
 from flexi_workflows.router.pooling import masked_mean_pool
 
 WEIGHTS = "router.safetensors"
@@ -39,7 +38,6 @@ class RouterSpec:
     embed_dim: int
     vocab_size: int
     class_names: list[str]
-    class_ranks: list[int]
     classifier: str = "linear"
     hidden_size: int = 256
     noise_std: float = 0.0
@@ -57,8 +55,6 @@ class RouterSpec:
 class RankRouter(nn.Module):
     def __init__(self, spec: RouterSpec) -> None:
         super().__init__()
-        if len(spec.class_ranks) != spec.num_classes:
-            raise ConfigError(f"router: {spec.num_classes} classes but {len(spec.class_ranks)} ranks")
         self.spec = spec
         k, d = spec.num_classes, spec.embed_dim
         if spec.classifier == "linear":
@@ -69,7 +65,6 @@ class RankRouter(nn.Module):
             raise ConfigError(f"router.classifier must be 'linear' or 'mlp', got {spec.classifier!r}")
         self.register_buffer("feature_mean", torch.zeros(d))
         self.register_buffer("feature_std", torch.ones(d))
-        self.assigner = RankAssigner(spec.class_ranks)
         self.noise_generator: torch.Generator | None = None
 
     def set_feature_stats(self, features: torch.Tensor) -> None:
@@ -101,9 +96,10 @@ class RankRouter(nn.Module):
 
     @torch.no_grad()
     def route(self, embedding: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Per-sample ranks for token ids: pool their embeddings, classify, map class → rank."""
+        """Per-sample difficulty classes for token ids: pool their embeddings, classify. (Which rank a
+        class gets is the method's business — one router serves the (1,8) and (2,8) rank pairs alike.)"""
         pooled = masked_mean_pool(embedding(input_ids), attention_mask)
-        return self.assigner(self.classify(pooled.to(self.feature_mean.device)))
+        return self.classify(pooled.to(self.feature_mean.device))
 
 
 def save_router(router: RankRouter, path: str | Path) -> Path:
@@ -121,6 +117,7 @@ def load_router(path: str | Path, base_config: Any = None) -> RankRouter:
         raise ConfigError(f"{path}: not a router folder (needs {CONFIG} and {WEIGHTS})")
     try:
         data = json.loads((path / CONFIG).read_text())
+        data.pop("class_ranks", None)  # routers saved before ranks moved to the method
         spec = RouterSpec(**data)
     except (json.JSONDecodeError, TypeError) as exc:
         raise ConfigError(f"{path / CONFIG}: not a router config ({exc})") from None

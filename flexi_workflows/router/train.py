@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from flexi_workflows.errors import DataError
-from flexi_workflows.recipes.schema import RouterConfig
 from flexi_workflows.router.model import RankRouter, RouterSpec
 from flexi_workflows.scoring.difficulty import balanced_indices, class_weights
+
+
+@dataclass
+class RouterTraining:
+    """How the router is fitted (the recipe's `router:` section maps onto this; the router knows no recipe)."""
+
+    epochs: int = 50
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    holdout: float = 0.2
+    balance: str = "downsample"
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,7 +58,7 @@ def evaluate_router(router: RankRouter, features: torch.Tensor, labels: np.ndarr
 
 
 def train_router(
-    features: torch.Tensor, labels: np.ndarray, spec: RouterSpec, cfg: RouterConfig, seed: int
+    features: torch.Tensor, labels: np.ndarray, spec: RouterSpec, cfg: RouterTraining, seed: int
 ) -> tuple[RankRouter, dict]:
     labels = np.asarray(labels, dtype=np.int64)
     k = spec.num_classes

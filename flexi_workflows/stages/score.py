@@ -2,12 +2,12 @@
 each answer, and the grades become difficulty classes (paper §3 "Router": F1 for QA, accuracy for math).
 
     rows (validated here) ──► ray.data.from_items ──► map_batches(BatchGenerator, actor pool)
-        ──► prediction per row ──► task.score ──► assign_classes ──► <output_dir>/score/
+        ──► prediction per row ──► task.score ──► assign_classes ──► <output_dir>/score/<fingerprint>/
                                                                      scored.parquet, stats.json, manifest.json
 
-The stage's manifest records a fingerprint of everything it consumed (data file contents, model,
-task and scoring settings); a rerun with the same fingerprint reuses the output instead of
-generating again. The folder is written to a temp path and renamed, so it is whole or absent.
+The fingerprint covers what changes the grades (data file contents, model weights, prompt length,
+generation and class settings) but not how many actors run it, so a rerun or another sweep trial
+with the same inputs reuses the folder instead of generating again.
 """
 
 from __future__ import annotations
@@ -23,37 +23,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flexi_workflows.errors import ConfigError
-from flexi_workflows.fsutil import path_digest
 from flexi_workflows.recipes.schema import Recipe
 from flexi_workflows.scoring.difficulty import assign_classes, class_stats
-from flexi_workflows.stages.common import cached_output, publish_stage
+from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, run_stage
+from flexi_workflows.stages.inputs import data_inputs, model_inputs, task_inputs
 from flexi_workflows.tasks import Row, get_task
 
 log = logging.getLogger(__name__)
 
 SCORED = "scored.parquet"
 STATS = "stats.json"
-
-
-def stage_dir(recipe: Recipe) -> Path:
-    return Path(recipe.output_dir) / "score"
-
-
-def score_fingerprint(recipe: Recipe) -> dict:
-    from flexi_workflows.models.loading import model_fingerprint
-
-    train = recipe.task.train
-    data = {"source": dataclasses.asdict(train)}
-    if train.path:
-        data["digest"] = path_digest(train.path)
-    return {
-        "stage": "score",
-        "task": recipe.task.name,
-        "max_prompt_tokens": recipe.task.max_prompt_tokens,
-        "data": data,
-        "model": {**dataclasses.asdict(recipe.model), **model_fingerprint(recipe.model.name_or_path)},
-        "scoring": dataclasses.asdict(recipe.scoring),
-    }
 
 
 def validate_score_inputs(recipe: Recipe) -> list[Row]:
@@ -77,7 +56,7 @@ def score_rows(rows: list[Row], recipe: Recipe) -> dict[str, dict]:
     """Predictions for `rows` from a Ray Data actor pool; returns id → {prompt, prediction}."""
     import ray
 
-    from flexi_workflows.scoring.generation import BatchGenerator
+    from flexi_workflows.generation import BatchGenerator
 
     cfg = recipe.scoring
     columns = [{"id": r["id"], "question": r["question"], "context": r.get("context", "")} for r in rows]
@@ -132,23 +111,53 @@ def build_scored_table(rows: list[Row], outputs: dict[str, dict], recipe: Recipe
     return table, stats
 
 
-def run_score(recipe: Recipe, *, force: bool = False) -> Path:
-    """Run (or reuse) the score stage; returns the stage folder."""
-    from flexi_workflows.ray_cluster import ensure_ray
+class ScoreStage(Stage):
+    kind = "score"
+    files = [SCORED, STATS]
 
-    rows = validate_score_inputs(recipe)
-    out_dir = stage_dir(recipe)
-    inputs = score_fingerprint(recipe)
-    if not force and cached_output(out_dir, inputs) is not None:
-        log.info("score: inputs unchanged, reusing %s", out_dir)
-        return out_dir
-    ensure_ray(recipe.ray)
-    started = time.time()
-    outputs = score_rows(rows, recipe)
-    table, stats = build_scored_table(rows, outputs, recipe)
-    stats["seconds"] = round(time.time() - started, 2)
-    with publish_stage(out_dir, inputs, [SCORED, STATS], rows=len(rows)) as tmp:
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__(recipe.output_dir)
+        self.recipe = recipe
+        self._rows: list[Row] | None = None
+
+    def inputs(self) -> dict:
+        cfg = self.recipe.scoring
+        return {
+            "task": task_inputs(self.recipe),
+            "data": data_inputs(self.recipe.task.train),
+            "model": model_inputs(self.recipe.model),
+            "scoring": {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,
+                        "thresholds": cfg.thresholds, "class_names": cfg.class_names},
+        }
+
+    def rows(self) -> list[Row]:
+        if self._rows is None:
+            self._rows = validate_score_inputs(self.recipe)
+        return self._rows
+
+    def check(self) -> None:
+        self.rows()
+
+    def run(self, tmp: Path, upstream: dict, context: StageContext) -> StageOutput:
+        from flexi_workflows.ray_cluster import ensure_ray
+
+        rows = self.rows()
+        ensure_ray(self.recipe.ray)
+        started = time.time()
+        outputs = score_rows(rows, self.recipe)
+        table, stats = build_scored_table(rows, outputs, self.recipe)
+        stats["seconds"] = round(time.time() - started, 2)
         pq.write_table(table, tmp / SCORED)
         (tmp / STATS).write_text(json.dumps(stats, indent=2) + "\n")
-    log.info("score: %d rows, classes %s", len(rows), [c["count"] for c in stats["classes"]])
-    return out_dir
+        log.info("score: %d rows, classes %s", len(rows), [c["count"] for c in stats["classes"]])
+        metrics = {f"class_share_{c['name']}": c["share"] for c in stats["classes"]}
+        metrics.update({"scored_rows": stats["total"], "mean_score": stats["mean_score"]})
+        params = {f"scoring.{k}": v for k, v in dataclasses.asdict(self.recipe.scoring).items()}
+        return StageOutput(metrics=metrics, params=params, artifacts=[STATS])
+
+
+def run_score(recipe: Recipe, *, force: bool = False) -> StageResult:
+    """Run (or reuse) the score stage."""
+    stage = ScoreStage(recipe)
+    stage.check()
+    return run_stage(stage, force=force)

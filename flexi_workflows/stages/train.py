@@ -1,10 +1,10 @@
 """Stage 3, train: fine-tune one method on Ray Train (TorchTrainer, DeepSpeed ZeRO or DDP).
 
     task rows ──► prompt + target, tokenized (loss on answer tokens only)
-              ──► flexi: router ranks per row (router/apply.py) — the rank travels with the batch
+              ──► methods that route: a rank per row (stages/routing.py) — the rank travels with the batch
               ──► ray.data, materialized, split into one deterministic shard per worker
               ──► TorchTrainer(train_loop_per_worker) ──► final checkpoint/export
-              ──► <output_dir>/train/<label>/ (artifact, train_report.json, manifest.json)
+              ──► <output_dir>/train/<label>-<fingerprint>/ (artifact, train_report.json, manifest.json)
 
 The data is materialized before the trainer starts: streaming a Ray Data pipeline straight into
 the trainer can deadlock on a 2-CPU machine (the trainer and the pipeline hold both CPUs).
@@ -24,46 +24,24 @@ from pathlib import Path
 from typing import Any
 
 from flexi_workflows.errors import ConfigError
-from flexi_workflows.fsutil import fingerprint, path_digest
+from flexi_workflows.methods import Method, get_method
+from flexi_workflows.plots import loss_curve_plot
 from flexi_workflows.recipes.schema import MethodConfig, Recipe
-from flexi_workflows.stages.common import cached_output, manifest_fingerprint, publish_stage
+from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, run_stage
+from flexi_workflows.stages.inputs import data_inputs, model_inputs, task_inputs
 from flexi_workflows.tasks import get_task
 
 log = logging.getLogger(__name__)
 
 REPORT = "train_report.json"
 ARTIFACT = "artifact"
+LOSS_PLOT = "loss_curve.png"
+NEUTRAL_TRAINING = ("log_every", "checkpoint_every", "max_failures", "resume", "lr")
 
 
-def stage_dir(recipe: Recipe, label: str) -> Path:
-    return Path(recipe.output_dir) / "train" / label
-
-
-def data_fingerprint(source) -> dict:
-    data = {"source": dataclasses.asdict(source)}
-    if source.path:
-        data["digest"] = path_digest(source.path)
-    return data
-
-
-def train_fingerprint(recipe: Recipe, method: MethodConfig) -> dict:
-    from flexi_workflows.models.loading import model_fingerprint
-    from flexi_workflows.stages.route import stage_dir as route_dir
-
-    inputs = {
-        "stage": "train",
-        "method": dataclasses.asdict(method),
-        "model": {**dataclasses.asdict(recipe.model), **model_fingerprint(recipe.model.name_or_path)},
-        "task": {"name": recipe.task.name, "max_prompt_tokens": recipe.task.max_prompt_tokens,
-                 "max_target_tokens": recipe.task.max_target_tokens},
-        "data": data_fingerprint(recipe.task.train),
-        "training": {k: v for k, v in dataclasses.asdict(recipe.training).items() if k not in ("log_every", "resume")},
-        "distribution": {k: v for k, v in dataclasses.asdict(recipe.distribution).items() if k != "torch_threads"},
-        "seed": recipe.seed,
-    }
-    if method.name == "flexi":
-        inputs["router"] = manifest_fingerprint(route_dir(recipe))
-    return inputs
+def effective_lr(recipe: Recipe, method: MethodConfig) -> float:
+    """A method's own learning rate if it sets one (full fine-tuning usually does), else training.lr."""
+    return method.lr if method.lr is not None else recipe.training.lr
 
 
 def check_resources(recipe: Recipe) -> None:
@@ -95,27 +73,11 @@ def check_resources(recipe: Recipe) -> None:
         )
 
 
-def validate_train_inputs(recipe: Recipe, method: MethodConfig) -> None:
-    from flexi_workflows.models.loading import load_config
-    from flexi_workflows.stages.route import ROUTER_DIR
-    from flexi_workflows.stages.route import stage_dir as route_dir
-
-    if recipe.task.train is None:
-        raise ConfigError("task.train is not set: the train stage needs a training set")
-    load_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
-    check_resources(recipe)
-    if method.name == "flexi" and not (route_dir(recipe) / ROUTER_DIR).is_dir():
-        raise ConfigError(f"{route_dir(recipe) / ROUTER_DIR}: no router; run `flexi route` with this recipe first")
-    if recipe.training.resume and not Path(recipe.training.resume).is_dir():
-        raise ConfigError(f"training.resume: {recipe.training.resume} is not a checkpoint folder")
-
-
-def training_examples(recipe: Recipe, method: MethodConfig) -> tuple[list[dict[str, Any]], dict]:
-    """Tokenized examples (with a `rank` column for flexi) and routing statistics."""
-    import numpy as np
-
+def training_examples(recipe: Recipe, method: Method, route: StageResult | None) -> tuple[list[dict[str, Any]], dict]:
+    """Tokenized examples (with a `rank` column for methods that route) and routing statistics."""
+    from flexi_workflows.data.causal_lm import encode_example
     from flexi_workflows.models.loading import load_tokenizer
-    from flexi_workflows.training.data import encode_example
+    from flexi_workflows.stages.routing import assign_ranks
 
     task = get_task(recipe.task.name)
     rows = task.load(recipe.task.train)
@@ -128,116 +90,160 @@ def training_examples(recipe: Recipe, method: MethodConfig) -> tuple[list[dict[s
         for r in rows
     ]
     routing: dict = {}
-    if method.name == "flexi":
-        from flexi_workflows.router.apply import route_texts
-        from flexi_workflows.stages.route import ROUTER_DIR
-        from flexi_workflows.stages.route import stage_dir as route_dir
-
-        _, ranks = route_texts([task.user_text(r) for r in rows], route_dir(recipe) / ROUTER_DIR,
-                               recipe.model.name_or_path, method.ranks, max_length=recipe.task.max_prompt_tokens,
-                               trust_remote_code=recipe.model.trust_remote_code)
+    if method.needs_router:
+        ranks, routing = assign_ranks(recipe, method, rows, route)
         for example, rank in zip(examples, ranks):
             example["rank"] = int(rank)
-        routing = {"mean_rank": float(np.mean(ranks)),
-                   "rank_shares": {str(r): float(np.mean(ranks == r)) for r in method.ranks}}
     return examples, {"routing": routing, "pad_token_id": tokenizer.pad_token_id, "rows": len(rows)}
 
 
-def run_train(recipe: Recipe, method: MethodConfig, *, tracking: Any = None, force: bool = False) -> Path:
-    """Run (or reuse) training of one method; returns the stage folder."""
-    import ray
-    from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+class TrainStage(Stage):
+    kind = "train"
+    files = [ARTIFACT, REPORT]
 
-    from flexi_workflows.ray_cluster import ensure_ray
-    from flexi_workflows.recipes.loader import to_dict
-    from flexi_workflows.training.loop import EXPORT_DIR, FAIL_HOOK_ENV, train_loop_per_worker
-    from flexi_workflows.training.methods import method_label
+    def __init__(self, recipe: Recipe, method: MethodConfig, route: Stage | None) -> None:
+        self.method = get_method(method)
+        if self.method.needs_router and route is None:
+            raise ConfigError(f"{self.method.label} routes by difficulty: it needs the route stage")
+        super().__init__(recipe.output_dir, [route] if self.method.needs_router else [])
+        self.recipe = recipe
+        self.route = route if self.method.needs_router else None
+        self.label = self.method.label
 
-    label = method_label(method)
-    validate_train_inputs(recipe, method)
-    out_dir = stage_dir(recipe, label)
-    inputs = train_fingerprint(recipe, method)
-    if not force and cached_output(out_dir, inputs) is not None:
-        log.info("train %s: inputs unchanged, reusing %s", label, out_dir)
-        return out_dir
+    def inputs(self) -> dict:
+        recipe, dist = self.recipe, self.recipe.distribution
+        return {
+            "method": {k: v for k, v in dataclasses.asdict(self.method.config).items() if k != "lr"},
+            "lr": effective_lr(recipe, self.method.config),
+            "model": model_inputs(recipe.model),
+            "task": {**task_inputs(recipe), "max_target_tokens": recipe.task.max_target_tokens},
+            "data": data_inputs(recipe.task.train),
+            "training": {k: v for k, v in dataclasses.asdict(recipe.training).items() if k not in NEUTRAL_TRAINING},
+            "distribution": {"num_workers": dist.num_workers, "strategy": dist.strategy, "zero_stage": dist.zero_stage,
+                             "bf16": dist.bf16},
+            "seed": recipe.seed,
+        }
 
-    examples, info = training_examples(recipe, method)
-    dist, train = recipe.distribution, recipe.training
-    per_worker = len(examples) // dist.num_workers
-    steps_per_epoch = per_worker // (train.micro_batch_size * train.gradient_accumulation_steps)
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"{len(examples)} training rows over {dist.num_workers} workers do not fill one step of "
-            f"training.micro_batch_size={train.micro_batch_size} × gradient_accumulation_steps="
-            f"{train.gradient_accumulation_steps}"
+    def check(self) -> None:
+        from flexi_workflows.models.loading import load_config
+
+        recipe = self.recipe
+        if recipe.task.train is None:
+            raise ConfigError("task.train is not set: the train stage needs a training set")
+        load_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+        check_resources(recipe)
+        if recipe.training.resume and not Path(recipe.training.resume).is_dir():
+            raise ConfigError(f"training.resume: {recipe.training.resume} is not a checkpoint folder")
+
+    def run(self, tmp: Path, upstream: dict[str, StageResult], context: StageContext) -> StageOutput:
+        import ray
+        from ray.train import (
+            Checkpoint,
+            CheckpointConfig,
+            DataConfig,
+            FailureConfig,
+            RunConfig,
+            ScalingConfig,
         )
-    total_steps = train.epochs * steps_per_epoch
-    if train.max_steps is not None:
-        total_steps = min(total_steps, train.max_steps)
+        from ray.train.torch import TorchTrainer
 
-    ensure_ray(recipe.ray)
-    check_resources(recipe)
-    # the shards carry the context they were made in: no per-epoch progress bars from the workers
-    # (rank 0 logs steps, loss and throughput instead)
-    context = ray.data.DataContext.get_current()
-    bars, context.enable_progress_bars = context.enable_progress_bars, False
-    try:
-        dataset = ray.data.from_items(examples).materialize()
-        shards = dataset.split(dist.num_workers, equal=True)
-    finally:
-        context.enable_progress_bars = bars
-    run_id = tracking.start_child(f"train:{label}", recipe, method) if tracking is not None else None
-    storage = Path(recipe.output_dir).resolve() / "ray_results"
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "recipe": to_dict(recipe),
-            "method": dataclasses.asdict(method),
+        from flexi_workflows.ray_cluster import ensure_ray
+        from flexi_workflows.recipes.loader import to_dict
+        from flexi_workflows.training.loop import EXPORT_DIR, FAIL_HOOK_ENV, train_loop_per_worker
+
+        recipe, label = self.recipe, self.label
+        route = upstream[self.route.name] if self.route is not None else None
+        examples, info = training_examples(recipe, self.method, route)
+        dist, train = recipe.distribution, recipe.training
+        per_worker = len(examples) // dist.num_workers
+        steps_per_epoch = per_worker // (train.micro_batch_size * train.gradient_accumulation_steps)
+        if steps_per_epoch < 1:
+            raise ConfigError(
+                f"{len(examples)} training rows over {dist.num_workers} workers do not fill one step of "
+                f"training.micro_batch_size={train.micro_batch_size} × gradient_accumulation_steps="
+                f"{train.gradient_accumulation_steps}"
+            )
+        total_steps = train.epochs * steps_per_epoch
+        if train.max_steps is not None:
+            total_steps = min(total_steps, train.max_steps)
+
+        ensure_ray(recipe.ray)
+        check_resources(recipe)
+        # the shards carry the context they were made in: no per-epoch progress bars from the workers
+        # (rank 0 logs steps, loss and throughput instead)
+        data_context = ray.data.DataContext.get_current()
+        bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False
+        try:
+            dataset = ray.data.from_items(examples).materialize()
+            shards = dataset.split(dist.num_workers, equal=True)
+        finally:
+            data_context.enable_progress_bars = bars
+        storage = Path(recipe.output_dir).resolve() / "ray_results"
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "recipe": to_dict(recipe),
+                "method": to_dict(self.method.config),
+                "lr": effective_lr(recipe, self.method.config),
+                "total_steps": total_steps,
+                "steps_per_epoch": steps_per_epoch,
+                "pad_token_id": info["pad_token_id"],
+                "tracking_uri": context.tracking_uri,
+                "run_id": context.run_id,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=dist.num_workers,
+                use_gpu=dist.use_gpu,
+                resources_per_worker={"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})},
+            ),
+            run_config=RunConfig(
+                name=f"{label}-{self.fingerprint}",
+                storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                # the test-only fault hook must reach worker processes that Ray starts later
+                worker_runtime_env={"env_vars": {FAIL_HOOK_ENV: os.environ[FAIL_HOOK_ENV]}} if FAIL_HOOK_ENV in os.environ else None,
+            ),
+            datasets={f"train_{i}": shard for i, shard in enumerate(shards)},
+            dataset_config=DataConfig(datasets_to_split=[]),
+            resume_from_checkpoint=Checkpoint.from_directory(train.resume) if train.resume else None,
+        )
+        result = trainer.fit()
+        metrics = dict(result.metrics or {})
+        report = {
+            "method": label,
+            "steps": metrics.get("step"),
             "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch,
-            "pad_token_id": info["pad_token_id"],
-            "tracking_uri": tracking.uri if tracking is not None else None,
-            "run_id": run_id,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=dist.num_workers,
-            use_gpu=dist.use_gpu,
-            resources_per_worker={"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=f"{label}-{fingerprint(inputs)}",
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            # the test-only fault hook must reach worker processes that Ray starts later
-            worker_runtime_env={"env_vars": {FAIL_HOOK_ENV: os.environ[FAIL_HOOK_ENV]}} if FAIL_HOOK_ENV in os.environ else None,
-        ),
-        datasets={f"train_{i}": shard for i, shard in enumerate(shards)},
-        dataset_config=DataConfig(datasets_to_split=[]),
-        resume_from_checkpoint=Checkpoint.from_directory(train.resume) if train.resume else None,
-    )
-    result = trainer.fit()
-    metrics = dict(result.metrics or {})
-    report = {
-        "method": label,
-        "steps": metrics.get("step"),
-        "total_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch,
-        "rows": info["rows"],
-        "loss_curve": metrics.get("loss_curve", []),
-        "trainable_params": metrics.get("trainable_params"),
-        "resumed_from_step": metrics.get("resumed_from_step"),
-        "routing": info["routing"],
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-    }
-    with publish_stage(out_dir, inputs, [ARTIFACT, REPORT]) as tmp:
+            "rows": info["rows"],
+            "loss_curve": metrics.get("loss_curve", []),
+            "trainable_params": metrics.get("trainable_params"),
+            "resumed_from_step": metrics.get("resumed_from_step"),
+            "routing": info["routing"],
+            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        }
         with result.checkpoint.as_directory() as ckpt:
             shutil.copytree(Path(ckpt) / EXPORT_DIR, tmp / ARTIFACT)
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    if tracking is not None:
-        tracking.finish_train(run_id, out_dir, report)
-    curve = report["loss_curve"]
-    log.info("train %s: %s steps, loss %s → %s", label, report["steps"],
-             f"{curve[0][1]:.3f}" if curve else "?", f"{curve[-1][1]:.3f}" if curve else "?")
-    return out_dir
+        curve = report["loss_curve"]
+        log.info("train %s: %s steps, loss %s → %s", label, report["steps"],
+                 f"{curve[0][1]:.3f}" if curve else "?", f"{curve[-1][1]:.3f}" if curve else "?")
+        out_metrics = {"trainable_params": report["trainable_params"] or 0, "train_steps": report["steps"] or 0,
+                       **{f"train_rank_share_{k}": v for k, v in info["routing"].get("rank_shares", {}).items()}}
+        if curve:
+            out_metrics["final_loss"] = curve[-1][1]
+        params = {**{f"method.{k}": v for k, v in dataclasses.asdict(self.method.config).items()},
+                  "method.label": label, "lr": effective_lr(recipe, self.method.config)}
+        artifacts = [REPORT, ARTIFACT]
+        if loss_curve_plot(curve, tmp / LOSS_PLOT, title=label):
+            artifacts.append(LOSS_PLOT)
+        return StageOutput(metrics=out_metrics, params=params, artifacts=artifacts, curves={"loss": curve})
+
+
+def run_train(recipe: Recipe, method: MethodConfig, *, force: bool = False, context: StageContext | None = None) -> StageResult:
+    """Train (or reuse) one method; for a routed method the route stage must be finished."""
+    from flexi_workflows.stages.plan import plan_pipeline
+
+    stage = plan_pipeline(recipe).train_stage(method)
+    stage.check()
+    return run_stage(stage, force=force, context=context)

@@ -15,36 +15,12 @@ loader/scoring split here is what stays the same.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from flexi_workflows.errors import DataError
+from flexi_workflows.recipes.schema import DataSource
 
 Row = dict[str, Any]
-
-
-@dataclass
-class DataSource:
-    """A dataset: a local file (`path`) or a hub dataset (`name`), one split, optionally the first `limit` rows."""
-
-    name: str | None = None
-    path: str | None = None
-    split: str = "train"
-    limit: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.name and not self.path:
-            raise DataError("a data source needs a `name` (hub dataset) or a `path` (local file)")
-        if self.limit is not None and self.limit < 1:
-            raise DataError(f"data source limit must be ≥ 1, got {self.limit}")
-
-    @property
-    def label(self) -> str:
-        if self.name:
-            return self.name
-        from pathlib import Path
-
-        return Path(self.path).stem
 
 
 class Task:

@@ -1,8 +1,9 @@
 """The Ray Train worker loop: one recipe, any method, DeepSpeed ZeRO 0-3 or DDP, CPU or GPU.
 
 Each worker:
-  1. loads the base model and applies the method (training/methods.py);
-  2. wraps it in a DeepSpeed engine (torch AdamW, ZeRO stage from the recipe, bf16 on GPU) or DDP;
+  1. loads the base model and applies the method (methods/);
+  2. wraps it in a DeepSpeed engine (torch AdamW, ZeRO stage from the recipe, bf16 on GPU) or DDP
+     (training/engines.py);
   3. restores adapter, optimizer, scheduler and step from Ray Train's checkpoint if there is one
      (a restarted worker group after a failure, or `training.resume`);
   4. trains on its own deterministic shard, the loss on answer tokens only, Flexi ranks arriving
@@ -42,22 +43,6 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return fn
-
-
-def deepspeed_config(recipe) -> dict[str, Any]:
-    dist, train = recipe.distribution, recipe.training
-    return {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.gradient_accumulation_steps,
-        "gradient_clipping": train.max_grad_norm,
-        "zero_optimization": {"stage": dist.zero_stage},
-        # a torch AdamW: DeepSpeed's own CPU/fused Adam compile C++ ops at first use (minutes on CPU)
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "bf16": {"enabled": dist.bf16},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
 
 
 def _maybe_fail(step: int, rank: int) -> None:
@@ -101,74 +86,71 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from flexi_workflows.data.causal_lm import collate
+    from flexi_workflows.methods import get_method
     from flexi_workflows.models.loading import load_model
     from flexi_workflows.recipes.loader import build
     from flexi_workflows.recipes.schema import MethodConfig, Recipe
-    from flexi_workflows.training.data import collate
-    from flexi_workflows.training.methods import build_trainable
+    from flexi_workflows.training.engines import DDPEngine, DeepSpeedEngine, deepspeed_config
 
+    # -- setup: recipe, devices, model + method, optimizer, engine, resumed state ------------------
     recipe: Recipe = build(Recipe, config["recipe"], source="recipe (worker copy)")
-    method: MethodConfig = build(MethodConfig, config["method"], source="method (worker copy)")
+    method = get_method(build(MethodConfig, config["method"], source="method (worker copy)"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(recipe.distribution.torch_threads or max(1, recipe.distribution.cpus_per_worker)))
     torch.manual_seed(recipe.seed)
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if recipe.distribution.use_gpu else "cpu")
     total_steps, steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
-    train_cfg = recipe.training
+    train_cfg, dist_cfg = recipe.training, recipe.distribution
     accum = train_cfg.gradient_accumulation_steps
 
     base = load_model(recipe.model.name_or_path, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code)
-    trainable = build_trainable(base, method, seed=recipe.seed + rank, total_steps=total_steps)
+    trainable = method.build(base, seed=recipe.seed + rank, total_steps=total_steps)
     params = [p for p in trainable.model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, train_cfg.warmup_ratio, train_cfg.schedule))
-
-    use_ds = recipe.distribution.strategy == "deepspeed"
-    if use_ds:
-        import deepspeed
-
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=trainable.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(recipe)
-        )
-        model = engine
+    if dist_cfg.strategy == "deepspeed":
+        engine = DeepSpeedEngine(trainable, optimizer, scheduler, deepspeed_config(
+            micro_batch_size=train_cfg.micro_batch_size, accumulation=accum, max_grad_norm=train_cfg.max_grad_norm,
+            zero_stage=dist_cfg.zero_stage, bf16=dist_cfg.bf16))
     else:
-        model = ray.train.torch.prepare_model(trainable.model, move_to_device=device)
+        engine = DDPEngine(trainable, optimizer, scheduler, accumulation=accum, max_grad_norm=train_cfg.max_grad_norm,
+                           device=device)
 
     step = 0
     loss_curve: list[list[float]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            step = _load_state(Path(ckpt_dir), model, optimizer, scheduler, use_ds, trainable)
+            step = engine.load(Path(ckpt_dir))
             state_file = Path(ckpt_dir) / STATE_FILE
             if state_file.is_file():
                 loss_curve = [p for p in json.loads(state_file.read_text())["loss_curve"] if p[0] <= step]
-
     resumed_from = step
     curves = _MlflowCurves(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else _MlflowCurves(None, None)
-    shard = ray.train.get_dataset_shard(f"train_{rank}")
-    pad = config["pad_token_id"]
-    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    every = train_cfg.checkpoint_every or steps_per_epoch
 
     def report(final: bool) -> None:
         metrics = {"step": step, "epoch": step / max(1, steps_per_epoch), "loss_curve": loss_curve,
                    "trainable_params": n_trainable, "resumed_from_step": resumed_from,
-                   "lr": scheduler.get_last_lr()[0] if hasattr(scheduler, "get_last_lr") else train_cfg.lr}
+                   "lr": engine.scheduler.get_last_lr()[0]}
         with tempfile.TemporaryDirectory() as tmp:
             tmp_path = Path(tmp)
-            _save_state(tmp_path, model, optimizer, scheduler, use_ds, trainable, step, rank)
+            engine.save(tmp_path, step, rank)
             if final:
-                _export(tmp_path / EXPORT_DIR, trainable, method, use_ds, rank)
+                engine.export(tmp_path / EXPORT_DIR, method, rank)
             if rank == 0:
                 (tmp_path / STATE_FILE).write_text(json.dumps({"step": step, "loss_curve": loss_curve}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    model.train()
-    start_epoch = step // max(1, steps_per_epoch)
-    for epoch in range(start_epoch, math.ceil(total_steps / max(1, steps_per_epoch))):
+    # -- the loop: this worker's shard, epoch by epoch, skipping what a resumed run already did ----
+    shard = ray.train.get_dataset_shard(f"train_{rank}")
+    pad = config["pad_token_id"]
+    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    every = train_cfg.checkpoint_every or steps_per_epoch
+    engine.model.train()
+    for epoch in range(step // max(1, steps_per_epoch), math.ceil(total_steps / max(1, steps_per_epoch))):
         skip = (step - epoch * steps_per_epoch) * accum  # micro-batches already done in this epoch
         micro = 0
         batches = shard.iter_torch_batches(
@@ -182,24 +164,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if micro <= skip:
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**trainable.forward_kwargs(batch))
-            loss = out.loss
-            if use_ds:
-                engine.backward(loss)
-                boundary = engine.is_gradient_accumulation_boundary()
-                if boundary and trainable.after_backward is not None:
-                    trainable.after_backward(step)
-                engine.step()
-            else:
-                (loss / accum).backward()
-                boundary = micro % accum == 0
-                if boundary:
-                    torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
-                    optimizer.step()
-                    if trainable.after_backward is not None:
-                        trainable.after_backward(step)
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+            loss = engine.model(**trainable.forward_kwargs(batch)).loss
+            boundary = engine.backward_step(loss, step)
             window_loss += float(loss.detach()) / accum
             window_tokens += int(batch["attention_mask"].sum())
             if not boundary:
@@ -213,12 +179,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 n_steps = train_cfg.log_every if step % train_cfg.log_every == 0 else step % train_cfg.log_every
                 mean_loss = float(stats[0]) / world / max(1, n_steps)
                 elapsed = time.perf_counter() - window_start
-                lr = scheduler.get_last_lr()[0]
+                lr = engine.scheduler.get_last_lr()[0]
                 loss_curve.append([step, mean_loss])
                 tokens_per_s = float(stats[1]) / max(elapsed, 1e-9)
                 curves.log(step, loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s)
                 if rank == 0:
-                    print(f"[{method.name}] step {step}/{total_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  "
+                    print(f"[{method.label}] step {step}/{total_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  "
                           f"{tokens_per_s:,.0f} tokens/s", flush=True)
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             if step < total_steps and step % every == 0:
@@ -228,45 +194,3 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
     curves.flush()
     report(final=True)
-
-
-def _save_state(path: Path, model, optimizer, scheduler, use_ds: bool, trainable, step: int, rank: int) -> None:
-    if use_ds:
-        # every rank writes its own ZeRO partition; Ray Train merges the workers' folders
-        model.save_checkpoint(str(path / "deepspeed"), tag="state", client_state={"step": step},
-                              exclude_frozen_parameters=True)
-    elif rank == 0:
-        trainable_state = {n: p.detach().cpu() for n, p in trainable.model.named_parameters() if p.requires_grad}
-        torch.save({"model": trainable_state, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": step}, path / "ddp_state.pt")
-
-
-def _load_state(path: Path, model, optimizer, scheduler, use_ds: bool, trainable) -> int:
-    if use_ds:
-        _, client = model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
-        return int(client["step"])
-    state = torch.load(path / "ddp_state.pt", map_location="cpu", weights_only=False)
-    named = dict(trainable.model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["model"].items():
-            named[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
-
-
-def _export(path: Path, trainable, method, use_ds: bool, rank: int) -> None:
-    """Rank 0 writes the trained artifact; under ZeRO-3 every rank first joins the gather."""
-    from flexi_workflows.training.methods import export_trained
-
-    if use_ds:
-        import deepspeed
-
-        params = [p for p in trainable.model.parameters() if hasattr(p, "ds_id")]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
-            if rank == 0:
-                export_trained(trainable.model, method, path)
-        return
-    if rank == 0:
-        export_trained(trainable.model, method, path)

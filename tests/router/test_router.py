@@ -50,7 +50,7 @@ def _separable(tiny_model_dir, n=120, seed=0):
 
 def _spec(emb, noise_std=0.0, **kw):
     return RouterSpec(embed_dim=emb.weight.shape[1], vocab_size=emb.weight.shape[0], class_names=["easy", "hard"],
-                      class_ranks=[2, 8], noise_std=noise_std, **kw)
+                      noise_std=noise_std, **kw)
 
 
 @pytest.mark.parametrize("classifier,noise_on", [("linear", "logits"), ("mlp", "pooled")])
@@ -84,14 +84,14 @@ def test_noise_changes_training_and_zero_noise_is_deterministic(tiny_model_dir):
 
 
 def test_additive_and_multiplicative_noise_forms():
-    spec_m = RouterSpec(embed_dim=4, vocab_size=10, class_names=["a", "b"], class_ranks=[1, 2], noise_std=0.5)
+    spec_m = RouterSpec(embed_dim=4, vocab_size=10, class_names=["a", "b"], noise_std=0.5)
     from flexi_workflows.router import RankRouter
 
     router = RankRouter(spec_m)
     router.noise_generator = torch.Generator().manual_seed(0)
     x = torch.zeros(3, 2)
     assert torch.equal(router._noise(x), x), "multiplicative noise keeps zeros at zero"
-    spec_a = RouterSpec(embed_dim=4, vocab_size=10, class_names=["a", "b"], class_ranks=[1, 2], noise_std=0.5,
+    spec_a = RouterSpec(embed_dim=4, vocab_size=10, class_names=["a", "b"], noise_std=0.5,
                         noise_type="additive")
     router_a = RankRouter(spec_a)
     assert not torch.equal(router_a._noise(x), x)
@@ -106,7 +106,7 @@ def test_save_load_round_trip_and_routing(tiny_model_dir, tmp_path):
     tok = load_tokenizer(tiny_model_dir)
     enc = tok(["Question: The zebra zebra has 3 plus 4?", "Question: The apple apple has 1 plus 2?"],
               return_tensors="pt", padding=True)
-    assert loaded.route(emb, enc["input_ids"], enc["attention_mask"]).tolist() == [8, 2]
+    assert loaded.route(emb, enc["input_ids"], enc["attention_mask"]).tolist() == [1, 0]  # hard, easy
 
 
 def test_router_for_another_base_model_is_rejected(tiny_model_dir, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from flexi_workflows.errors import ConfigError, DataError
 from flexi_workflows.recipes import Recipe
 from flexi_workflows.recipes.loader import build
-from flexi_workflows.stages.score import build_scored_table, run_score, stage_dir
+from flexi_workflows.stages.score import build_scored_table, run_score
 
 
 def _write_math(path, n):
@@ -33,7 +33,8 @@ def _recipe(tmp_path, model_dir, data, **extra):
 def test_score_stage_writes_labelled_parquet_and_reuses_it(tmp_path, tiny_model_dir, ray_local):
     data = _write_math(tmp_path / "train.jsonl", 10)
     recipe = _recipe(tmp_path, tiny_model_dir, data)
-    out = run_score(recipe)
+    out = run_score(recipe).folder
+    assert out.parent == tmp_path / "out" / "score"
     table = pq.read_table(out / "scored.parquet").to_pandas()
     assert len(table) == 10 and table["id"].is_unique
     assert {"id", "prompt", "target", "prediction", "score", "class"} <= set(table.columns)
@@ -43,16 +44,21 @@ def test_score_stage_writes_labelled_parquet_and_reuses_it(tmp_path, tiny_model_
     assert sum(c["count"] for c in stats["classes"]) == 10
 
     mtime = (out / "manifest.json").stat().st_mtime_ns
-    assert run_score(recipe) == out
+    again = run_score(recipe)
+    assert again.folder == out and again.cached
     assert (out / "manifest.json").stat().st_mtime_ns == mtime, "same inputs: reused, not recomputed"
+    neutral = run_score(_recipe(tmp_path, tiny_model_dir, data, **{"scoring.num_actors": 2}))
+    assert neutral.folder == out and neutral.cached, "the actor count does not change a result"
 
-    changed = _recipe(tmp_path, tiny_model_dir, data, **{"scoring.max_new_tokens": 4})
-    run_score(changed)
-    assert (out / "manifest.json").stat().st_mtime_ns != mtime, "changed config: recomputed"
+    changed = run_score(_recipe(tmp_path, tiny_model_dir, data, **{"scoring.max_new_tokens": 4}))
+    assert changed.folder != out and not changed.cached, "changed config: computed into its own folder"
+    assert (out / "manifest.json").stat().st_mtime_ns == mtime, "the first result stays for whoever needs it"
     _write_math(data, 12)
-    run_score(changed)
-    assert len(pq.read_table(out / "scored.parquet")) == 12, "changed data: recomputed"
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no temp folders left"
+    grown = run_score(_recipe(tmp_path, tiny_model_dir, data, **{"scoring.max_new_tokens": 4}))
+    assert grown.folder not in (out, changed.folder)
+    assert len(pq.read_table(grown.folder / "scored.parquet")) == 12, "changed data: recomputed"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")], \
+        "no temp folders left"
 
 
 def test_known_scores_give_known_classes(tmp_path, tiny_model_dir):
@@ -76,7 +82,7 @@ def test_bad_data_fails_before_ray_and_leaves_nothing(tmp_path, tiny_model_dir):
     recipe = _recipe(tmp_path, tiny_model_dir, bad)
     with pytest.raises(DataError, match=r"bad\.jsonl:2"):
         run_score(recipe)
-    assert not stage_dir(recipe).exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
     missing = _recipe(tmp_path, tmp_path / "no-model", _write_math(tmp_path / "ok.jsonl", 3))
     with pytest.raises(Exception, match="no such file or folder"):
         run_score(missing)

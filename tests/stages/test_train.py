@@ -28,7 +28,7 @@ def _train(tmp_path, model_dir, **sections):
     recipe = small_recipe(tmp_path, model_dir, **sections)
     if recipe.method.name == "flexi":
         score_and_route(recipe)
-    return recipe, run_train(recipe, recipe.method)
+    return recipe, run_train(recipe, recipe.method).folder
 
 
 def test_zero2_and_zero3_train_flexi_identically_on_two_workers(tmp_path, tiny_model_dir, ray_local):
@@ -53,11 +53,11 @@ def test_ddp_trains_flexi_on_two_workers(tmp_path, tiny_model_dir, ray_local):
 @pytest.mark.parametrize(
     "method,strategy",
     [
-        ({"name": "full", "ranks": [8]}, "deepspeed"),
-        ({"name": "lora", "ranks": [4]}, "deepspeed"),
-        ({"name": "adalora", "ranks": [4]}, "ddp"),
-        ({"name": "dylora", "ranks": [1, 8]}, "deepspeed"),
-        ({"name": "dylora_plus", "ranks": [1, 8]}, "deepspeed"),
+        ({"name": "full"}, "deepspeed"),
+        ({"name": "lora", "rank": 4}, "deepspeed"),
+        ({"name": "adalora", "rank": 4}, "ddp"),
+        ({"name": "dylora", "r_min": 1, "r_max": 8}, "deepspeed"),
+        ({"name": "dylora_plus", "r_min": 1, "r_max": 8}, "deepspeed"),
         ({"name": "flexi", "ranks": [2, 8]}, "deepspeed"),
     ],
 )
@@ -66,7 +66,7 @@ def test_every_method_trains_and_evaluates(tmp_path, tiny_model_dir, ray_local, 
                          training={"max_steps": 4})
     report = json.loads((out / REPORT).read_text())
     assert report["steps"] == 4 and report["trainable_params"] > 0
-    metrics = json.loads((run_eval(recipe, recipe.method) / METRICS).read_text())
+    metrics = run_eval(recipe, recipe.method).read_json(METRICS)
     mini = metrics["datasets"]["mini"]
     assert mini["count"] == 12 and 0.0 <= mini["accuracy"] <= 1.0
     if method["name"] in ("lora", "dylora"):
@@ -85,9 +85,9 @@ def test_every_method_trains_and_evaluates(tmp_path, tiny_model_dir, ray_local, 
 def test_failed_worker_resumes_from_last_checkpoint(tmp_path, tiny_model_dir, ray_local, monkeypatch):
     marker = tmp_path / "failed-once"
     monkeypatch.setenv("FLEXI_TEST_FAIL_AT_STEP", f"6:{marker}")
-    recipe = small_recipe(tmp_path, tiny_model_dir, method={"name": "lora", "ranks": [4]},
+    recipe = small_recipe(tmp_path, tiny_model_dir, method={"name": "lora", "rank": 4},
                           training={"epochs": 1, "checkpoint_every": 4, "max_failures": 1})
-    out = run_train(recipe, recipe.method)
+    out = run_train(recipe, recipe.method).folder
     assert marker.is_file(), "the injected failure fired"
     report = json.loads((out / REPORT).read_text())
     assert report["steps"] == report["total_steps"] == 16

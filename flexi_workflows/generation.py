@@ -76,3 +76,35 @@ class BatchGenerator:
         prompts = self.prompts(batch)
         predictions = self.generate(prompts)
         return {"id": np.asarray(batch["id"]), "prompt": np.asarray(prompts), "prediction": np.asarray(predictions)}
+
+
+class MethodGenerator(BatchGenerator):
+    """Generation with a trained method: the evaluation stage's Ray Data actor.
+
+    Same prompts, tokenization and greedy decoding as scoring, plus the trained artifact and the rank
+    each input gets from the method (methods/): the router's rank carried in the batch's `rank`
+    column (Flexi), the policy's fixed rank (LoRA-r, DyLoRA) or a seeded draw per batch (DyLoRA+).
+    The ranks actually used come back as a column, so mean active parameters are measured, not assumed.
+    """
+
+    def __init__(self, model_ref: str, task_name: str, *, method: dict[str, Any], artifact_dir: str, seed: int = 0,
+                 **kwargs: Any) -> None:
+        from flexi_workflows.methods import get_method
+        from flexi_workflows.recipes.loader import build
+        from flexi_workflows.recipes.schema import MethodConfig
+
+        super().__init__(model_ref, task_name, **kwargs)
+        self.method = get_method(build(MethodConfig, method, source="method"))
+        self.model = self.method.load(self.model, artifact_dir, seed=seed).to(self.device).eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompts = self.prompts(batch)
+        n = len(prompts)
+        ranks = self.method.eval_ranks(self.model, batch.get("rank"), n)
+        if ranks is None:
+            predictions = self.generate(prompts)
+            ranks = np.zeros(n, dtype=np.int64)
+        else:
+            predictions = self.generate(prompts, ranks=ranks.tolist())
+        return {"id": np.asarray(batch["id"]), "prompt": np.asarray(prompts), "prediction": np.asarray(predictions),
+                "rank": ranks}

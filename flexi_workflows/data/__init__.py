@@ -1,0 +1,1 @@
+"""Data components: turning task rows into model inputs."""

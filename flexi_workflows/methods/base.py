@@ -1,0 +1,87 @@
+"""What every fine-tuning method answers, so stages, workers and reports never ask which method it is.
+
+A `Method` wraps its typed config (recipes/schema.py) and owns:
+  label            lora-8, flexi-2-8, dylora-1-8-at4, full — the name of its runs and folders
+  needs_router     whether training and evaluation need a rank per row from the router
+  ranks_for        difficulty classes → ranks (flexi only; the router knows classes, not ranks)
+  build            base model → what the optimizer trains (`Trainable`)
+  export / load    the trained artifact a worker writes and evaluation reads back
+  eval_ranks       the rank of each row of an evaluation batch (None: the method has no ranks)
+  active_params    parameter accounting from the ranks actually used
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Accounting:
+    """Parameter counts of the base model that every method's accounting reads from."""
+
+    base_params: int
+    params_per_rank: int
+
+    @property
+    def lora8_params(self) -> int:
+        return 8 * self.params_per_rank
+
+
+@dataclass
+class Trainable:
+    """The model handed to DeepSpeed / DDP plus what the loop needs to drive it."""
+
+    model: Any
+    uses_row_ranks: bool = False
+    after_backward: Callable[[int], None] | None = None  # AdaLoRA: at each accumulation boundary, gradients still present
+
+    def forward_kwargs(self, batch: dict) -> dict[str, Any]:
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+        if self.uses_row_ranks:
+            kwargs["ranks"] = batch["ranks"]
+        return kwargs
+
+
+class Method:
+    needs_router: bool = False
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def label(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(self.config.rank_list)
+
+    def ranks_for(self, classes: Sequence[int]) -> np.ndarray:
+        raise TypeError(f"{self.label} does not route by difficulty class")
+
+    def build(self, base, *, seed: int, total_steps: int) -> Trainable:
+        raise NotImplementedError
+
+    def export(self, model, path: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, base, path: Path, *, seed: int = 0):
+        raise NotImplementedError
+
+    def eval_ranks(self, model, batch_ranks: np.ndarray | None, n: int) -> np.ndarray | None:
+        return None
+
+    def trainable_params(self, accounting: Accounting, artifact: Path) -> int:
+        raise NotImplementedError
+
+    def active_params(self, accounting: Accounting, artifact: Path, ranks_used: np.ndarray | None) -> dict[str, Any]:
+        """mean_active_params and, for methods with ranks, mean_rank / high_rank_rate / rank_histogram."""
+        raise NotImplementedError

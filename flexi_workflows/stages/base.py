@@ -1,0 +1,172 @@
+"""The Stage type: inputs → fingerprint → a folder of recorded artifacts that the next stage reads.
+
+    stage.inputs()  only what changes the result (no actor counts, CPUs, threads, log intervals)
+    + upstream fingerprints ──► fingerprint ──► <output_dir>/<kind>/<label->fingerprint/
+                                                 manifest.json + the stage's files
+
+A folder is named by its inputs, so two sweep trials never write the same folder unless they would
+compute the same thing — and then the second one waits on a file lock and reuses the first one's
+result instead of computing it again. A finished folder is complete (written to a temp folder and
+renamed); a rerun with the same inputs reuses it. The manifest records the stage's metrics, params
+and artifact names, so a cached result is logged to MLflow exactly like a fresh one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+from flexi_workflows.errors import ConfigError
+from flexi_workflows.fsutil import atomic_dir, fingerprint
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class StageOutput:
+    """What a stage's `run` returns besides the files it wrote."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)  # files/folders in the stage folder worth logging
+    curves: dict[str, list[list[float]]] = field(default_factory=dict)  # metric → [[step, value], ...]
+
+
+@dataclass
+class StageResult:
+    kind: str
+    label: str | None
+    fingerprint: str
+    folder: Path
+    manifest: dict
+    cached: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.label}" if self.label else self.kind
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.manifest.get("metrics", {})
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.manifest.get("params", {})
+
+    @property
+    def artifacts(self) -> list[Path]:
+        return [self.folder / name for name in self.manifest.get("artifacts", [])]
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.folder / name).read_text())
+
+
+@dataclass
+class StageContext:
+    """Where a running stage may stream live progress (the train stage's loss curve)."""
+
+    tracking_uri: str | None = None
+    run_id: str | None = None
+
+
+class Stage:
+    kind: ClassVar[str] = ""
+    files: ClassVar[list[str]] = []  # what a finished folder must hold
+    label: str | None = None
+    upstream: list["Stage"]
+
+    def __init__(self, root: str | Path, upstream: list["Stage"] | None = None) -> None:
+        self.root = Path(root)
+        self.upstream = list(upstream or [])
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.label}" if self.label else self.kind
+
+    def inputs(self) -> dict[str, Any]:
+        """Everything that changes this stage's result, apart from its upstream stages."""
+        raise NotImplementedError
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return fingerprint({"stage": self.kind, "inputs": self.inputs(),
+                            "upstream": {u.name: u.fingerprint for u in self.upstream}})
+
+    @property
+    def folder(self) -> Path:
+        leaf = f"{self.label}-{self.fingerprint}" if self.label else self.fingerprint
+        return self.root / self.kind / leaf
+
+    def check(self) -> None:
+        """Cheap validation before any stage runs (bad input fails before expensive work)."""
+
+    def run(self, tmp: Path, upstream: dict[str, StageResult], context: StageContext) -> StageOutput:
+        """Compute the result into the empty folder `tmp`."""
+        raise NotImplementedError
+
+    # -- results ------------------------------------------------------------------------------------
+    def finished(self) -> StageResult | None:
+        """The recorded result if this stage's folder is complete, else None."""
+        manifest = _read_manifest(self.folder)
+        if manifest is None or manifest.get("fingerprint") != self.fingerprint:
+            return None
+        if not all((self.folder / name).exists() for name in manifest.get("files", [])):
+            return None
+        return StageResult(self.kind, self.label, self.fingerprint, self.folder, manifest, cached=True)
+
+    def result(self) -> StageResult:
+        """The finished result, or a clear error naming the command that produces it."""
+        done = self.finished()
+        if done is None:
+            raise ConfigError(f"{self.folder}: no finished {self.name} stage for these inputs; "
+                              f"run `flexi {self.kind if self.kind != 'eval' else 'eval'}` (or `flexi run`) first")
+        return done
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@contextmanager
+def stage_lock(stage: Stage) -> Iterator[None]:
+    """An exclusive lock per stage folder: concurrent trials that need the same stage compute it once."""
+    stage.folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(stage.folder.parent / f".{stage.folder.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_stage(stage: Stage, *, force: bool = False, context: StageContext | None = None) -> StageResult:
+    """Reuse the stage's finished folder, or compute it (its upstream stages must be finished)."""
+    with stage_lock(stage):
+        if not force:
+            done = stage.finished()
+            if done is not None:
+                log.info("%s: inputs unchanged, reusing %s", stage.name, stage.folder)
+                return done
+        upstream = {u.name: u.result() for u in stage.upstream}
+        started = time.time()
+        with atomic_dir(stage.folder) as tmp:
+            out = stage.run(tmp, upstream, context or StageContext())
+            manifest = {
+                "stage": stage.kind, "label": stage.label, "fingerprint": stage.fingerprint,
+                "inputs": stage.inputs(), "upstream": {name: r.fingerprint for name, r in upstream.items()},
+                "files": list(stage.files), "metrics": out.metrics, "params": out.params, "artifacts": out.artifacts, "curves": out.curves,
+                "seconds": round(time.time() - started, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return StageResult(stage.kind, stage.label, stage.fingerprint, stage.folder, manifest, cached=False)

@@ -1,0 +1,49 @@
+"""The pieces of stage fingerprints that several stages share: which model, which data, which settings.
+
+Only what changes a result goes in. `RESULT_NEUTRAL` lists the recipe keys that never do (resources,
+logging, where things are written); tests/stages/test_fingerprints.py walks every recipe key and
+checks each is either here or changes exactly the stages it affects. GPUs per worker are not here:
+with `precision: auto` they decide bf16, which the train fingerprint records as resolved precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+from typing import Any
+
+from flexi_workflows.recipes.schema import DataSource, ModelConfig, Recipe
+
+RESULT_NEUTRAL = (
+    "name", "output_dir", "model.cache_dir",
+    "scoring.num_actors", "scoring.cpus_per_actor", "scoring.gpus_per_actor",
+    "training.log_every", "training.checkpoint_every", "training.max_failures", "training.resume",
+    "distribution.cpus_per_worker", "distribution.torch_threads",
+    "evaluation.include_base", "evaluation.num_actors", "evaluation.cpus_per_actor", "evaluation.gpus_per_actor",
+    "tracking.*", "ray.*", "sweep.*",
+)
+
+
+@lru_cache(maxsize=32)
+def _model_digest(ref: str) -> tuple:
+    from flexi_workflows.models.loading import model_fingerprint
+
+    return tuple(sorted(model_fingerprint(ref).items()))
+
+
+def model_inputs(model: ModelConfig) -> dict[str, Any]:
+    return {**dict(_model_digest(model.name_or_path)), "dtype": model.dtype, "trust_remote_code": model.trust_remote_code}
+
+
+def data_inputs(source: DataSource) -> dict[str, Any]:
+    from flexi_workflows.fsutil import path_digest
+
+    data: dict[str, Any] = {"source": dataclasses.asdict(source)}
+    if source.path:
+        data["source"].pop("path")  # by content, not by where the file lies
+        data["digest"] = path_digest(source.path)
+    return data
+
+
+def task_inputs(recipe: Recipe) -> dict[str, Any]:
+    return {"name": recipe.task.name, "max_prompt_tokens": recipe.task.max_prompt_tokens}

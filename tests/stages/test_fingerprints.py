@@ -1,0 +1,183 @@
+"""Stage fingerprints hold exactly what changes a result.
+
+Walks every recipe field, changes it, and checks the set of stages whose fingerprint moves: none for
+the keys declared result-neutral (stages/inputs.py), exactly the stages the key affects otherwise.
+Planning reads configs and file digests only, so this runs without Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import typing
+
+import pytest
+
+from flexi_workflows.recipes.schema import Recipe
+from flexi_workflows.stages.inputs import RESULT_NEUTRAL
+from flexi_workflows.stages.plan import plan_pipeline
+from tests.helpers import small_recipe, write_math_set
+
+COMPARE = [{"name": "lora", "rank": 4, "dropout": 0.0}, {"name": "flexi", "ranks": [1, 8], "dropout": 0.0}]
+ROUTED = ("method", "compare.1")  # the flexi methods of the recipe above
+ALL_METHODS = ("method", "compare.0", "compare.1")
+
+
+def roles(recipe: Recipe) -> dict[str, str]:
+    """Stage fingerprints by role (labels change with ranks; roles do not)."""
+    plan = plan_pipeline(recipe)
+    out = {"score": plan.score.fingerprint, "route": plan.route.fingerprint, "eval:base": plan.base_eval.fingerprint}
+    for key, stages in zip(ALL_METHODS, plan.methods):
+        out[f"train:{key}"] = stages.train.fingerprint
+        out[f"eval:{key}"] = stages.eval.fingerprint
+    return out
+
+
+def leaves(obj, prefix: str = ""):
+    """Every leaf field of the recipe as (dotted key, value, type)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaves(value, key + ".")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                yield from leaves(item, f"{key}.{i}.")
+        else:
+            yield key, value, hints[f.name]
+
+
+def neutral(key: str) -> bool:
+    return any(fnmatch.fnmatch(key, pattern) for pattern in RESULT_NEUTRAL)
+
+
+def expected(key: str) -> set[str]:
+    """The stages a key affects, stated independently of the code under test."""
+    if neutral(key):
+        return set()
+    trains = {f"train:{m}" for m in ALL_METHODS}
+    method_evals = {f"eval:{m}" for m in ALL_METHODS}
+    routed = {f"{kind}:{m}" for kind in ("train", "eval") for m in ROUTED}
+    everything = {"score", "route", "eval:base"} | trains | method_evals
+    top = key.split(".")[0]
+    if top == "model" or key in ("task.name", "task.max_prompt_tokens"):
+        return everything
+    if key == "task.max_target_tokens":
+        return trains | method_evals
+    if key.startswith("task.train."):
+        return {"score", "route"} | trains | method_evals
+    if key.startswith("task.eval."):
+        return {"eval:base"} | method_evals
+    if key == "seed":
+        return {"route"} | trains | method_evals
+    if top == "scoring":
+        return {"score", "route"} | routed
+    if top == "router":
+        return {"route"} | routed
+    if top == "method":
+        return {"train:method", "eval:method"}
+    if top == "compare":
+        index = key.split(".")[1]
+        return {f"train:compare.{index}", f"eval:compare.{index}"}
+    if top in ("training", "distribution"):
+        return trains | method_evals
+    if top == "evaluation":
+        return {"eval:base"} | method_evals
+    raise AssertionError(f"no expectation for {key}")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("fingerprints")
+    other_data = write_math_set(tmp / "other.jsonl", 20, marked=False)
+    other_model = tmp / "other-model"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, other_model)
+    config = json.loads((other_model / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5 if config.get("rms_norm_eps") != 1e-5 else 1e-6
+    (other_model / "config.json").write_text(json.dumps(config))
+    return tmp, other_data, other_model
+
+
+def perturbations(key: str, value, tp, world) -> list[str]:
+    """Overrides that change `key` to another valid value (with the companions a cross-field rule needs)."""
+    tmp, other_data, other_model = world
+    special = {
+        "model.name_or_path": [f"model.name_or_path={other_model}"],
+        "model.cache_dir": ["model.cache_dir=/elsewhere"],
+        "task.name": ["task.name=arith"],
+        "task.train.path": [f"task.train.path={other_data}"],
+        "task.eval.0.path": [f"task.eval.0.path={other_data}"],
+        "scoring.num_classes": ["scoring.num_classes=3", "scoring.thresholds=[0.8, 0.3]", "scoring.class_names=[a, b, c]",
+                                "method.ranks=[1, 4, 8]", "compare.1.ranks=[1, 2, 8]"],
+        "scoring.thresholds": ["scoring.thresholds=[0.4]"],
+        "scoring.class_names": ["scoring.class_names=[simple, tricky]"],
+        "method.name": ["method={name: dylora, r_min: 2, r_max: 8}"],
+        "compare.0.name": ["compare.0={name: lora, rank: 8}"],
+        "compare.1.name": ["compare.1={name: dylora_plus, r_min: 1, r_max: 8}"],
+        "method.ranks": ["method.ranks=[2, 16]"],
+        "compare.1.ranks": ["compare.1.ranks=[4, 8]"],
+        "method.targets": ["method.targets=[q_proj]"],
+        "compare.0.targets": ["compare.0.targets=[q_proj]"],
+        "compare.1.targets": ["compare.1.targets=[q_proj]"],
+        "method.dropout": ["method.dropout=0.3"],
+        "compare.0.dropout": ["compare.0.dropout=0.3"],
+        "compare.1.dropout": ["compare.1.dropout=0.3"],
+        "router.holdout": ["router.holdout=0.3"],
+        "training.warmup_ratio": ["training.warmup_ratio=0.2"],
+        "training.resume": [f"training.resume={tmp}"],
+        "distribution.precision": ["distribution.precision=bf16"],
+        "distribution.zero_stage": ["distribution.zero_stage=3"],
+        "tracking.tracking_uri": ["tracking.tracking_uri=sqlite:///elsewhere.db"],
+        "ray.address": ["ray.address=auto"],
+    }
+    if key in special:
+        return special[key]
+    if typing.get_origin(tp) is typing.Literal:
+        return [f"{key}={next(c for c in typing.get_args(tp) if c != value)}"]
+    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    kind = args[0]
+    if kind is bool:
+        return [f"{key}={str(not value).lower()}"]
+    if kind is int:
+        return [f"{key}={(value or 1) + 1}"]
+    if kind is float:
+        return [f"{key}={(value or 0.1) * 0.5}"]
+    if kind is str:
+        return [f"{key}=other"]
+    raise AssertionError(f"no perturbation for {key} ({tp})")
+
+
+def test_every_recipe_field_is_fingerprinted_where_it_matters_or_declared_neutral(tmp_path, tiny_model_dir, world):
+    base = small_recipe(tmp_path, tiny_model_dir, compare=COMPARE)
+    before = roles(base)
+    walked = []
+    for key, value, tp in leaves(base):
+        overrides = ["compare=" + json.dumps(COMPARE)] + perturbations(key, value, tp, world)
+        changed = small_recipe(tmp_path, tiny_model_dir, overrides=overrides)
+        after = roles(changed)
+        moved = {role for role in before if before[role] != after[role]}
+        assert moved == expected(key), f"{key}: changing it moved {sorted(moved)}, expected {sorted(expected(key))}"
+        walked.append(key)
+    assert {"task.max_prompt_tokens", "scoring.num_actors", "evaluation.num_actors", "training.log_every",
+            "distribution.cpus_per_worker", "distribution.torch_threads", "compare.1.ranks"} <= set(walked)
+    assert len(walked) > 60
+
+
+def test_neutral_declarations_name_real_keys(tmp_path, tiny_model_dir):
+    keys = {key for key, _, _ in leaves(small_recipe(tmp_path, tiny_model_dir))}
+    for pattern in RESULT_NEUTRAL:
+        if pattern == "sweep.*":
+            continue  # the sweep section lives in sweep recipes (sweep/config.py)
+        assert any(fnmatch.fnmatch(k, pattern) for k in keys), f"RESULT_NEUTRAL names {pattern!r}, which no recipe key matches"
+
+
+def test_rank_pairs_share_one_router(tmp_path, tiny_model_dir):
+    plan = plan_pipeline(small_recipe(tmp_path, tiny_model_dir, compare=COMPARE))
+    flexi_28, flexi_18 = plan.methods[0].train, plan.methods[2].train
+    assert flexi_28.label == "flexi-2-8" and flexi_18.label == "flexi-1-8"
+    assert flexi_28.upstream == flexi_18.upstream == [plan.route]
+    assert plan.methods[1].train.upstream == [], "LoRA needs no router"
+    assert len({s.folder for s in plan.stages()}) == len(plan.stages()), "no two stages share a folder"
