@@ -147,6 +147,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from flexi_workflows.recipes import load_recipe
+    from flexi_workflows.sweep import run_sweep
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    state = run_sweep(recipe, recipe_path=args.recipe, overrides=args.overrides)
+    return 0 if state.get("finished") else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from flexi_workflows.report import build_report, format_table
+
+    report = build_report(args.sweep_dir)
+    print(format_table(report))
+    print(f"\nreport → {(Path(args.sweep_dir) / 'report').resolve()}")
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from flexi_workflows.stages.score import STATS, run_score
 
@@ -202,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "train", cmd_train, "fine-tune the recipe's methods on Ray Train (DeepSpeed ZeRO or DDP)")
     _add_stage(sub, "eval", cmd_eval, "evaluate the trained methods on the recipe's eval sets (Ray Data)")
     _add_stage(sub, "run", cmd_run, "the whole pipeline: score → route → train → evaluate, skipping finished stages")
+    p = sub.add_parser("sweep", help="a Ray Tune sweep over the recipe's `sweep:` search space",
+                       description="Run (or resume) the trials of the recipe's `sweep:` section on Ray Tune; stages "
+                                   "that trials share run once. Writes <output_dir>/sweep.json, trials/ and report/.")
+    p.add_argument("recipe", metavar="RECIPE", help="YAML recipe with a sweep: section")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides (sweep.* too)")
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("report", help="aggregate a sweep's trials over seeds: tables and plots",
+                       description="Mean ± std over seeds per method × dataset × setting; writes SWEEP_DIR/report/.")
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a sweep's output_dir (holds sweep.json and trials/)")
+    p.set_defaults(func=cmd_report)
     for name in ("train", "eval"):
         sub.choices[name].add_argument("--method", help="only this method label, e.g. flexi-2-8 or lora-8")
     return parser

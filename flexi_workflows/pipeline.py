@@ -94,6 +94,7 @@ def summary_rows(plan: Plan, results: dict[str, StageResult]) -> tuple[list[dict
                 "params_pct_of_lora8": (100 * mean_active / params["lora8_params"]) if mean_active is not None and params.get("lora8_params") else None,
                 "params_pct_of_base": (100 * mean_active / params["base_params"]) if mean_active is not None and params.get("base_params") else None,
                 "high_rank_rate": summary.get("high_rank_rate"),
+                "trainable_params": params.get("trainable_params"),
                 "mean_rank": summary.get("mean_rank"),
                 "rank_shares": {k: v / sum(histogram.values()) for k, v in histogram.items()} if histogram else None,
             }
@@ -125,7 +126,7 @@ def print_table(rows: list[dict], metric: str, score_stats: dict | None) -> None
         print(f"\nscored training data: {score_stats['total']} rows; difficulty classes: {shares}")
 
 
-def run_stages(plan: Plan, stages: list[Stage], *, tracker=None, parent_id: str | None = None,
+def run_stages(stages: list[Stage], *, tracker=None, parent_id: str | None = None,
                force: bool = False) -> dict[str, StageResult]:
     """Run (or reuse) `stages` in order; each becomes an MLflow child run of `parent_id`."""
     from flexi_workflows.stages.base import StageContext, run_stage
@@ -169,7 +170,7 @@ def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool 
     ensure_ray(recipe.ray)
     status = "FAILED"
     try:
-        results = run_stages(plan, stages, tracker=tracker, parent_id=parent_id, force=force)
+        results = run_stages(stages, tracker=tracker, parent_id=parent_id, force=force)
         rows, metric = summary_rows(plan, results)
         score_stats = results[plan.score.name].read_json(STATS) if plan.score.name in results else None
         summary = {"recipe": recipe.name, "metric": metric, "lower_is_better": lower_is_better(metric), "rows": rows,

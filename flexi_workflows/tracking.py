@@ -78,6 +78,12 @@ class Tracker:
             self.log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def find_child(self, parent_id: str, tags: dict[str, str]) -> str | None:
+        """The id of a run under `parent_id` carrying `tags`, if one exists."""
+        clauses = [f"tags.mlflow.parentRunId = '{parent_id}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        runs = self.client.search_runs([self.experiment_id], filter_string=" and ".join(clauses), max_results=1)
+        return runs[0].info.run_id if runs else None
+
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 

@@ -364,6 +364,45 @@ class RayConfig:
 
 
 @dataclass
+class SweepConfig:
+    """`flexi sweep`: trials over a search space, each a run of this recipe with some keys overridden.
+
+    space: recipe key → values, in one of these forms
+        [a, b, c]                  a grid (every value is tried; grids multiply)
+        {grid: [a, b, c]}          the same, spelled out
+        {choice: [a, b, c]}        one value drawn per sample
+        {uniform: [low, high]}     a float drawn per sample
+        {loguniform: [low, high]}  a float drawn per sample on a log scale
+    e.g. `method.ranks: [[1, 8], [2, 8]]`, `router.noise_std: [0.0, 0.1, 0.3]`, `seed: [0, 1, 2]`.
+    Draws are made from `sample_seed`, so the same sweep always means the same trials (which is what
+    lets an interrupted sweep resume). num_samples repeats the grid, drawing the other keys anew.
+
+    metric: a column of a run's summary row for the recipe's main `method` (e.g. accuracy_all,
+    accuracy_hard, f1_all, wer_all, mean_active_params) on `dataset` (default: the first eval set);
+    mode defaults to min for error rates (wer, cer) and max otherwise.
+    trial_cpus: CPUs reserved for each trial's driver (its training workers and eval actors take
+    `distribution.*` and `evaluation.*` resources on top); max_concurrent_trials: trials at once.
+    """
+
+    space: dict = field(default_factory=dict)
+    metric: str = ""
+    mode: Literal["max", "min"] | None = None
+    dataset: str | None = None
+    num_samples: int = 1
+    sample_seed: int = 0
+    max_concurrent_trials: int = 2
+    trial_cpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ConfigError(f"sweep.num_samples must be ≥ 1, got {self.num_samples}")
+        if self.max_concurrent_trials < 1:
+            raise ConfigError(f"sweep.max_concurrent_trials must be ≥ 1, got {self.max_concurrent_trials}")
+        if self.trial_cpus < 0:
+            raise ConfigError(f"sweep.trial_cpus must be ≥ 0, got {self.trial_cpus}")
+
+
+@dataclass
 class Recipe:
     name: str = "experiment"
     output_dir: str = "outputs/experiment"
@@ -379,6 +418,7 @@ class Recipe:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    sweep: SweepConfig | None = None
 
     def __post_init__(self) -> None:
         for key, method in self.keyed_methods():

@@ -20,7 +20,7 @@ RESULT_NEUTRAL = (
     "training.log_every", "training.checkpoint_every", "training.max_failures", "training.resume",
     "distribution.cpus_per_worker", "distribution.torch_threads",
     "evaluation.include_base", "evaluation.num_actors", "evaluation.cpus_per_actor", "evaluation.gpus_per_actor",
-    "tracking.*", "ray.*", "sweep.*",
+    "tracking.*", "ray.*", "sweep", "sweep.*",
 )
 
 

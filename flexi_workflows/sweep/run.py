@@ -1,0 +1,325 @@
+"""The sweep driver and its Tune trial.
+
+    recipe + sweep.space ──► trials (space.py), each recipe built and checked ──► every trial planned
+        ──► stages two or more trials share (score, routers, baselines) run once, here
+        ──► Tuner(with_resources(run_trial), grid over the trials, max_concurrent_trials)
+              each trial: run_pipeline(trial recipe) — its own stages, the shared ones found finished
+        ──► trial records ──► best trial, `flexi report`, MLflow
+
+<sweep_dir> is the recipe's output_dir: stages under <sweep_dir>/<stage>/..., trial records under
+<sweep_dir>/trials/<trial>.json (+ the trial's summary folder), Tune's state under
+<sweep_dir>/tune/. Rerunning the same sweep restores Tune's state: finished trials are not run
+again, and an unfinished trial finds its finished stages and goes on from there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from flexi_workflows.errors import ConfigError
+from flexi_workflows.fsutil import fingerprint, write_json_atomic
+from flexi_workflows.recipes.loader import build, flatten, to_dict
+from flexi_workflows.recipes.schema import Recipe
+from flexi_workflows.sweep.space import Trial, expand_space
+
+log = logging.getLogger(__name__)
+SWEEP_FILE = "sweep.json"
+TRIALS = "trials"
+FAIL_TRIAL_ENV = "FLEXI_TEST_FAIL_TRIAL"  # test-only: a trial with these overrides raises
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.split("_")[0] in ("wer", "cer")
+
+
+def reported_columns(recipe: Recipe, dataset_rows: list[dict]) -> set[str]:
+    """The numeric columns a trial's summary row for the main method will carry."""
+    from flexi_workflows.tasks import get_task
+
+    task = get_task(recipe.task.name)
+    probe = {task.metric: 0.0} if not dataset_rows else task.metrics("", dataset_rows[0])
+    groups = sorted({r.get("group") for r in dataset_rows if r.get("group")})
+    columns = {f"{m}_all" for m in probe} | {f"{m}_{g}" for m in probe for g in groups}
+    columns |= {"mean_active_params", "params_pct_of_lora8", "params_pct_of_base", "trainable_params"}
+    if recipe.method.rank_list:
+        columns |= {"mean_rank", "high_rank_rate"}
+    return columns
+
+
+def trial_recipe(base: dict, trial: Trial, source: str) -> Recipe:
+    data = json.loads(json.dumps(base))
+    data.pop("sweep", None)
+    return build(Recipe, data, source=source, overrides=trial.override_args())
+
+
+def primary_row(summary: dict, method_label: str, dataset: str) -> dict:
+    for row in summary["rows"]:
+        if row["method"] == method_label and row["dataset"] == dataset:
+            return row
+    raise RuntimeError(f"the trial's summary has no row for {method_label} on {dataset}")
+
+
+def _numeric(row: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# -- the trial -------------------------------------------------------------------------------------
+
+def run_trial(config: dict[str, Any]) -> None:
+    """One Tune trial: the recipe with this trial's overrides, as one nested MLflow run of the sweep."""
+    from ray import tune
+
+    from flexi_workflows.methods import method_label
+    from flexi_workflows.pipeline import run_pipeline
+    from flexi_workflows.tracking import Tracker
+
+    trial = Trial(config["trial"]["trial_id"], config["trial"]["overrides"])
+    ctx = config["sweep"]
+    sweep_dir = Path(ctx["sweep_dir"])
+    record_path = sweep_dir / TRIALS / f"{trial.trial_id}.json"
+    tracker = Tracker(ctx["tracking_uri"], ctx["experiment"]) if ctx["tracking_uri"] else None
+    run_id = None
+    if tracker:  # one run per trial: an interrupted trial's run is picked up again when the sweep resumes
+        run_id = tracker.find_child(ctx["parent_run_id"], {"flexi.trial_id": trial.trial_id})
+        if run_id is None:
+            run_id = tracker.start_run(f"trial {trial.trial_id}", parent_id=ctx["parent_run_id"], params=trial.overrides,
+                                       tags={"flexi.kind": "trial", "flexi.trial_id": trial.trial_id})
+        else:
+            tracker.client.update_run(run_id, status="RUNNING")
+    started = time.time()
+    record: dict[str, Any] = {"trial_id": trial.trial_id, "overrides": trial.overrides, "run_id": run_id}
+    try:
+        fail = ctx.get("fail_trial")  # "key=value;key=value": every pair must match
+        if fail and all(pair in trial.override_args() for pair in fail.split(";")):
+            raise RuntimeError(f"injected failure for {fail} ({FAIL_TRIAL_ENV})")
+        recipe = trial_recipe(ctx["base"], trial, ctx["source"])
+        summary = run_pipeline(recipe, tracker=tracker, parent_id=run_id, summary_dir=sweep_dir / TRIALS / trial.trial_id,
+                               quiet=True)
+        row = primary_row(summary, method_label(recipe.method), ctx["dataset"])
+        metrics = _numeric(row)
+        record.update(status="FINISHED", error=None, summary=summary, metrics=metrics)
+    except Exception as exc:
+        record.update(status="FAILED", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        record["seconds"] = round(time.time() - started, 2)
+        write_json_atomic(record_path, record)
+        if tracker:
+            tracker.set_tags(run_id, {"flexi.error": record["error"][:5000]})
+            tracker.end(run_id, "FAILED")
+        raise
+    record["seconds"] = round(time.time() - started, 2)
+    write_json_atomic(record_path, record)
+    if tracker:
+        tracker.log_metrics(run_id, metrics)
+        tracker.end(run_id, "FINISHED")
+    tune.report(metrics)
+
+
+# -- the driver ------------------------------------------------------------------------------------
+
+def validate_sweep(recipe: Recipe, base: dict, source: str) -> tuple[list[Trial], list[Recipe], dict]:
+    """Trials, their recipes and the sweep's settings — every check done before any trial starts."""
+    from flexi_workflows.tasks import get_task
+
+    cfg = recipe.sweep
+    where = f"{source}: "
+    if cfg is None:
+        raise ConfigError(f"{source}: the recipe has no `sweep:` section (space, metric) to sweep over")
+    if not cfg.metric:
+        raise ConfigError(f"{where}sweep.metric is not set (e.g. accuracy_all)")
+    trials = expand_space(cfg.space, num_samples=cfg.num_samples, seed=cfg.sample_seed, where=where)
+    recipes = []
+    for trial in trials:
+        try:
+            recipes.append(trial_recipe(base, trial, source))
+        except ConfigError as exc:
+            keys = ", ".join(f"sweep.space.{k}" for k in trial.overrides)
+            raise ConfigError(f"{where}a trial of the search space ({keys}) is not a valid recipe: {exc}") from None
+    for key, value in cfg.space.items():
+        if key.split(".")[0] in ("name", "output_dir", "tracking", "ray", "sweep"):
+            raise ConfigError(f"{where}sweep.space.{key}: this key does not change a trial's result; sweep over "
+                              f"method, router, training, scoring, task, model or seed keys")
+    if not recipe.task.eval:
+        raise ConfigError(f"{where}task.eval lists no evaluation sets")
+    dataset = cfg.dataset or recipe.task.eval[0].label
+    if dataset not in {s.label for s in recipe.task.eval}:
+        raise ConfigError(f"{where}sweep.dataset {dataset!r} is not an eval set of the recipe; it has: "
+                          f"{', '.join(s.label for s in recipe.task.eval)}")
+    source_of = {s.label: s for s in recipe.task.eval}
+    rows = get_task(recipe.task.name).load(source_of[dataset])
+    columns = set.intersection(*(reported_columns(r, rows) for r in recipes))
+    if cfg.metric not in columns:
+        raise ConfigError(f"{where}sweep.metric {cfg.metric!r} is not reported by the trials; they report: "
+                          f"{', '.join(sorted(columns))}")
+    mode = cfg.mode or ("min" if lower_is_better(cfg.metric) else "max")
+    return trials, recipes, {"metric": cfg.metric, "mode": mode, "dataset": dataset}
+
+
+def shared_stages(recipes: list[Recipe]) -> list:
+    """Stages that two or more trials would run, once each, in dependency order."""
+    from flexi_workflows.stages.plan import plan_pipeline
+
+    seen: dict[Path, Any] = {}
+    count: dict[Path, int] = {}
+    for recipe in recipes:
+        for stage in plan_pipeline(recipe).stages():
+            seen.setdefault(stage.folder, stage)
+            count[stage.folder] = count.get(stage.folder, 0) + 1
+    order = {"score": 0, "route": 1, "train": 2, "eval": 3}
+    shared = [stage for folder, stage in seen.items() if count[folder] > 1]
+    return sorted(shared, key=lambda s: order[s.kind])
+
+
+def run_sweep(recipe: Recipe, *, recipe_path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Run (or resume) the sweep described by the recipe's `sweep:` section; returns sweep.json's contents."""
+    from ray import tune
+
+    from flexi_workflows.pipeline import check_plan, prepare, run_stages
+    from flexi_workflows.ray_cluster import ensure_ray
+    from flexi_workflows.report import build_report, format_table
+    from flexi_workflows.stages.plan import plan_pipeline
+    from flexi_workflows.tasks import get_task
+    from flexi_workflows.tracking import Tracker, resolve_tracking_uri
+
+    wall_start = time.time()
+    source = recipe_path or "recipe"
+    if recipe.sweep is None:
+        raise ConfigError(f"{source}: the recipe has no `sweep:` section (space, metric) to sweep over")
+    validate_sweep(recipe, to_dict(recipe), source)  # the space, types and metric: before anything else
+    recipe = prepare(recipe)  # data parsed, resources, tracking reachable, base model built
+    base = to_dict(recipe)
+    trials, recipes, settings = validate_sweep(recipe, base, source)
+    for trial_recipe_ in recipes:
+        check_plan(plan_pipeline(trial_recipe_))
+    sweep_dir = Path(recipe.output_dir).resolve()
+    sweep_fp = fingerprint({"base": {k: v for k, v in base.items() if k != "sweep"},
+                            "trials": [t.overrides for t in trials], **settings})
+    task_metric = get_task(recipe.task.name).metric
+    sweep_file = sweep_dir / SWEEP_FILE
+    previous = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
+    resuming = previous.get("fingerprint") == sweep_fp
+
+    tracker = None
+    parent_id = None
+    uri = resolve_tracking_uri(recipe.tracking.tracking_uri, recipe.output_dir) if recipe.tracking.enabled else None
+    if uri:
+        tracker = Tracker(uri, recipe.tracking.experiment)
+        parent_id = previous.get("parent_run_id") if resuming else None
+        if parent_id is None:
+            parent_id = tracker.start_run(recipe.name, params={**flatten({k: v for k, v in base.items() if k != "sweep"}),
+                                                               "sweep.space": recipe.sweep.space,
+                                                               "sweep.trials": len(trials)},
+                                          tags={"flexi.kind": "sweep", "flexi.sweep_fingerprint": sweep_fp})
+            if recipe_path and Path(recipe_path).is_file():
+                tracker.log_artifacts(parent_id, Path(recipe_path), "recipe")
+        else:
+            tracker.client.update_run(parent_id, status="RUNNING")
+    state = {"name": recipe.name, "fingerprint": sweep_fp, "parent_run_id": parent_id, **settings,
+             "task_metric": task_metric, "lower_is_better": lower_is_better(task_metric),
+             "varied": list(recipe.sweep.space), "trials": [{"trial_id": t.trial_id, "overrides": t.overrides} for t in trials],
+             "max_concurrent_trials": recipe.sweep.max_concurrent_trials}
+    trials_dir = sweep_dir / TRIALS
+    if trials_dir.is_dir() and not resuming:  # another sweep's trials: kept aside, out of this report
+        os.replace(trials_dir, sweep_dir / f"{TRIALS}-{previous.get('fingerprint') or int(time.time())}")
+    write_json_atomic(sweep_file, state)
+    print(f"sweep {recipe.name}: {len(trials)} trials, {recipe.sweep.max_concurrent_trials} at once → {sweep_dir}"
+          + (" (resuming)" if resuming else ""))
+
+    ensure_ray(recipe.ray)
+    status = "FAILED"
+    try:
+        # stages several trials share run once, here, before the trials
+        shared_start = time.time()
+        shared = shared_stages(recipes)
+        run_stages(shared, tracker=tracker, parent_id=parent_id)
+        shared_seconds = round(time.time() - shared_start, 2)
+        if shared:
+            print(f"shared stages ({len(shared)}): {', '.join(s.name for s in shared)} — {shared_seconds:.0f} s")
+
+        context = {"sweep_dir": str(sweep_dir), "base": base, "source": source, "tracking_uri": uri,
+                   "experiment": recipe.tracking.experiment, "parent_run_id": parent_id, "dataset": settings["dataset"],
+                   "fail_trial": os.environ.get(FAIL_TRIAL_ENV)}
+        trainable = tune.with_resources(run_trial, {"cpu": recipe.sweep.trial_cpus, "memory": 1 << 20})
+        tune_root = sweep_dir / "tune"
+        experiment = f"sweep-{sweep_fp}"
+        tune_start = time.time()
+        if tune.Tuner.can_restore(str(tune_root / experiment)):
+            tuner = tune.Tuner.restore(str(tune_root / experiment), trainable, resume_unfinished=True,
+                                       restart_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search([{"trial_id": t.trial_id, "overrides": t.overrides} for t in trials]),
+                             "sweep": context},
+                tune_config=tune.TuneConfig(metric=settings["metric"], mode=settings["mode"],
+                                            max_concurrent_trials=recipe.sweep.max_concurrent_trials),
+                run_config=tune.RunConfig(name=experiment, storage_path=str(tune_root),
+                                          failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+            )
+        grid = tuner.fit()
+        tune_seconds = round(time.time() - tune_start, 2)
+
+        records = collect_records(sweep_dir, trials, grid)
+        finished = [r for r in records if r["status"] == "FINISHED"]
+        sign = 1 if settings["mode"] == "max" else -1
+        best = max(finished, key=lambda r: sign * r["metrics"].get(settings["metric"], float("-inf") * sign)) if finished else None
+        trial_seconds = round(sum(r.get("seconds") or 0 for r in records), 2)
+        state.update(best={"trial_id": best["trial_id"], "overrides": best["overrides"],
+                           settings["metric"]: best["metrics"][settings["metric"]]} if best else None,
+                     finished=len(finished), failed=len(records) - len(finished),
+                     wall_seconds=round(time.time() - wall_start, 2), shared_stage_seconds=shared_seconds,
+                     tune_seconds=tune_seconds, trial_seconds_sum=trial_seconds,
+                     tune_overhead_per_trial_s=round(max(0.0, tune_seconds * min(recipe.sweep.max_concurrent_trials, len(trials))
+                                                         - trial_seconds) / max(1, len(trials)), 2))
+        write_json_atomic(sweep_file, state)
+        report = build_report(sweep_dir)
+        if tracker:
+            if best and best.get("run_id"):
+                tracker.set_tags(best["run_id"], {"flexi.best": "true"})
+                tracker.set_tags(parent_id, {"flexi.best_trial": best["trial_id"], "flexi.best_run_id": best["run_id"]})
+                tracker.log_metrics(parent_id, {f"best.{settings['metric']}": best["metrics"][settings["metric"]]})
+            tracker.log_metrics(parent_id, {k: state[k] for k in ("finished", "failed", "wall_seconds", "tune_seconds",
+                                                                  "trial_seconds_sum", "tune_overhead_per_trial_s")})
+            tracker.log_artifacts(parent_id, sweep_file)
+            tracker.log_artifacts(parent_id, sweep_dir / "report", "report")
+        print()
+        print(format_table(report))
+        for r in records:
+            if r["status"] != "FINISHED":
+                print(f"trial {r['trial_id']} {r['overrides']} failed: {r.get('error')}")
+        if best:
+            print(f"\nbest trial {best['trial_id']} {best['overrides']}: {settings['metric']} = "
+                  f"{best['metrics'][settings['metric']]:.4f}")
+        print(f"{len(finished)}/{len(records)} trials finished; wall {state['wall_seconds']:.0f} s "
+              f"(shared stages {shared_seconds:.0f} s, trials {tune_seconds:.0f} s; sum of trial times {trial_seconds:.0f} s)"
+              f"\nreport → {sweep_dir / 'report'}")
+        status = "FINISHED" if finished else "FAILED"
+        return state
+    finally:
+        if tracker:
+            tracker.end(parent_id, status)
+
+
+def collect_records(sweep_dir: Path, trials: list[Trial], grid) -> list[dict]:
+    """The trials' own records; a trial Tune lost before it could write one is recorded from Tune's error."""
+    errors = {}
+    for result in grid:
+        trial_id = (result.config or {}).get("trial", {}).get("trial_id")
+        if trial_id and result.error is not None:
+            errors[trial_id] = result.error
+    records = []
+    for trial in trials:
+        path = sweep_dir / TRIALS / f"{trial.trial_id}.json"
+        if path.is_file():
+            records.append(json.loads(path.read_text()))
+            continue
+        record = {"trial_id": trial.trial_id, "overrides": trial.overrides, "status": "FAILED",
+                  "error": str(errors.get(trial.trial_id, "the trial ended without a record"))[:5000]}
+        write_json_atomic(path, record)
+        records.append(record)
+    return records
