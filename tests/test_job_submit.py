@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 from tests.helpers import write_math_set
-from tests.test_pipeline import free_port
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -4,52 +4,16 @@ that redo only what depends on them."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from flexi_workflows.pipeline import SUMMARY, run_pipeline
+from tests.conftest import free_port
 from tests.helpers import record_scores, small_recipe
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not come up")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 def _rest(url: str, path: str, body: dict) -> dict:
@@ -121,3 +85,12 @@ def test_pipeline_tracks_to_mlflow_server_and_reruns_only_what_changed(tmp_path,
     assert all(after[k] == v for k, v in before.items()), "earlier results are kept, untouched"
     new = {k.rsplit("-", 1)[0] if "/" in k and "-" in k.split("/")[1] else k.split("/")[0] for k in set(after) - set(before)}
     assert new == {"route", "train/flexi-2-8", "eval/flexi-2-8"}
+
+
+def test_unreachable_tracking_server_fails_before_any_work(tmp_path, tiny_model_dir):
+    from flexi_workflows.errors import ConfigError
+
+    recipe = small_recipe(tmp_path, tiny_model_dir, tracking={"enabled": True, "tracking_uri": f"http://127.0.0.1:{free_port()}"})
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        run_pipeline(recipe)
+    assert not (tmp_path / "out").exists()

@@ -194,11 +194,13 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None, overrides: list
     recipe = prepare(recipe)  # data parsed, resources, tracking reachable, base model built
     base = to_dict(recipe)
     trials, recipes, settings = validate_sweep(recipe, base, source)
-    for trial_recipe_ in recipes:
-        check_plan(plan_pipeline(trial_recipe_))
+    plans = [plan_pipeline(r) for r in recipes]
+    for plan in plans:
+        check_plan(plan)
     sweep_dir = Path(recipe.output_dir).resolve()
-    sweep_fp = fingerprint({"base": {k: v for k, v in base.items() if k != "sweep"},
-                            "trials": [t.overrides for t in trials], **settings})
+    # the same trials computing the same stages is the same sweep, whatever the resources or tracking
+    sweep_fp = fingerprint({"trials": [[t.trial_id, [s.fingerprint for s in p.stages()]] for t, p in zip(trials, plans)],
+                            **settings})
     task_metric = get_task(recipe.task.name).metric
     sweep_file = sweep_dir / SWEEP_FILE
     previous = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
