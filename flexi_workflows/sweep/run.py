@@ -83,6 +83,11 @@ def run_trial(config: dict[str, Any]) -> None:
     ctx = config["sweep"]
     sweep_dir = Path(ctx["sweep_dir"])
     record_path = sweep_dir / TRIALS / f"{trial.trial_id}.json"
+    if record_path.is_file():  # finished before an interruption that Tune's saved state had not caught up with
+        done = json.loads(record_path.read_text())
+        if done.get("status") == "FINISHED":
+            tune.report(done["metrics"])
+            return
     tracker = Tracker(ctx["tracking_uri"], ctx["experiment"]) if ctx["tracking_uri"] else None
     run_id = None
     if tracker:  # one run per trial: an interrupted trial's run is picked up again when the sweep resumes
