@@ -40,9 +40,28 @@ def prepare(recipe: Recipe) -> Recipe:
     for source in [recipe.task.train, *recipe.task.eval]:
         task.load(source)  # parse everything now: a bad line fails here, not mid-pipeline
     check_resources(recipe)
+    recipe = absolute_paths(recipe)
     if recipe.tracking.enabled:
         check_tracking_uri(resolve_tracking_uri(recipe.tracking.tracking_uri, recipe.output_dir))
     return resolve_model(recipe)
+
+
+def absolute_paths(recipe: Recipe) -> Recipe:
+    """The recipe with its local paths made absolute: Ray workers and Tune trials run in other working
+    directories. Fingerprints do not change (data and models are fingerprinted by content)."""
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    def source(s):
+        return dataclasses.replace(s, path=absolute(s.path)) if s is not None else None
+
+    model = recipe.model
+    if Path(model.name_or_path).expanduser().exists():
+        model = dataclasses.replace(model, name_or_path=absolute(model.name_or_path))
+    model = dataclasses.replace(model, cache_dir=absolute(model.cache_dir))
+    task = dataclasses.replace(recipe.task, train=source(recipe.task.train), eval=[source(s) for s in recipe.task.eval])
+    training = dataclasses.replace(recipe.training, resume=absolute(recipe.training.resume))
+    return dataclasses.replace(recipe, output_dir=absolute(recipe.output_dir), model=model, task=task, training=training)
 
 
 def resolve_model(recipe: Recipe) -> Recipe:

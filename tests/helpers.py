@@ -22,6 +22,11 @@ def write_math_set(path: Path, n: int, *, marked: bool = True) -> Path:
 
 
 def small_recipe(tmp_path: Path, model_dir: Path, overrides: list[str] | None = None, **sections) -> Recipe:
+    return build(Recipe, small_recipe_data(tmp_path, model_dir, **sections), overrides=overrides or [])
+
+
+def small_recipe_data(tmp_path: Path, model_dir: Path, **sections) -> dict:
+    """A tiny recipe as plain data: 64 training and 12 eval addition problems, Flexi (2,8), ZeRO-2."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     train = write_math_set(tmp_path / "train.jsonl", 64)
     evals = write_math_set(tmp_path / "eval.jsonl", 12)
@@ -45,7 +50,7 @@ def small_recipe(tmp_path: Path, model_dir: Path, overrides: list[str] | None = 
             data[key] = value if value.get("name") == "full" else {"dropout": 0.0, **value}
         else:
             data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return build(Recipe, data, overrides=overrides or [])
+    return data
 
 
 def record_scores(recipe: Recipe) -> None:

@@ -1,7 +1,9 @@
-"""`ray job submit` against a head node started by the test, running a small recipe to SUCCEEDED."""
+"""`ray job submit` against a head node started by the test: a small recipe's run, then its sweep,
+each to SUCCEEDED, through the one entry point jobs/run.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,9 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port
 from tests.helpers import write_math_set
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -65,24 +66,37 @@ def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
             time.sleep(2)
         else:
             pytest.fail("the Ray head did not come up")
-        for attempt in range(10):  # the head's job agent comes up a little after its dashboard
-            submit = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "flexi-test-job",
-                 "--working-dir", str(REPO_ROOT), "--", "python", "jobs/run.py", str(recipe_path)],
-                env=env, capture_output=True, text=True, timeout=600,
+        def submit_job(submission_id: str, *args: str) -> None:
+            for attempt in range(10):  # the head's job agent comes up a little after its dashboard
+                submit = subprocess.run(
+                    [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission_id,
+                     "--working-dir", str(REPO_ROOT), "--", "python", "jobs/run.py", *args],
+                    env=env, capture_output=True, text=True, timeout=600,
+                )
+                if "No available agent" not in submit.stderr + submit.stdout:
+                    break
+                time.sleep(3)
+            assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+            status = subprocess.run(
+                [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
+                 "print(C(sys.argv[1]).get_job_status(sys.argv[2]))", address, submission_id],
+                env=env, capture_output=True, text=True, timeout=120,
             )
-            if "No available agent" not in submit.stderr + submit.stdout:
-                break
-            time.sleep(3)
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        status = subprocess.run(
-            [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
-             "print(C(sys.argv[1]).get_job_status('flexi-test-job'))", address],
-            env=env, capture_output=True, text=True, timeout=120,
-        )
-        assert status.stdout.strip().endswith("SUCCEEDED"), status.stdout + status.stderr
+            assert status.stdout.strip().endswith("SUCCEEDED"), status.stdout + status.stderr
+
+        submit_job("flexi-test-job", str(recipe_path))
         assert (tmp_path / "out" / "summary.json").is_file()
         assert (tmp_path / "out" / "mlflow.db").is_file()
+
+        # the same entry point runs the recipe's sweep: two trials over the seed, on the head's two CPUs
+        sweep = {**recipe, "name": "job-sweep", "output_dir": str(tmp_path / "sweep"),
+                 "sweep": {"space": {"seed": [0, 1]}, "metric": "accuracy_all", "max_concurrent_trials": 2}}
+        sweep_path = tmp_path / "job-sweep.yaml"
+        sweep_path.write_text(yaml.safe_dump(sweep))
+        submit_job("flexi-test-sweep", "sweep", str(sweep_path))
+        state = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+        assert state["finished"] == 2 and state["failed"] == 0
+        assert (tmp_path / "sweep" / "report" / "report.json").is_file()
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # stops this head only (its own process group), not other clusters
         try:

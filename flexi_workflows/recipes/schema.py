@@ -215,20 +215,16 @@ class AdaLoraConfig(LoraConfig):
 
 
 @dataclass
-class DyLoraConfig(AdapterFields):
-    """DyLoRA: a rank drawn from [r_min, r_max] per training step; evaluated at eval_rank (default r_max)."""
+class RankRangeFields(AdapterFields):
+    """DyLoRA and DyLoRA+: a rank drawn from [r_min, r_max] per training step."""
 
-    name: Literal["dylora"] = "dylora"
     r_min: int = 1
     r_max: int = 8
-    eval_rank: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.r_min >= self.r_max:
             raise ConfigError(f"r_min must be < r_max, got r_min={self.r_min}, r_max={self.r_max}")
-        if self.eval_rank is not None and not self.r_min <= self.eval_rank <= self.r_max:
-            raise ConfigError(f"eval_rank must be in [{self.r_min}, {self.r_max}], got {self.eval_rank}")
 
     @property
     def rank_list(self) -> list[int]:
@@ -236,21 +232,23 @@ class DyLoraConfig(AdapterFields):
 
 
 @dataclass
-class DyLoraPlusConfig(AdapterFields):
-    """DyLoRA+: a rank drawn from [r_min, r_max] per training step and per evaluation batch."""
+class DyLoraConfig(RankRangeFields):
+    """DyLoRA: evaluated at eval_rank (default r_max)."""
 
-    name: Literal["dylora_plus"] = "dylora_plus"
-    r_min: int = 1
-    r_max: int = 8
+    name: Literal["dylora"] = "dylora"
+    eval_rank: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r_min >= self.r_max:
-            raise ConfigError(f"r_min must be < r_max, got r_min={self.r_min}, r_max={self.r_max}")
+        if self.eval_rank is not None and not self.r_min <= self.eval_rank <= self.r_max:
+            raise ConfigError(f"eval_rank must be in [{self.r_min}, {self.r_max}], got {self.eval_rank}")
 
-    @property
-    def rank_list(self) -> list[int]:
-        return [self.r_min, self.r_max]
+
+@dataclass
+class DyLoraPlusConfig(RankRangeFields):
+    """DyLoRA+: a rank drawn per evaluation batch too."""
+
+    name: Literal["dylora_plus"] = "dylora_plus"
 
 
 @dataclass

@@ -23,7 +23,7 @@ import yaml
 from flexi_workflows.cli import main
 from flexi_workflows.recipes import load_recipe
 from tests.conftest import REPO_ROOT
-from tests.helpers import record_scores, write_math_set
+from tests.helpers import record_scores, small_recipe_data
 
 pytestmark = pytest.mark.slow
 FAILING = "method.ranks=[1, 8];router.noise_std=0.3"
@@ -40,22 +40,13 @@ def _tags(run: dict) -> dict:
 
 
 def _write_recipe(tmp_path: Path, model_dir: Path, tracking_uri: str) -> Path:
-    train, evals = write_math_set(tmp_path / "train.jsonl", 64), write_math_set(tmp_path / "eval.jsonl", 12)
-    recipe = {
-        "name": "sweep-test", "output_dir": str(tmp_path / "sweep"),
-        "model": {"name_or_path": str(model_dir)},
-        "task": {"name": "math", "train": {"path": str(train)}, "eval": [{"name": "mini", "path": str(evals)}],
-                 "max_prompt_tokens": 64, "max_target_tokens": 24},
-        "method": {"name": "flexi", "ranks": [2, 8], "dropout": 0.0},
-        "scoring": {"max_new_tokens": 8, "batch_size": 16},
-        "router": {"epochs": 30},
-        "training": {"max_steps": 3, "lr": 0.01, "micro_batch_size": 4, "log_every": 1, "warmup_ratio": 0.0},
-        "distribution": {"num_workers": 1, "strategy": "deepspeed", "zero_stage": 2},
-        "evaluation": {"batch_size": 12, "max_new_tokens": 8, "include_base": False},
-        "tracking": {"enabled": True, "tracking_uri": tracking_uri, "experiment": "sweep-test"},
-        "sweep": {"space": {"method.ranks": [[1, 8], [2, 8]], "router.noise_std": [0.0, 0.3]},
-                  "metric": "accuracy_all", "max_concurrent_trials": 2},
-    }
+    recipe = small_recipe_data(
+        tmp_path, model_dir, name="sweep-test", output_dir=str(tmp_path / "sweep"),
+        training={"max_steps": 3}, evaluation={"include_base": False},
+        tracking={"enabled": True, "tracking_uri": tracking_uri, "experiment": "sweep-test"},
+        sweep={"space": {"method.ranks": [[1, 8], [2, 8]], "router.noise_std": [0.0, 0.3]},
+               "metric": "accuracy_all", "max_concurrent_trials": 2},
+    )
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
