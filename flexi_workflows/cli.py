@@ -142,6 +142,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flexi_workflows.recipes import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.sweep is not None:
+        print(f"note: {args.recipe} has a sweep: section; `flexi run` runs the recipe once as written, "
+              f"`flexi sweep {args.recipe}` runs its trials", file=sys.stderr)
     run_pipeline(recipe, recipe_path=args.recipe, force=args.force)
     print(f"\nsummary → {(Path(recipe.output_dir) / 'summary.json').resolve()}")
     return 0

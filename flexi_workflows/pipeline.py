@@ -204,8 +204,9 @@ def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool 
         if tracker is not None:
             tracker.log_artifacts(parent_id, out / SUMMARY)
             tracker.log_artifacts(parent_id, out / "pareto.png", "plots")
-            for r in rows:
-                tracker.log_metrics(parent_id, {f"{r['method']}.{r['dataset']}.{k}": v for k, v in r.items()})
+            if own_parent:  # a sweep trial's run gets its own method's metrics from the sweep instead
+                for r in rows:
+                    tracker.log_metrics(parent_id, {f"{r['method']}.{r['dataset']}.{k}": v for k, v in r.items()})
         if not quiet:
             print_table(rows, metric, score_stats)
         status = "FINISHED"

@@ -332,9 +332,16 @@ def table_columns(report: dict) -> list[dict]:
 
 
 def _cell(mean: float | None, std: float | None) -> str:
+    """`mean ± std` in %; a single seed has no spread to show, so its cell is the mean alone."""
     if mean is None:
         return "–"
-    return f"{100 * mean:.1f} ± {100 * (std or 0.0):.1f}"
+    if std is None:
+        return f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _seeds(col: dict) -> int:
+    return min(r["seeds"] for r in col["by_dataset"].values())
 
 
 def _params_cell(col: dict) -> str:
@@ -359,10 +366,10 @@ def _table_rows(report: dict) -> tuple[list[dict], list[dict]]:
             if row is None or row.get(f"{metric}_mean") is None:
                 cells.append(None)
             else:
-                cells.append((row[f"{metric}_mean"], row.get(f"{metric}_std")))
+                cells.append((row[f"{metric}_mean"], row.get(f"{metric}_std") if row["seeds"] > 1 else None))
         body.append({"name": dataset, "cells": cells})
-    body.append({"name": "Average", "cells": [(c["mean"], c["std"]) if c["mean"] is not None else None
-                                              for c in columns]})
+    body.append({"name": "Average", "cells": [(c["mean"], c["std"] if _seeds(c) > 1 else None)
+                                              if c["mean"] is not None else None for c in columns]})
     return columns, body
 
 
@@ -394,6 +401,7 @@ def format_table(report: dict) -> str:
                 texts.append(_cell(*cell))
         lines.append(f"| {line['name']} | " + " | ".join(texts) + " |")
     lines.append("| # | " + " | ".join(_params_cell(c) for c in columns) + " |")
+    lines.append("| seeds | " + " | ".join(str(_seeds(c)) for c in columns) + " |")
     direction = "lower" if lower else "higher"
     lines += [
         "",
@@ -403,6 +411,11 @@ def format_table(report: dict) -> str:
          "(only for columns present on every dataset)."),
         "#: mean active parameters (mean over datasets) and, in parentheses, % of LoRA-8.",
     ]
+    if "seed" not in report.get("varied", []):
+        lines.append("One seed: a demonstration, not a result; add seeds to the sweep "
+                     "(e.g. `sweep.space.seed=[0, 1, 2]`) before reading a difference.")
+    elif any(_seeds(c) < 2 for c in columns):
+        lines.append("A column with one result under a seed sweep does not depend on the seed (e.g. the base model).")
     if report.get("failed_trials"):
         lines.append(f"{len(report['failed_trials'])} of {report['trials']} trials failed and are left out.")
     return "\n".join(lines) + "\n"
@@ -423,7 +436,7 @@ def format_csv(report: dict) -> str:
             if cell is None:
                 record += ["–", "", ""]
             else:
-                record += [_cell(*cell), f"{100 * cell[0]:.4f}", f"{100 * (cell[1] or 0.0):.4f}"]
+                record += [_cell(*cell), f"{100 * cell[0]:.4f}", "" if cell[1] is None else f"{100 * cell[1]:.4f}"]
         writer.writerow(record)
     # The `#` row: mean column = mean active parameters; the % of LoRA-8 is in the text cell.
     record = ["#"]

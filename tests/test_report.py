@@ -210,7 +210,7 @@ def test_table_has_average_and_params_rows_and_bolds_the_best(sigma_sweep):
     header = _cells(lines[0])
     assert "lora-8" in header and "base" in header and "flexi-2-8 noise_std=0.1" in header
     body = {line.split("|")[1].strip(): line for line in lines[2:] if line.startswith("|")}
-    assert set(body) == {"arith", "gsm", "Average", "#"}
+    assert set(body) == {"arith", "gsm", "Average", "#", "seeds"}
     for ds in DATASETS:
         cells = _cells(body[ds])
         bold = [c for c in cells if c.startswith("**")]
@@ -225,6 +225,8 @@ def test_table_has_average_and_params_rows_and_bolds_the_best(sigma_sweep):
     rms = math.sqrt(np.mean([v.std(ddof=1) ** 2 for v in per_ds]))
     assert _cells(body["Average"])[header.index("lora-8")].strip("*") == f"{mean:.1f} ± {rms:.1f}"
     assert _cells(body["#"])[header.index("lora-8")] == "36,864 (100.0%)"
+    assert _cells(body["seeds"])[header.index("lora-8")] == "3"
+    assert "One seed: a demonstration" not in text and "does not depend on the seed" in text
     assert "root-mean-square" in text
 
     with open(root / "report" / "table.csv", newline="") as f:
