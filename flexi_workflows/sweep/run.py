@@ -71,8 +71,9 @@ def _numeric(row: dict) -> dict[str, float]:
 
 # -- the trial -------------------------------------------------------------------------------------
 
-def run_trial(config: dict[str, Any]) -> None:
-    """One Tune trial: the recipe with this trial's overrides, as one nested MLflow run of the sweep."""
+def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """One Tune trial: the recipe with this trial's overrides, as one nested MLflow run of the sweep.
+    `config` is Tune's (the trial); `sweep` is what every trial shares (bound by tune.with_parameters)."""
     from ray import tune
 
     from flexi_workflows.methods import method_label
@@ -80,7 +81,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from flexi_workflows.tracking import Tracker
 
     trial = Trial(config["trial"]["trial_id"], config["trial"]["overrides"])
-    ctx = config["sweep"]
+    ctx = sweep
     sweep_dir = Path(ctx["sweep_dir"])
     record_path = sweep_dir / TRIALS / f"{trial.trial_id}.json"
     if record_path.is_file():  # finished before an interruption that Tune's saved state had not caught up with
@@ -251,7 +252,8 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None, overrides: list
         context = {"sweep_dir": str(sweep_dir), "base": base, "source": source, "tracking_uri": uri,
                    "experiment": recipe.tracking.experiment, "parent_run_id": parent_id, "dataset": settings["dataset"],
                    "fail_trial": os.environ.get(FAIL_TRIAL_ENV)}
-        trainable = tune.with_resources(run_trial, {"cpu": recipe.sweep.trial_cpus, "memory": 1 << 20})
+        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
+                                        {"cpu": recipe.sweep.trial_cpus, "memory": 1 << 20})
         tune_root = sweep_dir / "tune"
         experiment = f"sweep-{sweep_fp}"
         tune_start = time.time()
@@ -261,8 +263,7 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None, overrides: list
         else:
             tuner = tune.Tuner(
                 trainable,
-                param_space={"trial": tune.grid_search([{"trial_id": t.trial_id, "overrides": t.overrides} for t in trials]),
-                             "sweep": context},
+                param_space={"trial": tune.grid_search([{"trial_id": t.trial_id, "overrides": t.overrides} for t in trials])},
                 tune_config=tune.TuneConfig(metric=settings["metric"], mode=settings["mode"],
                                             max_concurrent_trials=recipe.sweep.max_concurrent_trials),
                 run_config=tune.RunConfig(name=experiment, storage_path=str(tune_root),
