@@ -145,15 +145,16 @@ def print_table(rows: list[dict], metric: str, score_stats: dict | None) -> None
         print(f"\nscored training data: {score_stats['total']} rows; difficulty classes: {shares}")
 
 
-def run_stages(stages: list[Stage], *, tracker=None, parent_id: str | None = None,
-               force: bool = False) -> dict[str, StageResult]:
-    """Run (or reuse) `stages` in order; each becomes an MLflow child run of `parent_id`."""
+def run_stages(stages: list[Stage], *, tracker=None, parent_id: str | None = None, force: bool = False,
+               report_to_tune: str | None = None) -> dict[str, StageResult]:
+    """Run (or reuse) `stages` in order; each becomes an MLflow child run of `parent_id`. The stage
+    named `report_to_tune` (a sweep trial's main training) forwards its per-epoch reports to Tune."""
     from flexi_workflows.stages.base import StageContext, run_stage
 
     results: dict[str, StageResult] = {}
     for stage in stages:
         run_id = tracker.start_run(stage.name, parent_id=parent_id, tags={"flexi.kind": stage.kind}) if tracker else None
-        context = StageContext(tracker.uri if tracker else None, run_id)
+        context = StageContext(tracker.uri if tracker else None, run_id, report_to_tune=stage.name == report_to_tune)
         try:
             result = run_stage(stage, force=force, context=context)
         except BaseException:
@@ -168,8 +169,10 @@ def run_stages(stages: list[Stage], *, tracker=None, parent_id: str | None = Non
 
 
 def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool = False, tracker=None,
-                 parent_id: str | None = None, summary_dir: str | Path | None = None, quiet: bool = False) -> dict:
-    """The whole recipe. A sweep trial passes its own tracker, parent run and summary folder."""
+                 parent_id: str | None = None, summary_dir: str | Path | None = None, quiet: bool = False,
+                 report_to_tune: str | None = None) -> dict:
+    """The whole recipe. A sweep trial passes its own tracker, parent run, summary folder and the
+    stage whose per-epoch reports go to Tune."""
     from flexi_workflows.plots import pareto_plot
     from flexi_workflows.ray_cluster import ensure_ray
     from flexi_workflows.stages.score import STATS
@@ -189,7 +192,7 @@ def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool 
     ensure_ray(recipe.ray)
     status = "FAILED"
     try:
-        results = run_stages(stages, tracker=tracker, parent_id=parent_id, force=force)
+        results = run_stages(stages, tracker=tracker, parent_id=parent_id, force=force, report_to_tune=report_to_tune)
         rows, metric = summary_rows(plan, results)
         score_stats = results[plan.score.name].read_json(STATS) if plan.score.name in results else None
         summary = {"recipe": recipe.name, "metric": metric, "lower_is_better": lower_is_better(metric), "rows": rows,

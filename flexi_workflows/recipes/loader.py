@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,17 @@ import yaml
 from flexi_workflows.errors import ConfigError, FlexiError
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; learning rates are written that way, so read it as a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 class _Located(dict):
@@ -40,7 +52,7 @@ def _from_node(node: yaml.Node, source: str) -> Any:
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_from_node(v, source) for v in node.value]
-    return yaml.safe_load(yaml.serialize(node))
+    return yaml.load(yaml.serialize(node), Loader=_Loader)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -49,7 +61,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe {path}: no such file")
     text = path.read_text()
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -68,7 +80,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value

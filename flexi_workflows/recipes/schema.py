@@ -277,7 +277,12 @@ METHODS = tuple(MethodConfig.VARIANTS)
 
 @dataclass
 class TrainingConfig:
-    """Optimisation, identical for every method so comparisons are fair. `micro_batch_size` is per worker."""
+    """Optimisation, identical for every method so comparisons are fair. `micro_batch_size` is per worker.
+
+    validation_rows: hold out this many training rows (a seeded draw, never evaluation items) and
+    report their mean loss after every epoch as `val_loss` — the per-epoch metric a sweep's ASHA
+    scheduler stops weak trials on.
+    """
 
     epochs: int = 1
     max_steps: int | None = None
@@ -292,8 +297,11 @@ class TrainingConfig:
     log_every: int = 10
     max_failures: int = 1
     resume: str | None = None
+    validation_rows: int = 0
 
     def __post_init__(self) -> None:
+        if self.validation_rows < 0:
+            raise ConfigError(f"training.validation_rows must be ≥ 0, got {self.validation_rows}")
         for key in ("epochs", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"training.{key} must be ≥ 1, got {getattr(self, key)}")
@@ -302,7 +310,7 @@ class TrainingConfig:
         if self.lr <= 0:
             raise ConfigError(f"training.lr must be > 0, got {self.lr}")
         if self.checkpoint_every < 0:
-            raise ConfigError("training.checkpoint_every must be ≥ 0 (0 = at the end of each epoch)")
+            raise ConfigError("training.checkpoint_every must be ≥ 0 (0 = only at the end of each epoch)")
 
 
 @dataclass
@@ -362,6 +370,25 @@ class RayConfig:
 
 
 @dataclass
+class SchedulerConfig:
+    """Early stopping of weak trials: ASHA on the per-epoch `val_loss` of the trial's main method
+    (needs training.validation_rows > 0). A trial reaching rung r (grace_period × reduction_factor^k
+    epochs) goes on only if its val_loss is in the best 1/reduction_factor of the trials there so far."""
+
+    type: Literal["asha"] = "asha"
+    metric: Literal["val_loss"] = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.grace_period < 1:
+            raise ConfigError(f"sweep.scheduler.grace_period must be ≥ 1, got {self.grace_period}")
+        if self.reduction_factor <= 1:
+            raise ConfigError(f"sweep.scheduler.reduction_factor must be > 1, got {self.reduction_factor}")
+
+
+@dataclass
 class SweepConfig:
     """`flexi sweep`: trials over a search space, each a run of this recipe with some keys overridden.
 
@@ -380,6 +407,7 @@ class SweepConfig:
     mode defaults to min for error rates (wer, cer) and max otherwise.
     trial_cpus: CPUs reserved for each trial's driver (its training workers and eval actors take
     `distribution.*` and `evaluation.*` resources on top); max_concurrent_trials: trials at once.
+    scheduler: optional early stopping (ASHA, see SchedulerConfig); stopped trials are recorded as such.
     """
 
     space: dict = field(default_factory=dict)
@@ -390,6 +418,7 @@ class SweepConfig:
     sample_seed: int = 0
     max_concurrent_trials: int = 2
     trial_cpus: float = 0.0
+    scheduler: SchedulerConfig | None = None
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:

@@ -71,10 +71,11 @@ class StageResult:
 
 @dataclass
 class StageContext:
-    """Where a running stage may stream live progress (the train stage's loss curve)."""
+    """Where a running stage may stream live progress (the train stage's loss curve, its val_loss to Tune)."""
 
     tracking_uri: str | None = None
     run_id: str | None = None
+    report_to_tune: bool = False  # inside a sweep trial: forward per-epoch training reports to Tune
 
 
 class Stage:

@@ -97,6 +97,18 @@ def training_examples(recipe: Recipe, method: Method, route: StageResult | None)
     return examples, {"routing": routing, "pad_token_id": tokenizer.pad_token_id, "rows": len(rows)}
 
 
+def split_validation(examples: list[dict], rows: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) examples: `rows` drawn with a seeded generator, the rest in their order."""
+    if rows <= 0:
+        return examples, []
+    if rows >= len(examples):
+        raise ConfigError(f"training.validation_rows={rows} leaves no training rows (the set has {len(examples)})")
+    import numpy as np
+
+    held = set(np.random.default_rng(seed).choice(len(examples), size=rows, replace=False).tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
 class TrainStage(Stage):
     kind = "train"
     files = [ARTIFACT, REPORT]
@@ -151,10 +163,17 @@ class TrainStage(Stage):
         from flexi_workflows.recipes.loader import to_dict
         from flexi_workflows.training.loop import EXPORT_DIR, FAIL_HOOK_ENV, train_loop_per_worker
 
+        if context.report_to_tune:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
         recipe, label = self.recipe, self.label
         route = upstream[self.route.name] if self.route is not None else None
         examples, info = training_examples(recipe, self.method, route)
         dist, train = recipe.distribution, recipe.training
+        examples, validation = split_validation(examples, train.validation_rows, recipe.seed)
+        if validation and len(validation) < dist.num_workers:
+            raise ConfigError(f"training.validation_rows={train.validation_rows} gives fewer rows than "
+                              f"distribution.num_workers={dist.num_workers}")
         per_worker = len(examples) // dist.num_workers
         steps_per_epoch = per_worker // (train.micro_batch_size * train.gradient_accumulation_steps)
         if steps_per_epoch < 1:
@@ -175,7 +194,10 @@ class TrainStage(Stage):
         bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False
         try:
             dataset = ray.data.from_items(examples).materialize()
-            shards = dataset.split(dist.num_workers, equal=True)
+            shards = {f"train_{i}": shard for i, shard in enumerate(dataset.split(dist.num_workers, equal=True))}
+            if validation:
+                held = ray.data.from_items(validation).materialize()
+                shards |= {f"val_{i}": shard for i, shard in enumerate(held.split(dist.num_workers, equal=True))}
         finally:
             data_context.enable_progress_bars = bars
         storage = Path(recipe.output_dir).resolve() / "ray_results"
@@ -190,6 +212,7 @@ class TrainStage(Stage):
                 "pad_token_id": info["pad_token_id"],
                 "tracking_uri": context.tracking_uri,
                 "run_id": context.run_id,
+                "validation": bool(validation),
             },
             scaling_config=ScalingConfig(
                 num_workers=dist.num_workers,
@@ -203,8 +226,10 @@ class TrainStage(Stage):
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 # the test-only fault hook must reach worker processes that Ray starts later
                 worker_runtime_env={"env_vars": {FAIL_HOOK_ENV: os.environ[FAIL_HOOK_ENV]}} if FAIL_HOOK_ENV in os.environ else None,
+                # inside a sweep trial, the per-epoch reports (val_loss) reach Tune's scheduler
+                callbacks=[TuneReportCallback()] if context.report_to_tune else None,
             ),
-            datasets={f"train_{i}": shard for i, shard in enumerate(shards)},
+            datasets=shards,
             dataset_config=DataConfig(datasets_to_split=[]),
             resume_from_checkpoint=Checkpoint.from_directory(train.resume) if train.resume else None,
         )
@@ -217,6 +242,8 @@ class TrainStage(Stage):
             "steps_per_epoch": steps_per_epoch,
             "rows": info["rows"],
             "loss_curve": metrics.get("loss_curve", []),
+            "val_loss_curve": metrics.get("val_loss_curve", []),
+            "validation_rows": len(validation),
             "trainable_params": metrics.get("trainable_params"),
             "resumed_from_step": metrics.get("resumed_from_step"),
             "routing": info["routing"],
@@ -232,12 +259,15 @@ class TrainStage(Stage):
                        **{f"train_rank_share_{k}": v for k, v in info["routing"].get("rank_shares", {}).items()}}
         if curve:
             out_metrics["final_loss"] = curve[-1][1]
+        if report["val_loss_curve"]:
+            out_metrics["final_val_loss"] = report["val_loss_curve"][-1][1]
         params = {**{f"method.{k}": v for k, v in dataclasses.asdict(self.method.config).items()},
                   "method.label": label, "lr": effective_lr(recipe, self.method.config)}
         artifacts = [REPORT, ARTIFACT]
         if loss_curve_plot(curve, tmp / LOSS_PLOT, title=label):
             artifacts.append(LOSS_PLOT)
-        return StageOutput(metrics=out_metrics, params=params, artifacts=artifacts, curves={"loss": curve})
+        curves = {"loss": curve, **({"val_loss": report["val_loss_curve"]} if report["val_loss_curve"] else {})}
+        return StageOutput(metrics=out_metrics, params=params, artifacts=artifacts, curves=curves)
 
 
 def run_train(recipe: Recipe, method: MethodConfig, *, force: bool = False, context: StageContext | None = None) -> StageResult:

@@ -105,10 +105,15 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
         if fail and all(pair in trial.override_args() for pair in fail.split(";")):
             raise RuntimeError(f"injected failure for {fail} ({FAIL_TRIAL_ENV})")
         recipe = trial_recipe(ctx["base"], trial, ctx["source"])
+        label = method_label(recipe.method)
         summary = run_pipeline(recipe, tracker=tracker, parent_id=run_id, summary_dir=sweep_dir / TRIALS / trial.trial_id,
-                               quiet=True)
-        row = primary_row(summary, method_label(recipe.method), ctx["dataset"])
+                               quiet=True, report_to_tune=f"train:{label}" if ctx.get("scheduler") else None)
+        row = primary_row(summary, label, ctx["dataset"])
         metrics = _numeric(row)
+        if ctx.get("scheduler"):  # Tune checks that every result carries the scheduler's metric and time
+            train = json.loads((Path(summary["stages"][f"train:{label}"]["folder"]) / "train_report.json").read_text())
+            metrics["val_loss"] = train["val_loss_curve"][-1][1]
+            metrics["epoch"] = train["steps"] / train["steps_per_epoch"]
         record.update(status="FINISHED", error=None, summary=summary, metrics=metrics)
     except Exception as exc:
         record.update(status="FAILED", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
@@ -163,7 +168,21 @@ def validate_sweep(recipe: Recipe, base: dict, source: str) -> tuple[list[Trial]
         raise ConfigError(f"{where}sweep.metric {cfg.metric!r} is not reported by the trials; they report: "
                           f"{', '.join(sorted(columns))}")
     mode = cfg.mode or ("min" if lower_is_better(cfg.metric) else "max")
+    if cfg.scheduler is not None and not all(r.training.validation_rows > 0 for r in recipes):
+        raise ConfigError(f"{where}sweep.scheduler stops trials on their per-epoch {cfg.scheduler.metric}, which needs "
+                          f"held-out training rows: set training.validation_rows (e.g. 64)")
     return trials, recipes, {"metric": cfg.metric, "mode": mode, "dataset": dataset}
+
+
+def asha(recipe: Recipe, recipes: list[Recipe]):
+    """Tune's ASHA on the trials' per-epoch val_loss (time measured in epochs), or None."""
+    cfg = recipe.sweep.scheduler
+    if cfg is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", metric=cfg.metric, mode=cfg.mode, max_t=max(r.training.epochs for r in recipes),
+                         grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor, stop_last_trials=False)
 
 
 def shared_stages(recipes: list[Recipe]) -> list:
@@ -251,9 +270,10 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None, overrides: list
 
         context = {"sweep_dir": str(sweep_dir), "base": base, "source": source, "tracking_uri": uri,
                    "experiment": recipe.tracking.experiment, "parent_run_id": parent_id, "dataset": settings["dataset"],
-                   "fail_trial": os.environ.get(FAIL_TRIAL_ENV)}
+                   "fail_trial": os.environ.get(FAIL_TRIAL_ENV), "scheduler": recipe.sweep.scheduler is not None}
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
                                         {"cpu": recipe.sweep.trial_cpus, "memory": 1 << 20})
+        scheduler = asha(recipe, recipes)
         tune_root = sweep_dir / "tune"
         experiment = f"sweep-{sweep_fp}"
         tune_start = time.time()
@@ -264,7 +284,9 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None, overrides: list
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search([{"trial_id": t.trial_id, "overrides": t.overrides} for t in trials])},
-                tune_config=tune.TuneConfig(metric=settings["metric"], mode=settings["mode"],
+                # with a scheduler, Tune reads the per-epoch val_loss; the best trial is picked below either way
+                tune_config=tune.TuneConfig(metric=None if scheduler else settings["metric"],
+                                            mode=None if scheduler else settings["mode"], scheduler=scheduler,
                                             max_concurrent_trials=recipe.sweep.max_concurrent_trials),
                 run_config=tune.RunConfig(name=experiment, storage_path=str(tune_root),
                                           failure_config=tune.FailureConfig(max_failures=0), verbose=1),
@@ -272,14 +294,15 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None, overrides: list
         grid = tuner.fit()
         tune_seconds = round(time.time() - tune_start, 2)
 
-        records = collect_records(sweep_dir, trials, grid)
+        records = collect_records(sweep_dir, trials, grid, tracker, parent_id)
         finished = [r for r in records if r["status"] == "FINISHED"]
         sign = 1 if settings["mode"] == "max" else -1
         best = max(finished, key=lambda r: sign * r["metrics"].get(settings["metric"], float("-inf") * sign)) if finished else None
         trial_seconds = round(sum(r.get("seconds") or 0 for r in records), 2)
         state.update(best={"trial_id": best["trial_id"], "overrides": best["overrides"],
                            settings["metric"]: best["metrics"][settings["metric"]]} if best else None,
-                     finished=len(finished), failed=len(records) - len(finished),
+                     finished=len(finished), failed=sum(r["status"] == "FAILED" for r in records),
+                     stopped=sum(r["status"] == "STOPPED" for r in records),
                      wall_seconds=round(time.time() - wall_start, 2), shared_stage_seconds=shared_seconds,
                      tune_seconds=tune_seconds, trial_seconds_sum=trial_seconds,
                      tune_overhead_per_trial_s=round(max(0.0, tune_seconds * min(recipe.sweep.max_concurrent_trials, len(trials))
@@ -299,7 +322,7 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None, overrides: list
         print(format_table(report))
         for r in records:
             if r["status"] != "FINISHED":
-                print(f"trial {r['trial_id']} {r['overrides']} failed: {r.get('error')}")
+                print(f"trial {r['trial_id']} {r['overrides']} {r['status'].lower()}: {r.get('error')}")
         if best:
             print(f"\nbest trial {best['trial_id']} {best['overrides']}: {settings['metric']} = "
                   f"{best['metrics'][settings['metric']]:.4f}")
@@ -313,21 +336,35 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None, overrides: list
             tracker.end(parent_id, status)
 
 
-def collect_records(sweep_dir: Path, trials: list[Trial], grid) -> list[dict]:
-    """The trials' own records; a trial Tune lost before it could write one is recorded from Tune's error."""
-    errors = {}
+def collect_records(sweep_dir: Path, trials: list[Trial], grid, tracker=None, parent_id: str | None = None) -> list[dict]:
+    """The trials' own records. A trial with none was stopped by the scheduler (no error) or lost by
+    Tune (an error); it is recorded here, and its MLflow run closed, from Tune's result."""
+    results = {}
     for result in grid:
         trial_id = (result.config or {}).get("trial", {}).get("trial_id")
-        if trial_id and result.error is not None:
-            errors[trial_id] = result.error
+        if trial_id:
+            results[trial_id] = result
     records = []
     for trial in trials:
         path = sweep_dir / TRIALS / f"{trial.trial_id}.json"
         if path.is_file():
             records.append(json.loads(path.read_text()))
             continue
-        record = {"trial_id": trial.trial_id, "overrides": trial.overrides, "status": "FAILED",
-                  "error": str(errors.get(trial.trial_id, "the trial ended without a record"))[:5000]}
+        result = results.get(trial.trial_id)
+        error = result.error if result is not None else "the trial ended without a record"
+        record = {"trial_id": trial.trial_id, "overrides": trial.overrides}
+        if error is None:
+            epoch = (result.metrics or {}).get("epoch")
+            record.update(status="STOPPED", error=f"stopped early by the scheduler at epoch {epoch}",
+                          val_loss=(result.metrics or {}).get("val_loss"))
+        else:
+            record.update(status="FAILED", error=str(error)[:5000])
+        if tracker is not None:
+            run_id = tracker.find_child(parent_id, {"flexi.trial_id": trial.trial_id})
+            if run_id is not None:
+                record["run_id"] = run_id
+                tracker.set_tags(run_id, {"flexi.error": record["error"]})
+                tracker.end(run_id, "KILLED" if error is None else "FAILED")
         write_json_atomic(path, record)
         records.append(record)
     return records

@@ -8,8 +8,9 @@ Each worker:
      (a restarted worker group after a failure, or `training.resume`);
   4. trains on its own deterministic shard, the loss on answer tokens only, Flexi ranks arriving
      with each batch; logs loss / lr / tokens-per-second to MLflow from rank 0;
-  5. checkpoints through Ray Train every `checkpoint_every` steps (0: each epoch) and at the end,
-     where rank 0 also exports the trained artifact (adapter or weights) inside the checkpoint.
+  5. after each epoch, with training.validation_rows, measures the held-out loss (`val_loss`);
+  6. checkpoints through Ray Train at each epoch's end, every `checkpoint_every` steps if set, and at
+     the end, where rank 0 also exports the trained artifact (adapter or weights) inside the checkpoint.
 """
 
 from __future__ import annotations
@@ -121,34 +122,57 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     step = 0
     loss_curve: list[list[float]] = []
+    val_curve: list[list[float]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             step = engine.load(Path(ckpt_dir))
             state_file = Path(ckpt_dir) / STATE_FILE
             if state_file.is_file():
-                loss_curve = [p for p in json.loads(state_file.read_text())["loss_curve"] if p[0] <= step]
+                state = json.loads(state_file.read_text())
+                loss_curve = [p for p in state["loss_curve"] if p[0] <= step]
+                val_curve = [p for p in state.get("val_loss_curve", []) if p[0] <= step]
     resumed_from = step
     curves = _MlflowCurves(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else _MlflowCurves(None, None)
 
     def report(final: bool) -> None:
         metrics = {"step": step, "epoch": step / max(1, steps_per_epoch), "loss_curve": loss_curve,
                    "trainable_params": n_trainable, "resumed_from_step": resumed_from,
-                   "lr": engine.scheduler.get_last_lr()[0]}
+                   "lr": engine.scheduler.get_last_lr()[0], "val_loss_curve": val_curve}
+        if val_curve and val_curve[-1][0] == step:
+            metrics["val_loss"] = val_curve[-1][1]  # what a sweep's ASHA scheduler reads, once per epoch
         with tempfile.TemporaryDirectory() as tmp:
             tmp_path = Path(tmp)
             engine.save(tmp_path, step, rank)
             if final:
                 engine.export(tmp_path / EXPORT_DIR, method, rank)
             if rank == 0:
-                (tmp_path / STATE_FILE).write_text(json.dumps({"step": step, "loss_curve": loss_curve}))
+                (tmp_path / STATE_FILE).write_text(json.dumps({"step": step, "loss_curve": loss_curve,
+                                                               "val_loss_curve": val_curve}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def validation_loss() -> float:
+        """Mean loss over the held-out rows, every worker on its equal share (ZeRO-3 needs all ranks)."""
+        engine.model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in val_shard.iter_torch_batches(batch_size=train_cfg.micro_batch_size,
+                                                      collate_fn=lambda b: collate(b, pad)):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                n = len(batch["input_ids"])
+                total += torch.tensor([float(engine.model(**trainable.forward_kwargs(batch)).loss) * n, n],
+                                      dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(total)
+        engine.model.train()
+        return float(total[0] / max(total[1], 1.0))
 
     # -- the loop: this worker's shard, epoch by epoch, skipping what a resumed run already did ----
     shard = ray.train.get_dataset_shard(f"train_{rank}")
+    val_shard = ray.train.get_dataset_shard(f"val_{rank}") if config.get("validation") else None
     pad = config["pad_token_id"]
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    every = train_cfg.checkpoint_every or steps_per_epoch
+    every = train_cfg.checkpoint_every
     engine.model.train()
     for epoch in range(step // max(1, steps_per_epoch), math.ceil(total_steps / max(1, steps_per_epoch))):
         skip = (step - epoch * steps_per_epoch) * accum  # micro-batches already done in this epoch
@@ -187,10 +211,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     print(f"[{method.label}] step {step}/{total_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  "
                           f"{tokens_per_s:,.0f} tokens/s", flush=True)
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-            if step < total_steps and step % every == 0:
+            if every and step < total_steps and step % every == 0:
                 curves.flush()
                 report(final=False)
+        # the end of an epoch: its validation loss, and a checkpoint a restarted worker group resumes from
+        if val_shard is not None and (not val_curve or val_curve[-1][0] != step):
+            val_loss = validation_loss()
+            val_curve.append([step, val_loss])
+            curves.log(step, val_loss=val_loss)
+            if rank == 0:
+                print(f"[{method.label}] epoch {epoch + 1}  val_loss {val_loss:.4f}", flush=True)
         if step >= total_steps:
             break
+        if not every or step % every:
+            curves.flush()
+            report(final=False)
     curves.flush()
     report(final=True)

@@ -90,3 +90,13 @@ def test_yaml_errors(tmp_path):
 def test_build_from_dict_with_nested_dataclasses():
     recipe = build(Recipe, {"scoring": {"num_classes": 3, "thresholds": [0.8, 0.3]}, "method": {"ranks": [1, 4, 8]}})
     assert recipe.scoring.class_names == ["class0", "class1", "class2"]
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads `1e-4` as a string; learning rates are written that way in files and overrides."""
+    path = tmp_path / "r.yaml"
+    path.write_text("training: {lr: 1e-4}\nrouter: {lr: 5E-3}\n")
+    recipe = load_recipe(path, ["training.weight_decay=1e-2"])
+    assert recipe.training.lr == 1e-4 and recipe.router.lr == 5e-3 and recipe.training.weight_decay == 0.01
+    assert load_recipe(path, ["training.lr=2e-5"]).training.lr == 2e-5
+    assert load_recipe(path, ["name=1e3x"]).name == "1e3x", "only whole numbers are converted"

@@ -156,3 +156,38 @@ def test_sweep_shares_stages_records_failures_resumes_and_reports(tmp_path, tiny
     summary = run_pipeline(neutral, summary_dir=tmp_path / "neutral", quiet=True)
     assert summary["stages"] and all(s["cached"] for s in summary["stages"].values())
     assert {s["folder"] for s in summary["stages"].values()} == {s["folder"] for s in record["summary"]["stages"].values()}
+
+
+def test_asha_stops_a_weak_trial_on_its_validation_loss(tmp_path, tiny_model_dir, ray_local):
+    """One trial at a time: the first always goes on; the second, with a learning rate too small to
+    learn, has a worse val_loss after epoch 1 and is stopped there."""
+    recipe = small_recipe_data(
+        tmp_path, tiny_model_dir, name="asha", output_dir=str(tmp_path / "asha"), method={"name": "lora", "rank": 4},
+        training={"epochs": 3, "validation_rows": 16}, evaluation={"include_base": False},
+        sweep={"space": {"training.lr": [0.01, 1e-7]}, "metric": "accuracy_all", "max_concurrent_trials": 1,
+               "scheduler": {"grace_period": 1, "reduction_factor": 2}},
+    )
+    path = tmp_path / "asha.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert main(["sweep", str(path)]) == 0
+    records = {r["overrides"]["training.lr"]: r for r in _records(tmp_path / "asha").values()}
+    assert records[0.01]["status"] == "FINISHED"
+    assert records[1e-7]["status"] == "STOPPED" and "epoch 1" in records[1e-7]["error"]
+    train = next(s for name, s in records[0.01]["summary"]["stages"].items() if name.startswith("train:"))
+    report = json.loads((Path(train["folder"]) / "train_report.json").read_text())
+    assert [step for step, _ in report["val_loss_curve"]] == [12, 24, 36], "one val_loss per epoch (48 rows / 4)"
+    assert report["validation_rows"] == 16 and report["steps"] == 36
+    assert records[1e-7]["val_loss"] > report["val_loss_curve"][0][1]
+    state = json.loads((tmp_path / "asha" / "sweep.json").read_text())
+    assert state["stopped"] == 1 and state["finished"] == 1
+
+
+def test_asha_without_validation_rows_is_refused(tmp_path, tiny_model_dir, capsys):
+    recipe = small_recipe_data(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "asha"),
+                               sweep={"space": {"training.lr": [0.01, 0.001]}, "metric": "accuracy_all",
+                                      "scheduler": {"grace_period": 1}})
+    path = tmp_path / "asha.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert main(["sweep", str(path)]) == 2
+    assert "set training.validation_rows" in capsys.readouterr().err
+    assert not (tmp_path / "asha").exists()
