@@ -132,3 +132,8 @@ def cer(reference: str, hypothesis: str) -> float:
     if not ref:
         raise ValueError("cer: the reference is empty")
     return _edit_distance(list(ref), list(" ".join(hypothesis.split()))) / len(ref)
+
+
+def lower_is_better(metric: str) -> bool:
+    """Error rates (wer, cer and their per-group columns, e.g. wer_all) are minimised; the rest maximised."""
+    return metric.split("_")[0] in ("wer", "cer")

@@ -16,6 +16,7 @@ from typing import Any
 
 from flexi_workflows.errors import ConfigError
 from flexi_workflows.fsutil import write_json_atomic
+from flexi_workflows.metrics import lower_is_better
 from flexi_workflows.recipes.loader import flatten
 from flexi_workflows.recipes.schema import Recipe
 from flexi_workflows.stages.base import Stage, StageResult
@@ -46,17 +47,20 @@ def prepare(recipe: Recipe) -> Recipe:
     return resolve_model(recipe)
 
 
-def absolute_paths(recipe: Recipe) -> Recipe:
-    """The recipe with its local paths made absolute: Ray workers and Tune trials run in other working
-    directories. Fingerprints do not change (data and models are fingerprinted by content)."""
+def absolute_paths(recipe: Recipe, root: str | Path | None = None) -> Recipe:
+    """The recipe with its local paths made absolute (relative ones taken from `root`, default the
+    working directory): Ray workers and Tune trials run in other working directories. Fingerprints do
+    not change (data and models are fingerprinted by content)."""
+    base = Path(root) if root is not None else Path.cwd()
+
     def absolute(path: str | None) -> str | None:
-        return str(Path(path).expanduser().resolve()) if path else path
+        return str((base / Path(path).expanduser()).resolve()) if path else path
 
     def source(s):
         return dataclasses.replace(s, path=absolute(s.path)) if s is not None else None
 
     model = recipe.model
-    if Path(model.name_or_path).expanduser().exists():
+    if (base / Path(model.name_or_path).expanduser()).exists():
         model = dataclasses.replace(model, name_or_path=absolute(model.name_or_path))
     model = dataclasses.replace(model, cache_dir=absolute(model.cache_dir))
     task = dataclasses.replace(recipe.task, train=source(recipe.task.train), eval=[source(s) for s in recipe.task.eval])
@@ -82,10 +86,6 @@ def check_plan(plan: Plan) -> list[Stage]:
     for stage in stages:
         stage.check()
     return stages
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric in ("wer", "cer")
 
 
 def summary_rows(plan: Plan, results: dict[str, StageResult]) -> tuple[list[dict[str, Any]], str]:

@@ -98,13 +98,15 @@ def setting_columns(varied: list[str]) -> dict[str, str]:
     """Varied key -> output column name, for the settings that tell groups apart (not seed, not ranks).
 
     The column is the key's last dotted component (`router.noise_std` -> `noise_std`), or the full key
-    when two keys share that component or it would clash with a fixed row key.
+    when two keys share that component, or `setting.<key>` when it would clash with a fixed row key
+    (a sweep over whole methods varies `method`).
     """
     keys = [k for k in varied if not _is_seed(k) and k != RANKS_KEY]
     last = [k.split(".")[-1] for k in keys]
     columns = {}
     for key, name in zip(keys, last):
-        columns[key] = key if last.count(name) > 1 or name in _RESERVED else name
+        column = key if last.count(name) > 1 or name in _RESERVED else name
+        columns[key] = f"setting.{key}" if column in _RESERVED else column
     return columns
 
 
@@ -417,7 +419,8 @@ def format_table(report: dict) -> str:
     elif any(_seeds(c) < 2 for c in columns):
         lines.append("A column with one result under a seed sweep does not depend on the seed (e.g. the base model).")
     if report.get("failed_trials"):
-        lines.append(f"{len(report['failed_trials'])} of {report['trials']} trials failed and are left out.")
+        lines.append(f"{len(report['failed_trials'])} of {report['trials']} trials did not finish (failed or stopped "
+                     f"early) and are left out.")
     return "\n".join(lines) + "\n"
 
 

@@ -123,7 +123,9 @@ class Tracker:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
     def log_stage(self, run_id: str, result, *, curves_logged: bool = False) -> None:
-        """Everything a stage recorded — fresh or reused — so a rerun's run looks like the first one's."""
+        """A stage's params, metrics and curves — fresh or reused — so a rerun's run shows the same results;
+        artifacts (adapters, predictions, plots) are uploaded once, by the run that computed them, and a
+        reused stage's run points at its folder (tag flexi.folder)."""
         self.set_tags(run_id, {"flexi.stage": result.kind, "flexi.cached": str(result.cached).lower(),
                                "flexi.fingerprint": result.fingerprint, "flexi.folder": str(result.folder)})
         if result.params:
@@ -132,5 +134,7 @@ class Tracker:
         if not curves_logged:
             for key, points in result.manifest.get("curves", {}).items():
                 self.log_curve(run_id, key, points)
+        if result.cached:  # uploaded by the run that computed it; not again for every rerun and trial
+            return
         for path in result.artifacts:
             self.log_artifacts(run_id, path)

@@ -39,8 +39,12 @@ def imports(path: Path) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import; use the absolute flexi_workflows.… path"
+            if node.module == "flexi_workflows":  # from flexi_workflows import report
+                found += [f"flexi_workflows.{a.name}" for a in node.names]
+            elif node.module:
+                found.append(node.module)
     return [m for m in found if m.startswith("flexi_workflows.")]
 
 

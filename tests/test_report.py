@@ -319,6 +319,7 @@ def test_setting_columns_use_full_key_when_names_clash():
     assert setting_columns(["method.ranks", "router.noise_std", "seed"]) == {"router.noise_std": "noise_std"}
     assert setting_columns(["train.lr", "router.lr", "train.epochs"]) == {
         "train.lr": "train.lr", "router.lr": "router.lr", "train.epochs": "epochs"}
+    assert setting_columns(["method", "training.lr"]) == {"method": "setting.method", "training.lr": "lr"}
 
 
 def test_pareto_front_respects_direction():

@@ -1,5 +1,6 @@
-"""AdaLoRA through PEFT: SVD-form LoRA whose rank budget shrinks on a schedule (update_and_allocate
-after each optimizer step). It reads every parameter's gradient, so it runs under DDP or ZeRO-0."""
+"""AdaLoRA through PEFT: SVD-form LoRA whose rank budget shrinks on a schedule (update_and_allocate at
+each accumulation boundary, while the gradients are still there). It reads every parameter's gradient,
+so it runs under DDP or ZeRO-0."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ A `Method` wraps its typed config (recipes/schema.py) and owns:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -61,8 +62,23 @@ class Method:
         raise NotImplementedError
 
     @property
+    def train_label(self) -> str:
+        """The label of what is trained: methods that differ only at inference share one training."""
+        return self.label
+
+    def train_inputs(self) -> dict[str, Any]:
+        """The config fields that change training (the train stage's fingerprint; lr is counted apart)."""
+        return {k: v for k, v in dataclasses.asdict(self.config).items() if k != "lr"}
+
+    @property
     def ranks(self) -> list[int]:
         return list(self.config.rank_list)
+
+    @property
+    def targets(self) -> list[str] | None:
+        return getattr(self.config, "targets", None)
+
+    reports_ranks: bool = False  # evaluation reports mean_rank / high_rank_rate (the nested-adapter family)
 
     def ranks_for(self, classes: Sequence[int]) -> np.ndarray:
         raise TypeError(f"{self.label} does not route by difficulty class")

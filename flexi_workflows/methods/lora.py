@@ -23,6 +23,8 @@ METHOD_FILE = "method.json"
 class NestedLoraMethod(Method):
     """Shared by every method on the nested adapter; subclasses say which rank policy drives it."""
 
+    reports_ranks = True
+
     def rank_policy(self, seed: int):
         raise NotImplementedError
 
@@ -84,11 +86,19 @@ class LoraMethod(NestedLoraMethod):
 
 
 class DyLoraMethod(NestedLoraMethod):
+    """eval_rank only matters at inference: DyLoRA evaluated at 4 and at 8 share one training."""
+
     @property
     def label(self) -> str:
-        label = super().label
         eval_rank = self.config.eval_rank
-        return label + (f"-at{eval_rank}" if eval_rank is not None and eval_rank != self.r_max else "")
+        return self.train_label + (f"-at{eval_rank}" if eval_rank is not None and eval_rank != self.r_max else "")
+
+    @property
+    def train_label(self) -> str:
+        return super().label
+
+    def train_inputs(self) -> dict[str, Any]:
+        return {k: v for k, v in super().train_inputs().items() if k != "eval_rank"}
 
     def rank_policy(self, seed: int):
         from flexi_workflows.adapters import DyLoRA

@@ -272,7 +272,6 @@ class FlexiConfig(AdapterFields):
 
 MethodConfig.VARIANTS.update({c.__dataclass_fields__["name"].default: c for c in (FullConfig, LoraConfig, AdaLoraConfig, DyLoraConfig,
                                                    DyLoraPlusConfig, FlexiConfig)})
-METHODS = tuple(MethodConfig.VARIANTS)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The difficulty router: input embeddings → difficulty class → LoRA rank (paper §3 "Router")."""
+"""The difficulty router: input embeddings → difficulty class (paper §3 "Router"); the method maps a class to its rank."""
 
 from flexi_workflows.router.assign import RankAssigner
 from flexi_workflows.router.model import RankRouter, RouterSpec, load_router, save_router

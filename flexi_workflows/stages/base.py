@@ -13,6 +13,7 @@ and artifact names, so a cached result is logged to MLflow exactly like a fresh 
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -76,6 +77,7 @@ class StageContext:
     tracking_uri: str | None = None
     run_id: str | None = None
     report_to_tune: bool = False  # inside a sweep trial: forward per-epoch training reports to Tune
+    fresh: bool = False  # --force: recompute from scratch, ignoring any partial state of an earlier attempt
 
 
 class Stage:
@@ -128,7 +130,7 @@ class Stage:
         done = self.finished()
         if done is None:
             raise ConfigError(f"{self.folder}: no finished {self.name} stage for these inputs; "
-                              f"run `flexi {self.kind if self.kind != 'eval' else 'eval'}` (or `flexi run`) first")
+                              f"run `flexi {self.kind}` (or `flexi run`) first")
         return done
 
 
@@ -160,9 +162,10 @@ def run_stage(stage: Stage, *, force: bool = False, context: StageContext | None
                 log.info("%s: inputs unchanged, reusing %s", stage.name, stage.folder)
                 return done
         upstream = {u.name: u.result() for u in stage.upstream}
+        context = dataclasses.replace(context or StageContext(), fresh=force)
         started = time.time()
         with atomic_dir(stage.folder) as tmp:
-            out = stage.run(tmp, upstream, context or StageContext())
+            out = stage.run(tmp, upstream, context)
             manifest = {
                 "stage": stage.kind, "label": stage.label, "fingerprint": stage.fingerprint,
                 "inputs": stage.inputs(), "upstream": {name: r.fingerprint for name, r in upstream.items()},

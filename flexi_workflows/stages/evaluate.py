@@ -131,6 +131,8 @@ class EvalStage(Stage):
         }
         if self.method is None:
             inputs["model"] = model_inputs(recipe.model)  # a method's model is in its train stage's fingerprint
+        else:
+            inputs["method"] = dataclasses.asdict(self.method.config)  # settings used at inference (eval_rank)
         return inputs
 
     def check(self) -> None:
@@ -148,7 +150,7 @@ class EvalStage(Stage):
         task = get_task(recipe.task.name)
         artifact = upstream[self.train.name].folder / ARTIFACT if self.train is not None else None
         route = upstream[self.route.name] if self.route is not None else None
-        accounting = base_accounting(recipe, getattr(method.config, "targets", None) if method else None)
+        accounting = base_accounting(recipe, method.targets if method else None)
         params = {"base_params": accounting.base_params, "params_per_rank": accounting.params_per_rank,
                   "lora8_params": accounting.lora8_params,
                   "trainable_params": method.trainable_params(accounting, artifact) if method else 0}

@@ -31,7 +31,7 @@ class MethodStages:
 
     @property
     def label(self) -> str:
-        return self.train.label
+        return self.eval.label
 
 
 @dataclass

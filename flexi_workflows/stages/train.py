@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 REPORT = "train_report.json"
 ARTIFACT = "artifact"
 LOSS_PLOT = "loss_curve.png"
+# result-neutral training keys (stages/inputs.py) plus those counted apart: lr (per method) and resume (by content)
 NEUTRAL_TRAINING = ("log_every", "checkpoint_every", "max_failures", "resume", "lr")
 
 
@@ -120,12 +121,12 @@ class TrainStage(Stage):
         super().__init__(recipe.output_dir, [route] if self.method.needs_router else [])
         self.recipe = recipe
         self.route = route if self.method.needs_router else None
-        self.label = self.method.label
+        self.label = self.method.train_label
 
     def inputs(self) -> dict:
         recipe, dist = self.recipe, self.recipe.distribution
-        return {
-            "method": {k: v for k, v in dataclasses.asdict(self.method.config).items() if k != "lr"},
+        inputs = {
+            "method": self.method.train_inputs(),
             "lr": effective_lr(recipe, self.method.config),
             "model": model_inputs(recipe.model),
             "task": {**task_inputs(recipe), "max_target_tokens": recipe.task.max_target_tokens},
@@ -135,6 +136,11 @@ class TrainStage(Stage):
                              "bf16": dist.bf16},
             "seed": recipe.seed,
         }
+        if recipe.training.resume and Path(recipe.training.resume).exists():
+            from flexi_workflows.fsutil import path_digest
+
+            inputs["resume"] = path_digest(recipe.training.resume)  # where training starts from changes the result
+        return inputs
 
     def check(self) -> None:
         from flexi_workflows.models.loading import load_config
@@ -165,6 +171,15 @@ class TrainStage(Stage):
 
         if context.report_to_tune:
             from ray.tune.integration.ray_train import TuneReportCallback
+
+            class EpochReportCallback(TuneReportCallback):
+                """Only the epoch-end reports, which carry val_loss: Tune's scheduler checks every result
+                for its metric, and mid-epoch checkpoints (training.checkpoint_every) have none."""
+
+                def after_report(self, run_context, metrics, checkpoint):
+                    if metrics and "val_loss" in metrics[0]:
+                        super().after_report(run_context, [{k: v for k, v in metrics[0].items()
+                                                            if k in ("epoch", "step", "val_loss")}], None)
 
         recipe, label = self.recipe, self.label
         route = upstream[self.route.name] if self.route is not None else None
@@ -201,6 +216,8 @@ class TrainStage(Stage):
         finally:
             data_context.enable_progress_bars = bars
         storage = Path(recipe.output_dir).resolve() / "ray_results"
+        if context.fresh:  # --force: Ray Train would otherwise restore this run's last checkpoint
+            shutil.rmtree(storage / f"{label}-{self.fingerprint}", ignore_errors=True)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
@@ -227,7 +244,7 @@ class TrainStage(Stage):
                 # the test-only fault hook must reach worker processes that Ray starts later
                 worker_runtime_env={"env_vars": {FAIL_HOOK_ENV: os.environ[FAIL_HOOK_ENV]}} if FAIL_HOOK_ENV in os.environ else None,
                 # inside a sweep trial, the per-epoch reports (val_loss) reach Tune's scheduler
-                callbacks=[TuneReportCallback()] if context.report_to_tune else None,
+                callbacks=[EpochReportCallback()] if context.report_to_tune else None,
             ),
             datasets=shards,
             dataset_config=DataConfig(datasets_to_split=[]),

@@ -14,9 +14,11 @@ again, and an unfinished trial finds its finished stages and goes on from there.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -24,8 +26,10 @@ from typing import Any
 
 from flexi_workflows.errors import ConfigError
 from flexi_workflows.fsutil import fingerprint, write_json_atomic
+from flexi_workflows.metrics import lower_is_better
 from flexi_workflows.recipes.loader import build, flatten, to_dict
 from flexi_workflows.recipes.schema import Recipe
+from flexi_workflows.stages.inputs import RESULT_NEUTRAL
 from flexi_workflows.sweep.space import Trial, expand_space
 
 log = logging.getLogger(__name__)
@@ -34,28 +38,31 @@ TRIALS = "trials"
 FAIL_TRIAL_ENV = "FLEXI_TEST_FAIL_TRIAL"  # test-only: a trial with these overrides raises
 
 
-def lower_is_better(metric: str) -> bool:
-    return metric.split("_")[0] in ("wer", "cer")
-
-
 def reported_columns(recipe: Recipe, dataset_rows: list[dict]) -> set[str]:
-    """The numeric columns a trial's summary row for the main method will carry."""
+    """The numeric columns a trial's summary row for the main method carries (pipeline.summary_rows)."""
+    from flexi_workflows.methods import get_method
     from flexi_workflows.tasks import get_task
 
     task = get_task(recipe.task.name)
-    probe = {task.metric: 0.0} if not dataset_rows else task.metrics("", dataset_rows[0])
     groups = sorted({r.get("group") for r in dataset_rows if r.get("group")})
-    columns = {f"{m}_all" for m in probe} | {f"{m}_{g}" for m in probe for g in groups}
+    columns = {f"{task.metric}_all"} | {f"{task.metric}_{g}" for g in groups}
+    if "exact_match" in task.metrics("", dataset_rows[0]):
+        columns.add("exact_match_all")
     columns |= {"mean_active_params", "params_pct_of_lora8", "params_pct_of_base", "trainable_params"}
-    if recipe.method.rank_list:
+    if get_method(recipe.method).reports_ranks:
         columns |= {"mean_rank", "high_rank_rate"}
     return columns
 
 
-def trial_recipe(base: dict, trial: Trial, source: str) -> Recipe:
+def trial_recipe(base: dict, trial: Trial, source: str, cwd: str | None = None) -> Recipe:
+    """The base recipe with the trial's overrides, its relative paths taken from the sweep's working
+    directory `cwd` (a Tune trial runs in a directory of its own)."""
+    from flexi_workflows.pipeline import absolute_paths
+
     data = json.loads(json.dumps(base))
     data.pop("sweep", None)
-    return build(Recipe, data, source=source, overrides=trial.override_args())
+    recipe = build(Recipe, data, source=source, overrides=trial.override_args())
+    return absolute_paths(recipe, cwd) if cwd is not None else recipe
 
 
 def primary_row(summary: dict, method_label: str, dataset: str) -> dict:
@@ -104,7 +111,7 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
         fail = ctx.get("fail_trial")  # "key=value;key=value": every pair must match
         if fail and all(pair in trial.override_args() for pair in fail.split(";")):
             raise RuntimeError(f"injected failure for {fail} ({FAIL_TRIAL_ENV})")
-        recipe = trial_recipe(ctx["base"], trial, ctx["source"])
+        recipe = trial_recipe(ctx["base"], trial, ctx["source"], ctx["cwd"])
         label = method_label(recipe.method)
         summary = run_pipeline(recipe, tracker=tracker, parent_id=run_id, summary_dir=sweep_dir / TRIALS / trial.trial_id,
                                quiet=True, report_to_tune=f"train:{label}" if ctx.get("scheduler") else None)
@@ -147,14 +154,14 @@ def validate_sweep(recipe: Recipe, base: dict, source: str) -> tuple[list[Trial]
     recipes = []
     for trial in trials:
         try:
-            recipes.append(trial_recipe(base, trial, source))
+            recipes.append(trial_recipe(base, trial, source, os.getcwd()))
         except ConfigError as exc:
             keys = ", ".join(f"sweep.space.{k}" for k in trial.overrides)
             raise ConfigError(f"{where}a trial of the search space ({keys}) is not a valid recipe: {exc}") from None
-    for key, value in cfg.space.items():
-        if key.split(".")[0] in ("name", "output_dir", "tracking", "ray", "sweep"):
-            raise ConfigError(f"{where}sweep.space.{key}: this key does not change a trial's result; sweep over "
-                              f"method, router, training, scoring, task, model or seed keys")
+    for key in cfg.space:
+        if any(fnmatch.fnmatch(key, pattern) for pattern in RESULT_NEUTRAL):
+            raise ConfigError(f"{where}sweep.space.{key}: this key does not change a trial's result (it is "
+                              f"result-neutral); sweep over method, router, training, scoring, task, model or seed keys")
     if not recipe.task.eval:
         raise ConfigError(f"{where}task.eval lists no evaluation sets")
     dataset = cfg.dataset or recipe.task.eval[0].label
@@ -229,7 +236,9 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None, overrides: list
     task_metric = get_task(recipe.task.name).metric
     sweep_file = sweep_dir / SWEEP_FILE
     previous = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
-    resuming = previous.get("fingerprint") == sweep_fp
+    resuming = switch_trials(sweep_dir, previous.get("fingerprint"), sweep_fp)
+    if resuming and previous.get("fingerprint") != sweep_fp:
+        previous = json.loads((sweep_dir / f"{SWEEP_FILE}.{sweep_fp}").read_text())
 
     tracker = None
     parent_id = None
@@ -250,10 +259,8 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None, overrides: list
              "task_metric": task_metric, "lower_is_better": lower_is_better(task_metric),
              "varied": list(recipe.sweep.space), "trials": [{"trial_id": t.trial_id, "overrides": t.overrides} for t in trials],
              "max_concurrent_trials": recipe.sweep.max_concurrent_trials}
-    trials_dir = sweep_dir / TRIALS
-    if trials_dir.is_dir() and not resuming:  # another sweep's trials: kept aside, out of this report
-        os.replace(trials_dir, sweep_dir / f"{TRIALS}-{previous.get('fingerprint') or int(time.time())}")
     write_json_atomic(sweep_file, state)
+    write_json_atomic(sweep_dir / f"{SWEEP_FILE}.{sweep_fp}", state)  # found again if this sweep comes back
     print(f"sweep {recipe.name}: {len(trials)} trials, {recipe.sweep.max_concurrent_trials} at once → {sweep_dir}"
           + (" (resuming)" if resuming else ""))
 
@@ -268,7 +275,7 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None, overrides: list
         if shared:
             print(f"shared stages ({len(shared)}): {', '.join(s.name for s in shared)} — {shared_seconds:.0f} s")
 
-        context = {"sweep_dir": str(sweep_dir), "base": base, "source": source, "tracking_uri": uri,
+        context = {"sweep_dir": str(sweep_dir), "base": base, "source": source, "tracking_uri": uri, "cwd": os.getcwd(),
                    "experiment": recipe.tracking.experiment, "parent_run_id": parent_id, "dataset": settings["dataset"],
                    "fail_trial": os.environ.get(FAIL_TRIAL_ENV), "scheduler": recipe.sweep.scheduler is not None}
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
@@ -294,7 +301,7 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None, overrides: list
         grid = tuner.fit()
         tune_seconds = round(time.time() - tune_start, 2)
 
-        records = collect_records(sweep_dir, trials, grid, tracker, parent_id)
+        records = collect_records(sweep_dir, trials, grid, tracker, parent_id, scheduled=scheduler is not None)
         finished = [r for r in records if r["status"] == "FINISHED"]
         sign = 1 if settings["mode"] == "max" else -1
         best = max(finished, key=lambda r: sign * r["metrics"].get(settings["metric"], float("-inf") * sign)) if finished else None
@@ -336,7 +343,29 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None, overrides: list
             tracker.end(parent_id, status)
 
 
-def collect_records(sweep_dir: Path, trials: list[Trial], grid, tracker=None, parent_id: str | None = None) -> list[dict]:
+def switch_trials(sweep_dir: Path, current: str | None, wanted: str) -> bool:
+    """Make <sweep_dir>/trials/ hold the records of sweep `wanted`; True when it has some to resume.
+
+    Another sweep's records (another space, base recipe or metric in the same output_dir) are moved
+    aside to trials-<its fingerprint>/ and come back if that sweep is run again, so the report only
+    ever reads the records of the sweep it describes."""
+    trials_dir = sweep_dir / TRIALS
+    if current == wanted:
+        return trials_dir.is_dir()
+    if trials_dir.is_dir():
+        aside = sweep_dir / f"{TRIALS}-{current or 'unknown'}"
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(trials_dir, aside)
+    earlier = sweep_dir / f"{TRIALS}-{wanted}"
+    if earlier.is_dir() and (sweep_dir / f"{SWEEP_FILE}.{wanted}").is_file():
+        os.replace(earlier, trials_dir)
+        return True
+    return False
+
+
+def collect_records(sweep_dir: Path, trials: list[Trial], grid, tracker=None, parent_id: str | None = None,
+                    scheduled: bool = False) -> list[dict]:
     """The trials' own records. A trial with none was stopped by the scheduler (no error) or lost by
     Tune (an error); it is recorded here, and its MLflow run closed, from Tune's result."""
     results = {}
@@ -351,7 +380,9 @@ def collect_records(sweep_dir: Path, trials: list[Trial], grid, tracker=None, pa
             records.append(json.loads(path.read_text()))
             continue
         result = results.get(trial.trial_id)
-        error = result.error if result is not None else "the trial ended without a record"
+        error = result.error if result is not None else "Tune has no result for this trial"
+        if error is None and not scheduled:
+            error = "the trial ended without writing its record (was the sweep folder on storage every node shares?)"
         record = {"trial_id": trial.trial_id, "overrides": trial.overrides}
         if error is None:
             epoch = (result.metrics or {}).get("epoch")

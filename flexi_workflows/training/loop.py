@@ -223,7 +223,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 print(f"[{method.label}] epoch {epoch + 1}  val_loss {val_loss:.4f}", flush=True)
         if step >= total_steps:
             break
-        if not every or step % every:
+        if not every or step % every or val_shard is not None:  # the val_loss must reach a report
             curves.flush()
             report(final=False)
     curves.flush()

@@ -48,8 +48,20 @@ def leaves(obj, prefix: str = ""):
             yield key, value, hints[f.name]
 
 
+# What this test holds result-neutral, stated here and not read from the code under test: marking a
+# result-affecting key neutral in stages/inputs.py (and dropping it from a fingerprint) must fail below.
+NEUTRAL = (
+    "name", "output_dir", "model.cache_dir",
+    "scoring.num_actors", "scoring.cpus_per_actor", "scoring.gpus_per_actor",
+    "training.log_every", "training.checkpoint_every", "training.max_failures",
+    "distribution.cpus_per_worker", "distribution.torch_threads",
+    "evaluation.include_base", "evaluation.num_actors", "evaluation.cpus_per_actor", "evaluation.gpus_per_actor",
+    "tracking.*", "ray.*", "sweep", "sweep.*",
+)
+
+
 def neutral(key: str) -> bool:
-    return any(fnmatch.fnmatch(key, pattern) for pattern in RESULT_NEUTRAL)
+    return any(fnmatch.fnmatch(key, pattern) for pattern in NEUTRAL)
 
 
 def expected(key: str) -> set[str]:
@@ -167,6 +179,10 @@ def test_every_recipe_field_is_fingerprinted_where_it_matters_or_declared_neutra
     assert len(walked) > 60
 
 
+def test_the_code_declares_exactly_these_keys_neutral():
+    assert set(RESULT_NEUTRAL) == set(NEUTRAL)
+
+
 def test_neutral_declarations_name_real_keys(tmp_path, tiny_model_dir):
     keys = {key for key, _, _ in leaves(small_recipe(tmp_path, tiny_model_dir))}
     for pattern in RESULT_NEUTRAL:
@@ -182,3 +198,22 @@ def test_rank_pairs_share_one_router(tmp_path, tiny_model_dir):
     assert flexi_28.upstream == flexi_18.upstream == [plan.route]
     assert plan.methods[1].train.upstream == [], "LoRA needs no router"
     assert len({s.folder for s in plan.stages()}) == len(plan.stages()), "no two stages share a folder"
+
+
+def test_dylora_evaluated_at_two_ranks_shares_one_training(tmp_path, tiny_model_dir):
+    plan = plan_pipeline(small_recipe(tmp_path, tiny_model_dir, method={"name": "dylora", "r_min": 1, "r_max": 8},
+                                      compare=[{"name": "dylora", "r_min": 1, "r_max": 8, "eval_rank": 4, "dropout": 0.0}]))
+    at8, at4 = plan.methods
+    assert (at8.label, at4.label) == ("dylora-1-8", "dylora-1-8-at4")
+    assert at8.train.folder == at4.train.folder, "eval_rank changes evaluation only"
+    assert at8.eval.folder != at4.eval.folder
+
+
+def test_a_resume_checkpoint_is_fingerprinted_by_content(tmp_path, tiny_model_dir):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "state.bin").write_bytes(b"one")
+    first = plan_pipeline(small_recipe(tmp_path, tiny_model_dir, training={"resume": str(ckpt)})).methods[0].train.fingerprint
+    (ckpt / "state.bin").write_bytes(b"two")
+    second = plan_pipeline(small_recipe(tmp_path, tiny_model_dir, training={"resume": str(ckpt)})).methods[0].train
+    assert first != second.fingerprint

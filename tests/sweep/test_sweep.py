@@ -124,6 +124,17 @@ def test_sweep_shares_stages_records_failures_resumes_and_reports(tmp_path, tiny
     assert len(best) == 1
     assert metrics[best[0]]["accuracy_all"] == max(metrics[r["trial_id"]]["accuracy_all"] for r in finished)
     assert _tags(sweeps[0])["flexi.best_trial"] == best[0]
+    # every stage computed exactly once across the interrupted and the resumed sweep (the rest reused)
+    computed = {}
+    for r in runs:
+        tags = _tags(r)
+        if tags.get("flexi.cached") == "false":
+            computed.setdefault(tags["flexi.stage"], []).append(tags["flexi.fingerprint"])
+    assert "score" not in computed, "the recorded scores were found, never recomputed"
+    assert sorted(computed) == ["eval", "route", "train"]
+    assert len(computed["route"]) == len(set(computed["route"])) == 2, "one router per σ"
+    assert len(computed["train"]) == len(set(computed["train"])) == 3
+    assert len(computed["eval"]) == len(set(computed["eval"])) == 3
 
     # 4. `flexi report`: means and stds from the trials' own metrics, valid images
     assert main(["report", str(sweep_dir)]) == 0
