@@ -27,4 +27,7 @@ def ensure_ray(config: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False, **kwargs)
+        # with its dashboard: Ray Train's PlacementGroupCleaner asks the state API (served by the
+        # dashboard) whether a controller died — a sweep trial stopped by its scheduler, a killed
+        # driver — and without it the dead run's placement group keeps its CPUs forever
+        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)

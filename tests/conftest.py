@@ -110,7 +110,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # the dashboard serves the state API that Ray Train's placement-group cleaner needs (see ray_cluster.py)
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=free_port(), log_to_driver=False)
     yield ray
     ray.shutdown()
 

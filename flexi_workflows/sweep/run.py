@@ -125,7 +125,8 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     except Exception as exc:
         record.update(status="FAILED", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         record["seconds"] = round(time.time() - started, 2)
-        write_json_atomic(record_path, record)
+        if not record_path.is_file():  # a trial the scheduler stopped is recorded by the driver
+            write_json_atomic(record_path, record)
         if tracker:
             tracker.set_tags(run_id, {"flexi.error": record["error"][:5000]})
             tracker.end(run_id, "FAILED")
@@ -376,10 +377,13 @@ def collect_records(sweep_dir: Path, trials: list[Trial], grid, tracker=None, pa
     records = []
     for trial in trials:
         path = sweep_dir / TRIALS / f"{trial.trial_id}.json"
-        if path.is_file():
-            records.append(json.loads(path.read_text()))
-            continue
         result = results.get(trial.trial_id)
+        if path.is_file():
+            record = json.loads(path.read_text())
+            stopped = scheduled and result is not None and result.error is None and record["status"] == "FAILED"
+            if not stopped:  # (a stopped trial's training fails as it is torn down: Tune's view wins)
+                records.append(record)
+                continue
         error = result.error if result is not None else "Tune has no result for this trial"
         if error is None and not scheduled:
             error = "the trial ended without writing its record (was the sweep folder on storage every node shares?)"

@@ -52,6 +52,16 @@ def _write_recipe(tmp_path: Path, model_dir: Path, tracking_uri: str) -> Path:
     return path
 
 
+def _assert_cpus_come_back(ray, cpus: float = 2.0, within: float = 90.0) -> None:
+    """A stopped or killed trial must not keep its training workers' placement group (and CPUs)."""
+    deadline = time.time() + within
+    while time.time() < deadline:
+        if ray.available_resources().get("CPU", 0) >= cpus:
+            return
+        time.sleep(2)
+    raise AssertionError(f"CPUs still held after {within:.0f} s: {ray.available_resources()}")
+
+
 def _records(sweep_dir: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in (sweep_dir / "trials").glob("*.json")}
 
@@ -80,6 +90,8 @@ def test_sweep_shares_stages_records_failures_resumes_and_reports(tmp_path, tiny
     assert done_before
     record_mtimes = {k: (sweep_dir / "trials" / f"{k}.json").stat().st_mtime_ns for k in done_before}
     time.sleep(5)  # let Ray reap the killed driver's trials before the resume starts new ones
+
+    _assert_cpus_come_back(ray_local)  # the killed driver's trials released their workers
 
     # 2. the same command again resumes: finished trials are not run again
     monkeypatch.setenv("FLEXI_TEST_FAIL_TRIAL", FAILING)
@@ -191,6 +203,7 @@ def test_asha_stops_a_weak_trial_on_its_validation_loss(tmp_path, tiny_model_dir
     assert records[1e-7]["val_loss"] > report["val_loss_curve"][0][1]
     state = json.loads((tmp_path / "asha" / "sweep.json").read_text())
     assert state["stopped"] == 1 and state["finished"] == 1
+    _assert_cpus_come_back(ray_local)  # the stopped trial's training workers are gone
 
 
 def test_asha_without_validation_rows_is_refused(tmp_path, tiny_model_dir, capsys):

@@ -1,0 +1,42 @@
+"""The shipped recipes load, plan and (for sweeps) expand into valid trials — checked without running."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flexi_workflows.methods import method_label
+from flexi_workflows.recipes import load_recipe
+from flexi_workflows.recipes.loader import to_dict
+from flexi_workflows.stages.plan import plan_pipeline
+from flexi_workflows.sweep.run import shared_stages, trial_recipe
+from flexi_workflows.sweep.space import expand_space
+from tests.conftest import REPO_ROOT
+
+JOBS = sorted((REPO_ROOT / "jobs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+def test_shipped_recipe_loads_and_plans(path: Path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)  # recipes name data relative to the project root
+    recipe = load_recipe(path)
+    labels = [method_label(m) for m in recipe.methods]
+    assert len(set(labels)) == len(labels)
+    plan = plan_pipeline(recipe)
+    assert len({s.folder for s in plan.stages()}) >= len(plan.methods)
+    if recipe.sweep is not None:
+        trials = expand_space(recipe.sweep.space, num_samples=recipe.sweep.num_samples, seed=recipe.sweep.sample_seed)
+        recipes = [trial_recipe(to_dict(recipe), t, str(path)) for t in trials]
+        assert len({tuple(s.fingerprint for s in plan_pipeline(r).stages()) for r in recipes}) == len(trials)
+
+
+def test_the_quickstart_sweep_shares_scoring_routers_and_baselines(monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    path = REPO_ROOT / "jobs" / "sweep-quickstart.yaml"
+    recipe = load_recipe(path)
+    trials = expand_space(recipe.sweep.space)
+    shared = shared_stages([trial_recipe(to_dict(recipe), t, str(path)) for t in trials])
+    assert len(trials) == 6
+    assert sorted(s.name for s in shared) == ["eval:base", "eval:lora-8", "route", "route", "route", "score",
+                                              "train:lora-8"]
