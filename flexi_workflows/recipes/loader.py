@@ -91,6 +91,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, str
     applied: dict[str, str] = {}
     for text in overrides:
         path, value = parse_override(text)
+        if path[:2] == ["sweep", "space"] and len(path) > 3:  # the space's keys are dotted recipe keys
+            path = path[:2] + [".".join(path[2:])]
         node = data
         for i, part in enumerate(path[:-1]):
             if isinstance(node, list):

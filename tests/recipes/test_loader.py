@@ -100,3 +100,10 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     assert recipe.training.lr == 1e-4 and recipe.router.lr == 5e-3 and recipe.training.weight_decay == 0.01
     assert load_recipe(path, ["training.lr=2e-5"]).training.lr == 2e-5
     assert load_recipe(path, ["name=1e3x"]).name == "1e3x", "only whole numbers are converted"
+
+
+def test_a_search_space_key_is_overridden_whole(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("sweep:\n  space:\n    router.noise_std: [0.0, 0.1]\n  metric: accuracy_all\n")
+    recipe = load_recipe(path, ["sweep.space.router.noise_std=[0.3]", "sweep.space.seed=[0, 1]"])
+    assert recipe.sweep.space == {"router.noise_std": [0.3], "seed": [0, 1]}
