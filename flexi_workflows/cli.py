@@ -155,7 +155,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from flexi_workflows.sweep import run_sweep
 
     recipe = load_recipe(args.recipe, args.overrides)
-    state = run_sweep(recipe, recipe_path=args.recipe, overrides=args.overrides)
+    state = run_sweep(recipe, recipe_path=args.recipe)
     return 0 if state.get("finished") else 1
 
 

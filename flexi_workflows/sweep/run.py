@@ -208,7 +208,7 @@ def shared_stages(recipes: list[Recipe]) -> list:
     return sorted(shared, key=lambda s: order[s.kind])
 
 
-def run_sweep(recipe: Recipe, *, recipe_path: str | None = None, overrides: list[str] | None = None) -> dict:
+def run_sweep(recipe: Recipe, *, recipe_path: str | None = None) -> dict:
     """Run (or resume) the sweep described by the recipe's `sweep:` section; returns sweep.json's contents."""
     from ray import tune
 
