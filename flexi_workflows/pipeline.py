@@ -80,6 +80,14 @@ def resolve_model(recipe: Recipe) -> Recipe:
     return recipe
 
 
+def describe_base_eval(folder: str, record: dict) -> str:
+    """One line on what the built-in base model can do before any fine-tuning (recorded when it was built)."""
+    levels = ", ".join(f"L{level} {100 * acc:.1f} %" for level, acc in record.get("accuracy_by_level", {}).items())
+    return (f"base model {folder}: {record['rows']} {record['split']} problems, accuracy easy "
+            f"{100 * record['accuracy_easy']:.1f} % / hard {100 * record['accuracy_hard']:.1f} % / all "
+            f"{100 * record['accuracy_all']:.1f} % ({levels})")
+
+
 def check_plan(plan: Plan) -> list[Stage]:
     """The stages to run, each checked (data parsed, resources, model config) before any of them runs."""
     stages = plan.stages()
@@ -173,6 +181,7 @@ def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool 
                  report_to_tune: str | None = None) -> dict:
     """The whole recipe. A sweep trial passes its own tracker, parent run, summary folder and the
     stage whose per-epoch reports go to Tune."""
+    from flexi_workflows.models.pretrain import read_base_eval
     from flexi_workflows.plots import pareto_plot
     from flexi_workflows.ray_cluster import ensure_ray
     from flexi_workflows.stages.score import STATS
@@ -181,6 +190,9 @@ def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool 
     recipe = prepare(recipe)
     plan = plan_pipeline(recipe)
     stages = check_plan(plan)
+    base_record = read_base_eval(recipe.model.name_or_path)
+    if base_record and not quiet:
+        print(describe_base_eval(recipe.model.name_or_path, base_record))
     own_parent = False
     if tracker is None and recipe.tracking.enabled:
         tracker = Tracker(resolve_tracking_uri(recipe.tracking.tracking_uri, recipe.output_dir), recipe.tracking.experiment)
@@ -199,6 +211,8 @@ def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool 
                    "scored_class_shares": {c["name"]: c["share"] for c in score_stats["classes"]} if score_stats else None,
                    "stages": {name: {"fingerprint": r.fingerprint, "folder": str(r.folder), "cached": r.cached,
                                      "seconds": r.manifest.get("seconds")} for name, r in results.items()}}
+        if base_record:
+            summary["base_model_eval"] = base_record
         if plan.needs_router:
             summary["router_holdout_accuracy"] = results[plan.route.name].metrics.get("holdout_accuracy")
         out = Path(summary_dir or recipe.output_dir)

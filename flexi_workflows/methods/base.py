@@ -2,7 +2,8 @@
 
 A `Method` wraps its typed config (recipes/schema.py) and owns:
   label            lora-8, flexi-2-8, dylora-1-8-at4, full — the name of its runs and folders
-  needs_router     whether training and evaluation need a rank per row from the router
+  routing          where each row's rank comes from: None (the method's own policy), "learned" (the
+                   trained router) or "oracle" (the scored difficulty classes)
   ranks_for        difficulty classes → ranks (flexi only; the router knows classes, not ranks)
   build            base model → what the optimizer trains (`Trainable`)
   export / load    the trained artifact a worker writes and evaluation reads back
@@ -48,7 +49,12 @@ class Trainable:
 
 
 class Method:
-    needs_router: bool = False
+    routing: str | None = None
+
+    @property
+    def needs_router(self) -> bool:
+        """Training and evaluation need the trained router (the route stage)."""
+        return self.routing == "learned"
 
     def __init__(self, config) -> None:
         self.config = config

@@ -46,7 +46,7 @@ class NestedLoraMethod(Method):
         from flexi_workflows.adapters import inject_flexi_lora
 
         model = inject_flexi_lora(base, self.adapter_config(), self.rank_policy(seed))
-        return Trainable(model, uses_row_ranks=self.needs_router)
+        return Trainable(model, uses_row_ranks=self.routing is not None)
 
     def export(self, model, path: Path) -> None:
         from flexi_workflows.adapters.checkpoint import save_adapter
@@ -117,7 +117,13 @@ class DyLoraPlusMethod(NestedLoraMethod):
 class FlexiMethod(NestedLoraMethod):
     """Ranks come with each row (the router's class mapped through `ranks`), in training and evaluation."""
 
-    needs_router = True
+    @property
+    def routing(self) -> str:
+        return self.config.router
+
+    @property
+    def label(self) -> str:
+        return super().label + ("-oracle" if self.routing == "oracle" else "")
 
     def rank_policy(self, seed: int):
         from flexi_workflows.adapters import FlexiRouted

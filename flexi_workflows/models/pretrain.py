@@ -6,7 +6,13 @@ fine-tuning comparison means something (shared/notes/quickstart-feasibility.md m
 hidden 192, 3 layers, ~570 steps of batch 64 → easy ≈ 75 %, hard ≈ 13 %).
 
 The result is an ordinary model folder (config.json, model.safetensors, tokenizer), cached under a
-fingerprint of the settings, so every later run loads it like any local model.
+fingerprint of the settings and of the task generator, so every later run loads it like any local model.
+
+The build is deterministic: a fixed thread count, `torch.use_deterministic_algorithms`, seeded
+initialisation and a seeded data order, so two builds on one machine give bit-identical weights and
+machines of one kind give the same model (tests/models/test_pretrain.py checks the first). The folder
+records the model's own accuracy on the held-out test split (`base_eval.json`), which `flexi run`
+prints, so a user sees what the base can do before fine-tuning starts.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import json
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -37,6 +45,8 @@ class PretrainSpec:
     lr: float = 3e-3
     rows: int = 20000
     seed: int = 0
+    threads: int = 2  # fixed: float sums (and so the weights) depend on how work is split over threads
+    eval_rows: int = 400  # the test split's first rows, whose accuracy the folder records
 
 
 BUILTINS = {"arith-tiny": PretrainSpec()}
@@ -54,17 +64,48 @@ def builtin_spec(ref: str) -> PretrainSpec | None:
     return BUILTINS[name]
 
 
-def pretrain_arith_model(path: Path, spec: PretrainSpec, threads: int | None = None) -> Path:
-    """Train the tiny base model into `path` (atomically); returns the folder."""
+BASE_EVAL = "base_eval.json"
+
+
+@contextmanager
+def deterministic_torch(threads: int) -> Iterator[None]:
+    """Fixed threads and deterministic kernels for the duration; the caller's settings come back after."""
+    old_threads, old_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old_deterministic)
+        torch.set_num_threads(old_threads)
+
+
+def pretrain_arith_model(path: Path, spec: PretrainSpec) -> Path:
+    """Train the tiny base model into `path` (atomically, with its test accuracy); returns the folder."""
+    from flexi_workflows.fsutil import atomic_dir
+
+    started = time.time()
+    with deterministic_torch(spec.threads):
+        model, tokenizer = _train(spec)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        with deterministic_torch(spec.threads):
+            record = evaluate_base(tmp, spec.eval_rows, threads=spec.threads)
+        (tmp / BASE_EVAL).write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / "pretrain.json").write_text(json.dumps({"spec": asdict(spec), "task": task_fingerprint(),
+                                                        "seconds": round(time.time() - started, 1)}))
+    log.info("pretrained base model in %.0f s → %s", time.time() - started, path)
+    return Path(path)
+
+
+def _train(spec: PretrainSpec):
     from tqdm import tqdm
 
     from flexi_workflows.data.causal_lm import collate, encode_example
-    from flexi_workflows.models.tiny import save_model_folder, tiny_llama, train_tokenizer
+    from flexi_workflows.models.tiny import tiny_llama, train_tokenizer
     from flexi_workflows.tasks.arith import generate
 
-    if threads:
-        torch.set_num_threads(threads)
-    started = time.time()
     exclude = {r["question"] for r in generate("test")}
     rows = generate("pretrain", spec.rows, exclude)
     texts = [f"Question: {r['question']}\nAnswer: {r['target']}" for r in rows]
@@ -91,11 +132,48 @@ def pretrain_arith_model(path: Path, spec: PretrainSpec, threads: int | None = N
         schedule.step()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    save_model_folder(model, tokenizer, path)
-    (path / "pretrain.json").write_text(json.dumps({"spec": asdict(spec), "seconds": round(time.time() - started, 1)}))
-    log.info("pretrained base model in %.0f s → %s", time.time() - started, path)
-    return path
+    return model.eval(), tokenizer
+
+
+def evaluate_base(folder: str | Path, rows: int, threads: int = 2) -> dict:
+    """Greedy accuracy of the model in `folder` on the first `rows` test problems, overall and per group
+    and level — the same prompts, decoding and grading as the pipeline's base evaluation."""
+    import numpy as np
+
+    from flexi_workflows.generation import BatchGenerator
+    from flexi_workflows.tasks.arith import generate
+
+    test = generate("test", rows)
+    generator = BatchGenerator(str(folder), "arith", max_new_tokens=36, max_prompt_tokens=96, num_threads=threads)
+    correct = []
+    for start in range(0, len(test), 200):
+        chunk = test[start:start + 200]
+        predictions = generator.generate(generator.prompts({"id": [r["id"] for r in chunk],
+                                                            "question": [r["question"] for r in chunk]}))
+        correct += [generator.task.score(p, r) for p, r in zip(predictions, chunk)]
+    correct = np.asarray(correct)
+
+    def share(mask) -> float:
+        return round(float(correct[mask].mean()), 4) if mask.any() else float("nan")
+
+    groups = np.asarray([r["group"] for r in test])
+    levels = np.asarray([r["level"] for r in test])
+    return {"split": "test", "rows": len(test), "accuracy_all": share(np.ones(len(test), bool)),
+            "accuracy_easy": share(groups == "easy"), "accuracy_hard": share(groups == "hard"),
+            "accuracy_by_level": {str(level): share(levels == level) for level in sorted(set(levels.tolist()))}}
+
+
+def read_base_eval(folder: str | Path) -> dict | None:
+    path = Path(folder) / BASE_EVAL
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def task_fingerprint() -> dict:
+    """What the generated pretraining data depends on: a change to the task's levels or mixes is a new model."""
+    from flexi_workflows.tasks import arith
+
+    return {"levels": {str(k): v for k, v in arith.LEVELS.items()}, "splits": arith.SPLITS,
+            "version": arith.GENERATOR_VERSION}
 
 
 def resolve_builtin(ref: str, cache_dir: str | Path) -> str:
@@ -105,7 +183,8 @@ def resolve_builtin(ref: str, cache_dir: str | Path) -> str:
         return ref
     from flexi_workflows.fsutil import fingerprint
 
-    folder = Path(cache_dir).expanduser() / f"{ref[len(BUILTIN_PREFIX):]}-{fingerprint(asdict(spec))}"
+    key = {"spec": asdict(spec), "task": task_fingerprint()}
+    folder = Path(cache_dir).expanduser() / f"{ref[len(BUILTIN_PREFIX):]}-{fingerprint(key)}"
     if not (folder / "model.safetensors").is_file():
         log.info("building %s (first run only) into %s", ref, folder)
         pretrain_arith_model(folder, spec)

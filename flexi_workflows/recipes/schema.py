@@ -253,10 +253,18 @@ class DyLoraPlusConfig(RankRangeFields):
 
 @dataclass
 class FlexiConfig(AdapterFields):
-    """Flexi-LoRA: the router's difficulty class picks the rank, ranks[k] for class k (easiest first)."""
+    """Flexi-LoRA: the router's difficulty class picks the rank, ranks[k] for class k (easiest first).
+
+    router: "learned" (the paper's: the trained router classifies each input) or "oracle" (the scored
+    classes themselves: a training row's class from the score stage, an evaluation item's class from
+    the base model's own graded answer with the same thresholds). The oracle is the routing upper
+    bound: what Flexi-LoRA would reach with a perfect router. It reads evaluation outcomes, so it is a
+    diagnostic row, never a method to deploy.
+    """
 
     name: Literal["flexi"] = "flexi"
     ranks: list[int] = field(default_factory=lambda: [2, 8])
+    router: Literal["learned", "oracle"] = "learned"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -264,6 +272,8 @@ class FlexiConfig(AdapterFields):
             raise ConfigError(f"ranks needs one rank per difficulty class (≥ 2), got {self.ranks}")
         if any(a >= b for a, b in zip(self.ranks, self.ranks[1:])):
             raise ConfigError(f"ranks must be strictly increasing (easiest class first), got {self.ranks}")
+        if self.router not in ("learned", "oracle"):
+            raise ConfigError(f"router must be 'learned' or 'oracle', got {self.router!r}")
 
     @property
     def rank_list(self) -> list[int]:

@@ -107,17 +107,21 @@ def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None,
 
 
 class EvalStage(Stage):
-    """Evaluate one trained method (upstream: its train stage, and the route stage if it routes) or,
-    with `method=None`, the base model itself."""
+    """Evaluate one trained method (upstream: its train stage, and the stage its routing reads: the
+    route stage, or the base evaluation for the oracle) or, with `method=None`, the base model itself."""
 
     kind = "eval"
     files = [METRICS, PREDICTIONS]
 
     def __init__(self, recipe: Recipe, method: MethodConfig | None, train: Stage | None = None,
-                 route: Stage | None = None) -> None:
+                 route: Stage | None = None, base_eval: Stage | None = None) -> None:
         self.method = get_method(method) if method is not None else None
         self.train = train
-        self.route = route if self.method is not None and self.method.needs_router else None
+        routing = self.method.routing if self.method is not None else None
+        self.route = {"learned": route, "oracle": base_eval, None: None}[routing]
+        if routing is not None and self.route is None:
+            raise ConfigError(f"{self.method.label} routes by difficulty: it needs the "
+                              f"{'route' if routing == 'learned' else 'base eval'} stage")
         super().__init__(recipe.output_dir, [s for s in (train, self.route) if s is not None])
         self.recipe = recipe
         self.label = self.method.label if self.method is not None else BASE
@@ -161,7 +165,7 @@ class EvalStage(Stage):
         for source in recipe.task.eval:
             rows = task.load(source)
             if route is not None:
-                ranks, _ = assign_ranks(recipe, method, rows, route)
+                ranks, _ = assign_ranks(recipe, method, rows, route, dataset=source.label)
                 rows = [{**r, "rank": int(k)} for r, k in zip(rows, ranks)]
             outputs = generate_with_method(rows, recipe, method, artifact)
             summary, table, ranks_used = summarize(recipe.task.name, rows, outputs)

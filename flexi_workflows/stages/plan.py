@@ -1,9 +1,10 @@
 """A recipe → its stage graph, with every fingerprint known before anything runs.
 
     score ──► route ──┬──► train:flexi-2-8 ──► eval:flexi-2-8
-                      └──► train:flexi-1-8 ──► eval:flexi-1-8      (one router, two rank maps)
+          │           └──► train:flexi-1-8 ──► eval:flexi-1-8      (one router, two rank maps)
+          └──────────────► train:flexi-2-8-oracle ──► eval:flexi-2-8-oracle   (scored classes,
+    eval:base ─────────────────────────────────────────┘            base's own grades on eval items)
               train:lora-8 ──► eval:lora-8                         (no router needed)
-    eval:base                                                      (the untouched base model)
 
 Planning reads configs and file digests only (no Ray, no model weights), so a sweep can plan all
 its trials, see which stages they share, and run each shared stage once before the trials start.
@@ -46,10 +47,16 @@ class Plan:
     def needs_router(self) -> bool:
         return any(get_method(m.config).needs_router for m in self.methods)
 
+    @property
+    def needs_oracle(self) -> bool:
+        return any(get_method(m.config).routing == "oracle" for m in self.methods)
+
     def stages(self) -> list[Stage]:
         """Every stage the pipeline runs, in an order that respects dependencies."""
-        out: list[Stage] = [self.score, self.route] if self.needs_router else []
-        if self.recipe.evaluation.include_base:
+        out: list[Stage] = [self.score] if self.needs_router or self.needs_oracle else []
+        if self.needs_router:
+            out.append(self.route)
+        if self.recipe.evaluation.include_base or self.needs_oracle:
             out.append(self.base_eval)
         for m in self.methods:
             out += [m.train, m.eval]
@@ -78,6 +85,6 @@ def plan_pipeline(recipe: Recipe) -> Plan:
     route = RouteStage(recipe, score)
     plan = Plan(recipe, score, route, EvalStage(recipe, None))
     for config in recipe.methods:
-        train = TrainStage(recipe, config, route)
-        plan.methods.append(MethodStages(config, train, EvalStage(recipe, config, train, route)))
+        train = TrainStage(recipe, config, route, score)
+        plan.methods.append(MethodStages(config, train, EvalStage(recipe, config, train, route, plan.base_eval)))
     return plan

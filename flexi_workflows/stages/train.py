@@ -74,7 +74,7 @@ def check_resources(recipe: Recipe) -> None:
         )
 
 
-def training_examples(recipe: Recipe, method: Method, route: StageResult | None) -> tuple[list[dict[str, Any]], dict]:
+def training_examples(recipe: Recipe, method: Method, routing_source: StageResult | None) -> tuple[list[dict[str, Any]], dict]:
     """Tokenized examples (with a `rank` column for methods that route) and routing statistics."""
     from flexi_workflows.data.causal_lm import encode_example
     from flexi_workflows.models.loading import load_tokenizer
@@ -91,8 +91,8 @@ def training_examples(recipe: Recipe, method: Method, route: StageResult | None)
         for r in rows
     ]
     routing: dict = {}
-    if method.needs_router:
-        ranks, routing = assign_ranks(recipe, method, rows, route)
+    if method.routing is not None:
+        ranks, routing = assign_ranks(recipe, method, rows, routing_source)
         for example, rank in zip(examples, ranks):
             example["rank"] = int(rank)
     return examples, {"routing": routing, "pad_token_id": tokenizer.pad_token_id, "rows": len(rows)}
@@ -114,13 +114,15 @@ class TrainStage(Stage):
     kind = "train"
     files = [ARTIFACT, REPORT]
 
-    def __init__(self, recipe: Recipe, method: MethodConfig, route: Stage | None) -> None:
+    def __init__(self, recipe: Recipe, method: MethodConfig, route: Stage | None, score: Stage | None = None) -> None:
+        """`route` (the learned router) or `score` (the oracle's scored classes) gives each row its rank."""
         self.method = get_method(method)
-        if self.method.needs_router and route is None:
-            raise ConfigError(f"{self.method.label} routes by difficulty: it needs the route stage")
-        super().__init__(recipe.output_dir, [route] if self.method.needs_router else [])
+        self.route = {"learned": route, "oracle": score, None: None}[self.method.routing]
+        if self.method.routing is not None and self.route is None:
+            raise ConfigError(f"{self.method.label} routes by difficulty: it needs the "
+                              f"{'route' if self.method.needs_router else 'score'} stage")
+        super().__init__(recipe.output_dir, [self.route] if self.route is not None else [])
         self.recipe = recipe
-        self.route = route if self.method.needs_router else None
         self.label = self.method.train_label
 
     def inputs(self) -> dict:

@@ -24,6 +24,7 @@ NAMES = ["Ben", "Ana", "Sam", "Mia", "Leo", "Zoe", "Max", "Ivy", "Tom", "Eva"]
 ITEMS = ["cards", "apples", "stamps", "coins", "shells", "books", "marbles", "pens"]
 ADD = ["finds {n} more", "gets {n} more", "buys {n} more", "wins {n} more"]
 SUB = ["sells {n}", "gives away {n}", "loses {n}", "eats {n}"]
+GENERATOR_VERSION = 2  # bump when make_problem or generate change what they produce (the built-in base is rebuilt)
 LEVELS = {1: ((1, 9), 1), 2: ((10, 39), 1), 3: ((1, 20), 2), 4: ((1, 20), 3)}
 SPLITS = {  # name: (level mix, seed, default rows)
     "pretrain": ((0.5, 0.4, 0.1, 0.0), 11, 20000),

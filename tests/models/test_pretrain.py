@@ -1,0 +1,69 @@
+"""The built-in base model: deterministic builds, and a recorded accuracy that a fresh evaluation reproduces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flexi_workflows.models.pretrain import BASE_EVAL, BUILTINS, PretrainSpec, pretrain_arith_model, resolve_builtin
+
+# small enough to build in seconds, trained long enough to solve some one-step problems
+SMALL = PretrainSpec(hidden_size=64, layers=2, heads=4, intermediate_size=128, vocab_size=320, steps=120,
+                     batch_size=32, lr=5e-3, rows=3000, eval_rows=40)
+
+
+def test_two_builds_give_identical_weights_tokenizer_and_record(tmp_path):
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    a = pretrain_arith_model(tmp_path / "a", SMALL)
+    b = pretrain_arith_model(tmp_path / "b", SMALL)
+    for name in ("model.safetensors", "tokenizer.json", "config.json", BASE_EVAL):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    # the build's fixed threads and deterministic kernels do not leak into the caller's process
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
+    record = json.loads((a / BASE_EVAL).read_text())
+    assert record["rows"] == 40 and set(record["accuracy_by_level"]) == {"1", "2", "3", "4"}
+    assert record["accuracy_all"] == pytest.approx((record["accuracy_easy"] + record["accuracy_hard"]) / 2)
+
+
+def test_a_changed_task_generator_is_a_new_model_folder(tmp_path, monkeypatch):
+    from flexi_workflows.tasks import arith
+
+    monkeypatch.setitem(BUILTINS, "arith-small", SMALL)
+    monkeypatch.setattr("flexi_workflows.models.pretrain.pretrain_arith_model",
+                        lambda path, spec: (Path(path).mkdir(parents=True), (Path(path) / "model.safetensors").touch()))
+    first = resolve_builtin("builtin:arith-small", tmp_path)
+    assert resolve_builtin("builtin:arith-small", tmp_path) == first
+    monkeypatch.setattr(arith, "GENERATOR_VERSION", arith.GENERATOR_VERSION + 1)
+    assert resolve_builtin("builtin:arith-small", tmp_path) != first
+
+
+@pytest.mark.slow
+def test_recorded_accuracy_matches_the_pipelines_base_evaluation(tmp_path, monkeypatch, ray_local):
+    """The folder's base_eval.json is what the pipeline's own (Ray Data) base evaluation measures."""
+    from flexi_workflows.pipeline import prepare
+    from flexi_workflows.recipes import Recipe
+    from flexi_workflows.recipes.loader import build
+    from flexi_workflows.stages.base import run_stage
+    from flexi_workflows.stages.evaluate import METRICS
+    from flexi_workflows.stages.plan import plan_pipeline
+
+    monkeypatch.setitem(BUILTINS, "arith-small", SMALL)
+    recipe = build(Recipe, {
+        "name": "base-eval", "output_dir": str(tmp_path / "out"),
+        "model": {"name_or_path": "builtin:arith-small", "cache_dir": str(tmp_path / "cache")},
+        "task": {"name": "arith", "train": {"name": "arith", "split": "train", "limit": 40},
+                 "eval": [{"name": "arith", "split": "test", "limit": SMALL.eval_rows}],
+                 "max_prompt_tokens": 96, "max_target_tokens": 48},
+        "method": {"name": "lora", "rank": 8, "dropout": 0.0},
+        "evaluation": {"batch_size": 20, "max_new_tokens": 36},
+        "tracking": {"enabled": False},
+    })
+    recipe = prepare(recipe)
+    recorded = json.loads((Path(recipe.model.name_or_path) / BASE_EVAL).read_text())
+    assert recorded["accuracy_easy"] > 0  # a model that solves nothing would make the comparison empty
+    fresh = run_stage(plan_pipeline(recipe).base_eval).read_json(METRICS)["datasets"]["arith"]
+    for key in ("accuracy_all", "accuracy_easy", "accuracy_hard"):
+        assert fresh[key] == pytest.approx(recorded[key]), key
