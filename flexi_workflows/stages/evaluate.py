@@ -103,7 +103,7 @@ def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None,
     if not rows:
         return {}
     _, stream, position = eval_batches(len(rows), cfg.batch_size, cfg.num_actors)
-    columns = [{"id": r["id"], "question": r["question"], "context": r.get("context", ""), "rank": int(r.get("rank", 0)),
+    columns = [{"id": r["id"], "question": r["question"], "context": str(r.get("context", "")), "rank": int(r.get("rank", 0)),
                 "eval_stream": int(k), "stream_position": int(p)} for r, k, p in zip(rows, stream, position)]
     # one block per eval batch, so the batches an actor generates are exactly these (one DyLoRA+ rank each)
     blocks = [pa.Table.from_pylist(columns[i:i + cfg.batch_size]) for i in range(0, len(columns), cfg.batch_size)]

@@ -48,7 +48,7 @@ def test_dylora_uses_one_rank_per_optimizer_step_on_every_worker(tmp_path, tiny_
     summary = report["ranks_used"]
     assert summary["one_rank_per_step"] and summary["workers"] == [0, 1] and summary["micro_batches"] == 16
     rows = defaultdict(int)
-    for s, k in expected.items():
+    for k in expected.values():
         rows[str(k)] += 16  # 2 workers × 2 micro-batches × 4 rows
     assert summary["rows_by_rank"] == dict(sorted(rows.items(), key=lambda kv: int(kv[0])))
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
