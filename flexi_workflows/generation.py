@@ -83,7 +83,9 @@ class MethodGenerator(BatchGenerator):
 
     Same prompts, tokenization and greedy decoding as scoring, plus the trained artifact and the rank
     each input gets from the method (methods/): the router's rank carried in the batch's `rank`
-    column (Flexi), the policy's fixed rank (LoRA-r, DyLoRA) or a seeded draw per batch (DyLoRA+).
+    column (Flexi), the policy's fixed rank (LoRA-r, DyLoRA) or, for DyLoRA+, the rank at the batch's
+    place (`stream_position`) in its eval stream (`eval_stream`), seeded by (seed, stream): the same
+    seed and shard assignment give the same ranks whichever actor runs the batch.
     The ranks actually used come back as a column, so mean active parameters are measured, not assumed.
     """
 
@@ -100,7 +102,7 @@ class MethodGenerator(BatchGenerator):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = self.prompts(batch)
         n = len(prompts)
-        ranks = self.method.eval_ranks(self.model, batch.get("rank"), n)
+        ranks = self.method.eval_ranks(self.model, batch, n)
         if ranks is None:
             predictions = self.generate(prompts)
             ranks = np.zeros(n, dtype=np.int64)

@@ -31,6 +31,20 @@ def test_shipped_recipe_loads_and_plans(path: Path, monkeypatch):
         assert len({tuple(s.fingerprint for s in plan_pipeline(r).stages()) for r in recipes}) == len(trials)
 
 
+@pytest.mark.parametrize("name", ["gsm8k-llama-3.2-1b", "gsm8k-llama-3.2-3b", "mrqa-llama-3.2-1b", "mrqa-llama-3.2-3b"])
+def test_gpu_recipes_give_full_fine_tuning_its_own_learning_rate(name, monkeypatch):
+    from flexi_workflows.stages.train import effective_lr
+
+    monkeypatch.chdir(REPO_ROOT)
+    recipe = load_recipe(REPO_ROOT / "jobs" / f"{name}.yaml")
+    full = [m for m in recipe.methods if m.name == "full"]
+    assert full, f"{name} compares full fine-tuning"
+    assert effective_lr(recipe, full[0]) == 2e-5 < recipe.training.lr
+    assert all(effective_lr(recipe, m) == recipe.training.lr for m in recipe.methods if m.name != "full")
+    train = plan_pipeline(recipe).train_stage(full[0])
+    assert train.inputs()["lr"] == 2e-5
+
+
 def test_the_quickstart_sweep_shares_scoring_routers_and_baselines(monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     path = REPO_ROOT / "jobs" / "sweep-quickstart.yaml"

@@ -78,6 +78,7 @@ class FlexiLoraModel(nn.Module):
         self.rank_state = RankState(config)
         self.policy = policy or StaticRank(config.r_max)
         self.policy.validate(config.r_max)
+        self.last_ranks: torch.Tensor | None = None  # the rank vector of the latest forward (for the training record)
         for param in base_model.parameters():
             param.requires_grad_(False)
         self.target_names = sorted(find_target_linears(base_model, config.targets))
@@ -101,6 +102,11 @@ class FlexiLoraModel(nn.Module):
     def set_policy(self, policy: RankPolicy) -> None:
         policy.validate(self.adapter_config.r_max)
         self.policy = policy
+
+    def set_step(self, step: int) -> None:
+        """Tell the policy the global optimizer step (0-based) the next training forwards belong to:
+        DyLoRA / DyLoRA+ draw one rank per step from it."""
+        self.policy.set_step(step)
 
     # -- ranks ----------------------------------------------------------------------------------
     def resolve_ranks(
@@ -142,6 +148,7 @@ class FlexiLoraModel(nn.Module):
     def forward(self, *args: Any, ranks: Any = None, **kwargs: Any) -> Any:
         batch_size, input_ids = self._batch_size(args, kwargs)
         ranks, uniform = self.resolve_ranks(ranks, batch_size, input_ids, kwargs.get("attention_mask"))
+        self.last_ranks = ranks
         with self.rank_state.using(ranks, uniform):
             return self.base_model(*args, **kwargs)
 

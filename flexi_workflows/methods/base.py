@@ -40,6 +40,10 @@ class Trainable:
     model: Any
     uses_row_ranks: bool = False
     after_backward: Callable[[int], None] | None = None  # AdaLoRA: at each accumulation boundary, gradients still present
+    # told the global optimizer step (0-based) before every micro-batch: DyLoRA / DyLoRA+ draw that step's rank
+    set_step: Callable[[int], None] | None = None
+    # the rank vector the latest forward used (methods on the nested adapter): the loop records it
+    ranks_used: Callable[[], Any] | None = None
 
     def forward_kwargs(self, batch: dict) -> dict[str, Any]:
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
@@ -85,6 +89,8 @@ class Method:
         return getattr(self.config, "targets", None)
 
     reports_ranks: bool = False  # evaluation reports mean_rank / high_rank_rate (the nested-adapter family)
+    # eval ranks drawn per batch from one stream per evaluation actor (DyLoRA+): evaluation.num_actors matters
+    eval_ranks_from_streams: bool = False
 
     def ranks_for(self, classes: Sequence[int]) -> np.ndarray:
         raise TypeError(f"{self.label} does not route by difficulty class")
@@ -98,7 +104,10 @@ class Method:
     def load(self, base, path: Path, *, seed: int = 0):
         raise NotImplementedError
 
-    def eval_ranks(self, model, batch_ranks: np.ndarray | None, n: int) -> np.ndarray | None:
+    def eval_ranks(self, model, batch: dict[str, np.ndarray], n: int) -> np.ndarray | None:
+        """The rank of each of the n rows of an evaluation batch. The batch's columns: `rank` (the router's,
+        for methods that route), `eval_stream` and `stream_position` (the stream of the row's eval batch and
+        the batch's place in it: see stages/evaluate.py)."""
         return None
 
     def trainable_params(self, accounting: Accounting, artifact: Path) -> int:

@@ -46,7 +46,8 @@ class NestedLoraMethod(Method):
         from flexi_workflows.adapters import inject_flexi_lora
 
         model = inject_flexi_lora(base, self.adapter_config(), self.rank_policy(seed))
-        return Trainable(model, uses_row_ranks=self.routing is not None)
+        return Trainable(model, uses_row_ranks=self.routing is not None, set_step=model.set_step,
+                         ranks_used=lambda: model.last_ranks)
 
     def export(self, model, path: Path) -> None:
         from flexi_workflows.adapters.checkpoint import save_adapter
@@ -60,7 +61,7 @@ class NestedLoraMethod(Method):
 
         return load_adapter(base, Path(path) / "adapter", policy=self.rank_policy(seed)).eval()
 
-    def eval_ranks(self, model, batch_ranks: np.ndarray | None, n: int) -> np.ndarray | None:
+    def eval_ranks(self, model, batch: dict[str, np.ndarray], n: int) -> np.ndarray | None:
         return model.policy.ranks(n, training=False).numpy().astype(np.int64)
 
     def trainable_params(self, accounting: Accounting, artifact: Path) -> int:
@@ -108,10 +109,20 @@ class DyLoraMethod(NestedLoraMethod):
 
 
 class DyLoraPlusMethod(NestedLoraMethod):
+    """One rank per evaluation batch too: the batch's place in its eval stream picks it (adapters/policies.py)."""
+
+    eval_ranks_from_streams = True
+
     def rank_policy(self, seed: int):
         from flexi_workflows.adapters import DyLoRAPlus
 
         return DyLoRAPlus(self.config.r_min, self.config.r_max, seed=seed)
+
+    def eval_ranks(self, model, batch: dict[str, np.ndarray], n: int) -> np.ndarray | None:
+        if "eval_stream" not in batch:  # not from the evaluation stage: the next ranks of stream 0
+            return super().eval_ranks(model, batch, n)
+        streams, positions = np.asarray(batch["eval_stream"]), np.asarray(batch["stream_position"])
+        return np.array([model.policy.eval_rank(int(k), int(p)) for k, p in zip(streams, positions)], dtype=np.int64)
 
 
 class FlexiMethod(NestedLoraMethod):
@@ -135,5 +146,5 @@ class FlexiMethod(NestedLoraMethod):
 
         return RankAssigner(self.ranks)(np.asarray(classes, dtype=np.int64)).numpy().astype(np.int64)
 
-    def eval_ranks(self, model, batch_ranks: np.ndarray | None, n: int) -> np.ndarray | None:
-        return np.asarray(batch_ranks, dtype=np.int64)
+    def eval_ranks(self, model, batch: dict[str, np.ndarray], n: int) -> np.ndarray | None:
+        return np.asarray(batch["rank"], dtype=np.int64)

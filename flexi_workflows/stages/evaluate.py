@@ -75,19 +75,39 @@ def summarize(task_name: str, rows: list[Row], outputs: dict[str, dict]) -> tupl
         "rank": ranks,
         **{m: [p[m] for p in per_row] for m in metric_names},
     })
+    for key in ("eval_stream", "stream_position"):  # which eval batch a row was in (DyLoRA+ draws one rank per batch)
+        if rows and all(key in outputs[r["id"]] for r in rows):
+            table = table.append_column(key, pa.array([outputs[r["id"]][key] for r in rows], type=pa.int64()))
     return summary, table, ranks
 
 
+def eval_batches(n: int, batch_size: int, num_streams: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The deterministic batching of n eval rows: row i is in batch b = i // batch_size; batch b goes to
+    shard (stream) b % num_streams at place b // num_streams in it. Returns (batch, stream, position) per row.
+
+    The evaluation runs one shard per actor (num_streams = evaluation.num_actors): DyLoRA+ draws each
+    batch's rank from its shard's stream (adapters/policies.py), so the ranks depend on the seed and the
+    number of actors only — not on which actor Ray Data hands a batch to, nor in what order.
+    """
+    batch = np.arange(n, dtype=np.int64) // batch_size
+    return batch, batch % num_streams, batch // num_streams
+
+
 def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None, artifact: Path | None) -> dict[str, dict]:
-    """Predictions (and ranks used) for `rows`; method None evaluates the base model itself."""
+    """Predictions, ranks used and each row's eval stream / place in it; method None evaluates the base model."""
     import ray
 
     from flexi_workflows.generation import BatchGenerator, MethodGenerator
 
     cfg = recipe.evaluation
-    columns = [{"id": r["id"], "question": r["question"], "context": r.get("context", ""), "rank": int(r.get("rank", 0))}
-               for r in rows]
-    ds = ray.data.from_items(columns, override_num_blocks=max(1, -(-len(columns) // cfg.batch_size)))
+    if not rows:
+        return {}
+    _, stream, position = eval_batches(len(rows), cfg.batch_size, cfg.num_actors)
+    columns = [{"id": r["id"], "question": r["question"], "context": str(r.get("context", "")), "rank": int(r.get("rank", 0)),
+                "eval_stream": int(k), "stream_position": int(p)} for r, k, p in zip(rows, stream, position)]
+    # one block per eval batch, so the batches an actor generates are exactly these (one DyLoRA+ rank each)
+    blocks = [pa.Table.from_pylist(columns[i:i + cfg.batch_size]) for i in range(0, len(columns), cfg.batch_size)]
+    ds = ray.data.from_arrow(blocks)
     kwargs = {
         "model_ref": recipe.model.name_or_path, "task_name": recipe.task.name,
         "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": recipe.task.max_prompt_tokens,
@@ -103,7 +123,13 @@ def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
     )
-    return {str(r["id"]): {"prediction": str(r["prediction"]), "rank": int(r.get("rank", 0))} for r in ds.iter_rows()}
+    where = {str(c["id"]): (c["eval_stream"], c["stream_position"]) for c in columns}
+    outputs = {}
+    for r in ds.iter_rows():
+        key = str(r["id"])
+        outputs[key] = {"prediction": str(r["prediction"]), "rank": int(r.get("rank", 0)),
+                        "eval_stream": where[key][0], "stream_position": where[key][1]}
+    return outputs
 
 
 class EvalStage(Stage):
@@ -137,6 +163,9 @@ class EvalStage(Stage):
             inputs["model"] = model_inputs(recipe.model)  # a method's model is in its train stage's fingerprint
         else:
             inputs["method"] = dataclasses.asdict(self.method.config)  # settings used at inference (eval_rank)
+            if self.method.eval_ranks_from_streams:
+                # DyLoRA+: one rank stream per actor, so the number of actors changes which rank a batch gets
+                inputs["evaluation"]["eval_streams"] = cfg.num_actors
         return inputs
 
     def check(self) -> None:

@@ -4,7 +4,8 @@
               ──► methods that route: a rank per row (stages/routing.py) — the rank travels with the batch
               ──► ray.data, materialized, split into one deterministic shard per worker
               ──► TorchTrainer(train_loop_per_worker) ──► final checkpoint/export
-              ──► <output_dir>/train/<label>-<fingerprint>/ (artifact, train_report.json, manifest.json)
+              ──► <output_dir>/train/<label>-<fingerprint>/ (artifact, train_report.json, ranks_used.json,
+                  manifest.json)
 
 The data is materialized before the trainer starts: streaming a Ray Data pipeline straight into
 the trainer can deadlock on a 2-CPU machine (the trainer and the pipeline hold both CPUs).
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 REPORT = "train_report.json"
 ARTIFACT = "artifact"
+RANKS_USED = "ranks_used.json"  # methods on the nested adapter: the rank of every micro-batch on every worker
 LOSS_PLOT = "loss_curve.png"
 # result-neutral training keys (stages/inputs.py) plus those counted apart: lr (per method) and resume (by content)
 NEUTRAL_TRAINING = ("log_every", "checkpoint_every", "max_failures", "resume", "lr")
@@ -110,6 +112,35 @@ def split_validation(examples: list[dict], rows: int, seed: int) -> tuple[list[d
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
+def ranks_used_summary(records: list[dict]) -> dict[str, Any]:
+    """What the workers' rank record says: rows per rank, the mean rank, and whether every optimizer step
+    used one rank on every worker and micro-batch (what DyLoRA / DyLoRA+ must do; LoRA-r trivially does)."""
+    rows: dict[int, int] = {}
+    per_step: dict[int, set] = {}
+    for r in records:
+        for k, n in r["rows"].items():
+            rows[int(k)] = rows.get(int(k), 0) + n
+        per_step.setdefault(r["step"], set()).add(r["rank"])
+    total = sum(rows.values())
+    return {
+        "micro_batches": len(records),
+        "workers": sorted({r["worker"] for r in records}),
+        "rows_by_rank": {str(k): rows[k] for k in sorted(rows)},
+        "mean_rank": sum(k * n for k, n in rows.items()) / max(1, total),
+        "one_rank_per_step": all(len(v) == 1 and None not in v for v in per_step.values()),
+        "steps_by_rank": _steps_by_rank(per_step),
+    }
+
+
+def _steps_by_rank(per_step: dict[int, set]) -> dict[str, int]:
+    counts: dict[int, int] = {}
+    for ranks in per_step.values():
+        if len(ranks) == 1 and None not in ranks:
+            k = next(iter(ranks))
+            counts[k] = counts.get(k, 0) + 1
+    return {str(k): counts[k] for k in sorted(counts)}
+
+
 class TrainStage(Stage):
     kind = "train"
     files = [ARTIFACT, REPORT]
@@ -169,7 +200,7 @@ class TrainStage(Stage):
 
         from flexi_workflows.ray_cluster import ensure_ray
         from flexi_workflows.recipes.loader import to_dict
-        from flexi_workflows.training.loop import EXPORT_DIR, FAIL_HOOK_ENV, train_loop_per_worker
+        from flexi_workflows.training.loop import EXPORT_DIR, FAIL_HOOK_ENV, RANKS_FILE, train_loop_per_worker
 
         if context.report_to_tune:
             from ray.tune.integration.ray_train import TuneReportCallback
@@ -264,25 +295,34 @@ class TrainStage(Stage):
             "val_loss_curve": metrics.get("val_loss_curve", []),
             "validation_rows": len(validation),
             "trainable_params": metrics.get("trainable_params"),
+            "lr": effective_lr(recipe, self.method.config),
+            "final_lr": metrics.get("lr"),  # the optimizer's rate at the last step, as the worker's scheduler left it
             "resumed_from_step": metrics.get("resumed_from_step"),
             "routing": info["routing"],
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
         }
         with result.checkpoint.as_directory() as ckpt:
             shutil.copytree(Path(ckpt) / EXPORT_DIR, tmp / ARTIFACT)
+            records = json.loads((Path(ckpt) / RANKS_FILE).read_text()) if (Path(ckpt) / RANKS_FILE).is_file() else []
+        if records:
+            report["ranks_used"] = ranks_used_summary(records)
+            (tmp / RANKS_USED).write_text(json.dumps(records) + "\n")
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         curve = report["loss_curve"]
         log.info("train %s: %s steps, loss %s → %s", label, report["steps"],
                  f"{curve[0][1]:.3f}" if curve else "?", f"{curve[-1][1]:.3f}" if curve else "?")
         out_metrics = {"trainable_params": report["trainable_params"] or 0, "train_steps": report["steps"] or 0,
                        **{f"train_rank_share_{k}": v for k, v in info["routing"].get("rank_shares", {}).items()}}
+        if records:  # rows trained at each rank, as recorded by the workers (DyLoRA: its per-step draws)
+            out_metrics |= {f"train_rank_rows_{k}": v for k, v in report["ranks_used"]["rows_by_rank"].items()}
+            out_metrics["train_mean_rank"] = report["ranks_used"]["mean_rank"]
         if curve:
             out_metrics["final_loss"] = curve[-1][1]
         if report["val_loss_curve"]:
             out_metrics["final_val_loss"] = report["val_loss_curve"][-1][1]
         params = {**{f"method.{k}": v for k, v in dataclasses.asdict(self.method.config).items()},
                   "method.label": label, "lr": effective_lr(recipe, self.method.config)}
-        artifacts = [REPORT, ARTIFACT]
+        artifacts = [REPORT, ARTIFACT] + ([RANKS_USED] if records else [])
         if loss_curve_plot(curve, tmp / LOSS_PLOT, title=label):
             artifacts.append(LOSS_PLOT)
         curves = {"loss": curve, **({"val_loss": report["val_loss_curve"]} if report["val_loss_curve"] else {})}

@@ -7,7 +7,9 @@ Each worker:
   3. restores adapter, optimizer, scheduler and step from Ray Train's checkpoint if there is one
      (a restarted worker group after a failure, or `training.resume`);
   4. trains on its own deterministic shard, the loss on answer tokens only, Flexi ranks arriving
-     with each batch; logs loss / lr / tokens-per-second to MLflow from rank 0;
+     with each batch; DyLoRA / DyLoRA+ told the global optimizer step before every micro-batch, so one
+     rank serves every worker and micro-batch of a step; logs loss / lr / tokens-per-second to MLflow
+     from rank 0 and records the rank each micro-batch used (RANKS_FILE, in every checkpoint);
   5. after each epoch, with training.validation_rows, measures the held-out loss (`val_loss`);
   6. checkpoints through Ray Train at each epoch's end, every `checkpoint_every` steps if set, and at
      the end, where rank 0 also exports the trained artifact (adapter or weights) inside the checkpoint.
@@ -28,6 +30,7 @@ import torch
 FAIL_HOOK_ENV = "FLEXI_TEST_FAIL_AT_STEP"  # "k:/path/marker" — test-only fault injection, fires once
 EXPORT_DIR = "export"
 STATE_FILE = "trainer_state.json"
+RANKS_FILE = "ranks_used.json"  # per worker and micro-batch: the optimizer step, micro-batch index and rank used
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
@@ -44,6 +47,15 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return fn
+
+
+def rank_record(worker: int, step: int, micro_batch: int, ranks: torch.Tensor) -> dict[str, Any]:
+    """One micro-batch's entry: its optimizer step (0-based) and index in it, the rank shared by the
+    micro-batch (None when its rows used several, as Flexi's may) and rows per rank."""
+    values, counts = torch.unique(ranks.detach().cpu(), return_counts=True)
+    return {"worker": worker, "step": step, "micro_batch": micro_batch,
+            "rank": int(values[0]) if len(values) == 1 else None,
+            "rows": {str(int(v)): int(c) for v, c in zip(values, counts)}}
 
 
 def _maybe_fail(step: int, rank: int) -> None:
@@ -107,7 +119,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     accum = train_cfg.gradient_accumulation_steps
 
     base = load_model(recipe.model.name_or_path, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code)
-    trainable = method.build(base, seed=recipe.seed + rank, total_steps=total_steps)
+    # the same seed on every worker: a rank drawn per optimizer step (DyLoRA) must agree across workers
+    trainable = method.build(base, seed=recipe.seed, total_steps=total_steps)
     params = [p for p in trainable.model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=train_cfg.weight_decay)
@@ -123,6 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = 0
     loss_curve: list[list[float]] = []
     val_curve: list[list[float]] = []
+    ranks_used: list[dict] = []  # this worker's record: one entry per micro-batch
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -132,6 +146,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state = json.loads(state_file.read_text())
                 loss_curve = [p for p in state["loss_curve"] if p[0] <= step]
                 val_curve = [p for p in state.get("val_loss_curve", []) if p[0] <= step]
+            ranks_file = Path(ckpt_dir) / RANKS_FILE
+            if ranks_file.is_file():
+                ranks_used = [r for r in json.loads(ranks_file.read_text())
+                              if r["worker"] == rank and r["step"] < step]
     resumed_from = step
     curves = _MlflowCurves(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else _MlflowCurves(None, None)
 
@@ -146,10 +164,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.save(tmp_path, step, rank)
             if final:
                 engine.export(tmp_path / EXPORT_DIR, method, rank)
+            records = gather_records(ranks_used)
             if rank == 0:
                 (tmp_path / STATE_FILE).write_text(json.dumps({"step": step, "loss_curve": loss_curve,
                                                                "val_loss_curve": val_curve}))
+                (tmp_path / RANKS_FILE).write_text(json.dumps(records))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def gather_records(own: list[dict]) -> list[dict]:
+        """Every worker's rank record, on every worker (all of them report together)."""
+        if world == 1 or not dist.is_initialized():
+            return list(own)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, own)
+        return sorted((r for part in gathered for r in part), key=lambda r: (r["step"], r["worker"], r["micro_batch"]))
 
     def validation_loss() -> float:
         """Mean loss over the held-out rows, every worker on its equal share (ZeRO-3 needs all ranks)."""
@@ -188,7 +216,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if micro <= skip:
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
+            if trainable.set_step is not None:
+                trainable.set_step(step)  # the global optimizer step this micro-batch's gradient goes into
             loss = engine.model(**trainable.forward_kwargs(batch)).loss
+            if trainable.ranks_used is not None:
+                used = trainable.ranks_used()
+                if used is not None:
+                    ranks_used.append(rank_record(rank, step, (micro - 1) % accum, used))
             boundary = engine.backward_step(loss, step)
             window_loss += float(loss.detach()) / accum
             window_tokens += int(batch["attention_mask"].sum())

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from flexi_workflows.adapters import DyLoRA, DyLoRAPlus, FlexiLoraConfig, FlexiRouted, StaticRank, inject_flexi_lora
-from flexi_workflows.adapters.policies import policy_from_dict
+from flexi_workflows.adapters.policies import eval_stream, policy_from_dict, step_rank
 from flexi_workflows.errors import ConfigError, RankError
 from tests.conftest import make_tiny_llama
 
 
 def _draws(policy, training, n=400):
-    return [policy.ranks(4, training=training) for _ in range(n)]
+    """n batches; in training each is its own optimizer step (the loop calls set_step before each)."""
+    out = []
+    for step in range(n):
+        policy.set_step(step)
+        out.append(policy.ranks(4, training=training))
+    return out
 
 
 def test_static_rank_everywhere():
@@ -39,6 +45,47 @@ def test_dylora_plus_draws_in_training_and_inference():
         assert {int(d[0]) for d in draws} == set(range(1, 9))
 
 
+def test_one_training_rank_per_optimizer_step_whatever_the_worker_or_micro_batch():
+    """The rank is a pure function of (seed, step): two workers' policies, several micro-batches each,
+    agree at every step without talking to each other; a restarted policy picks up where it left off."""
+    workers = [DyLoRA(1, 8, seed=3), DyLoRA(1, 8, seed=3)]
+    per_step = []
+    for step in range(40):
+        seen = set()
+        for policy in workers:
+            for _micro in range(3):
+                policy.set_step(step)
+                seen |= set(policy.ranks(2, training=True).tolist())
+        assert len(seen) == 1, f"step {step}: ranks {seen}"
+        per_step.append(seen.pop())
+    assert per_step == [step_rank(3, s, 1, 8) for s in range(40)]
+    assert len(set(per_step)) > 4, "the draws cover the range"
+    resumed = DyLoRAPlus(1, 8, seed=3)
+    resumed.set_step(17)
+    assert int(resumed.ranks(1, training=True)[0]) == per_step[17], "DyLoRA and DyLoRA+ draw the same training ranks"
+    assert [step_rank(4, s, 1, 8) for s in range(40)] != per_step
+
+
+def test_a_training_forward_without_a_step_is_an_error():
+    with pytest.raises(RankError, match="one rank per optimizer step"):
+        DyLoRA(1, 8).ranks(2, training=True)
+    assert DyLoRA(1, 8, eval_rank=4).ranks(2, training=False).tolist() == [4, 4]
+
+
+def test_dylora_plus_eval_streams_differ_per_stream_and_repeat_per_seed():
+    a0, a1 = eval_stream(7, 0, 200, 1, 8), eval_stream(7, 1, 200, 1, 8)
+    assert not np.array_equal(a0, a1), "each actor's shard has its own stream"
+    assert np.array_equal(a0, eval_stream(7, 0, 200, 1, 8)), "the same seed repeats it"
+    assert not np.array_equal(a0, eval_stream(8, 0, 200, 1, 8))
+    assert np.array_equal(eval_stream(7, 1, 20, 1, 8), a1[:20]), "a longer draw extends a shorter one"
+    assert set(a0.tolist()) == set(range(1, 9))
+    policy = DyLoRAPlus(1, 8, seed=7)
+    for stream, drawn in ((0, a0), (1, a1)):  # any order of positions gives the stream's ranks
+        assert [policy.eval_rank(stream, p) for p in (150, 3, 0, 199)] == [int(drawn[p]) for p in (150, 3, 0, 199)]
+    training = [step_rank(7, s, 1, 8) for s in range(200)]
+    assert training != a0.tolist(), "training draws and eval streams are independent"
+
+
 def test_random_policies_are_reproducible_under_a_seed():
     a = [int(d[0]) for d in _draws(DyLoRAPlus(1, 8, seed=5), True, 30)]
     b = [int(d[0]) for d in _draws(DyLoRAPlus(1, 8, seed=5), True, 30)]
@@ -60,10 +107,15 @@ def test_policy_drives_the_model_by_mode():
     flexi.eval()
     flexi(input_ids=ids)
     flexi.train()
-    for _ in range(20):
+    for step in range(20):
+        flexi.set_step(step)
         flexi(input_ids=ids)
+        flexi(input_ids=ids)  # a second micro-batch of the same step
     assert seen[0] == (False, [8, 8], 8)
-    assert len({u for _, _, u in seen[1:]}) > 1
+    train = seen[1:]
+    assert all(train[2 * i] == train[2 * i + 1] for i in range(20)), "one rank per step"
+    assert len({u for _, _, u in train}) > 1
+    assert flexi.last_ranks.tolist() == train[-1][1]
 
 
 def test_flexi_policy_needs_ranks_or_a_router():

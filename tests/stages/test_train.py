@@ -7,7 +7,7 @@ import json
 import pytest
 
 from flexi_workflows.stages.evaluate import METRICS, run_eval
-from flexi_workflows.stages.train import REPORT, run_train
+from flexi_workflows.stages.train import RANKS_USED, REPORT, run_train
 from tests.helpers import score_and_route, small_recipe
 
 pytestmark = pytest.mark.slow
@@ -93,3 +93,6 @@ def test_failed_worker_resumes_from_last_checkpoint(tmp_path, tiny_model_dir, ra
     assert report["steps"] == report["total_steps"] == 16
     assert report["resumed_from_step"] == 4, "restarted from the step-4 checkpoint, not from scratch"
     assert [s for s, _ in report["loss_curve"]] == list(range(1, 17))
+    records = json.loads((out / RANKS_USED).read_text())
+    assert [(r["step"], r["rank"]) for r in records] == [(step, 4) for step in range(16)], \
+        "the rank record keeps what the checkpoint held and goes on from there, each micro-batch once"
