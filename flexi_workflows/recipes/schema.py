@@ -19,22 +19,49 @@ from flexi_workflows.errors import ConfigError, DataError
 
 @dataclass
 class DataSource:
-    """A dataset: a local file (`path`) or a hub dataset (`name`), one split, optionally the first `limit` rows."""
+    """A dataset: a local file or folder (`path`) or a hub dataset (`name`), one split, optionally `limit` rows.
+
+    Rows may come from several subsets (MRQA's six training sets, MetaMathQA's question types): each
+    row carries its `subset`, and `selection` decides which rows `limit` keeps and in what order:
+
+      auto        per_subset when the rows come from more than one subset, else first (the default)
+      first       the first `limit` rows in file / split order
+      shuffle     a seeded shuffle of every row, then the first `limit`
+      per_subset  `limit` shared equally by the subsets (one with fewer rows leaves its unused share to
+                  the others), each subset's rows drawn with `seed`; the result is shuffled with `seed`
+                  so that subsets interleave (training reads rows in this order)
+
+    seed: the seed of those draws — data selection only, so `recipe.seed` (a sweep's seeds) never
+    changes which rows are used. subsets: keep only rows of these subsets (MRQA dataset names,
+    MetaMathQA types); unset keeps every subset, except MetaMathQA, whose default is its GSM8K part.
+    """
 
     name: str | None = None
     path: str | None = None
     split: str = "train"
     limit: int | None = None
+    selection: Literal["auto", "first", "shuffle", "per_subset"] = "auto"
+    seed: int = 0
+    subsets: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.name and not self.path:
             raise DataError("a data source needs a `name` (hub dataset) or a `path` (local file)")
         if self.limit is not None and self.limit < 1:
             raise DataError(f"data source limit must be ≥ 1, got {self.limit}")
+        if self.seed < 0:
+            raise ConfigError(f"data source seed must be ≥ 0, got {self.seed}")
+        if self.subsets is not None and (not self.subsets or len(set(self.subsets)) != len(self.subsets)):
+            raise ConfigError(f"data source subsets must list distinct subset names, got {self.subsets}")
 
     @property
     def label(self) -> str:
-        return self.name or Path(self.path).stem
+        return self.name or Path(self.path).stem.removesuffix(".jsonl")
+
+    @property
+    def stops_at_limit(self) -> bool:
+        """Whether a loader may stop reading once it has `limit` rows (only when the first rows are wanted)."""
+        return self.selection == "first" and self.limit is not None and self.subsets is None
 
 
 @dataclass

@@ -27,7 +27,7 @@ from flexi_workflows.recipes.schema import Recipe
 from flexi_workflows.scoring.difficulty import assign_classes, class_stats
 from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, run_stage
 from flexi_workflows.stages.inputs import data_inputs, model_inputs, task_inputs
-from flexi_workflows.tasks import Row, get_task
+from flexi_workflows.tasks import Row, get_task, metric_key, subset_of
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def build_scored_table(rows: list[Row], outputs: dict[str, dict], recipe: Recipe
         {
             "id": [r["id"] for r in rows],
             "source": [r.get("source", "") for r in rows],
+            "subset": [subset_of(r) for r in rows],
             "question": [r["question"] for r in rows],
             "context": [r.get("context", "") for r in rows],
             "prompt": [outputs[r["id"]]["prompt"] for r in rows],
@@ -107,8 +108,21 @@ def build_scored_table(rows: list[Row], outputs: dict[str, dict], recipe: Recipe
         }
     )
     stats = class_stats(classes, names, scores)
-    stats.update({"metric": task.metric, "thresholds": recipe.scoring.thresholds, "mean_score": float(scores.mean())})
+    stats.update({"metric": task.metric, "thresholds": recipe.scoring.thresholds, "mean_score": float(scores.mean()),
+                  "subsets": subset_stats(rows, scores, classes, len(names))})
     return table, stats
+
+
+def subset_stats(rows: list[Row], scores: np.ndarray, classes: np.ndarray, num_classes: int) -> dict[str, dict]:
+    """Per subset (MRQA's training sets, MetaMathQA's types): rows, mean score and rows per class —
+    the record of what the training mix really held."""
+    keys = np.asarray([subset_of(r) for r in rows])
+    out = {}
+    for key in sorted(set(keys.tolist())):
+        mask = keys == key
+        out[key] = {"rows": int(mask.sum()), "mean_score": float(scores[mask].mean()),
+                    "class_counts": np.bincount(classes[mask], minlength=num_classes).tolist()}
+    return out
 
 
 class ScoreStage(Stage):
@@ -150,8 +164,12 @@ class ScoreStage(Stage):
         pq.write_table(table, tmp / SCORED)
         (tmp / STATS).write_text(json.dumps(stats, indent=2) + "\n")
         log.info("score: %d rows, classes %s", len(rows), [c["count"] for c in stats["classes"]])
+        log.info("score: rows per subset %s", {k: v["rows"] for k, v in stats["subsets"].items()})
         metrics = {f"class_share_{c['name']}": c["share"] for c in stats["classes"]}
         metrics.update({"scored_rows": stats["total"], "mean_score": stats["mean_score"]})
+        for key, sub in stats["subsets"].items():
+            metrics[f"subset_rows.{metric_key(key)}"] = sub["rows"]
+            metrics[f"subset_mean_score.{metric_key(key)}"] = sub["mean_score"]
         params = {f"scoring.{k}": v for k, v in dataclasses.asdict(self.recipe.scoring).items()}
         return StageOutput(metrics=metrics, params=params, artifacts=[STATS])
 

@@ -8,6 +8,8 @@ Rows are plain dicts so they travel unchanged through Ray Data, parquet and JSON
     target    the training target text (what the model learns to produce)
     answers   gold answers as strings (math: one numeric string; QA: every accepted answer)
     source    the DataSource name the row came from
+    subset    the part of a multi-part dataset the row belongs to (MRQA: SQuAD, NewsQA, ...;
+              MetaMathQA: GSM_AnsAug, ...); absent for single-part datasets
 
 Speech (a later issue) adds an `audio` field and a feature extractor in place of the prompt; the
 loader/scoring split here is what stays the same.
@@ -15,12 +17,76 @@ loader/scoring split here is what stays the same.
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
+
+import numpy as np
 
 from flexi_workflows.errors import DataError
 from flexi_workflows.recipes.schema import DataSource
 
 Row = dict[str, Any]
+
+
+def subset_of(row: Row) -> str:
+    """The row's subset, or its source for rows of a single-part dataset."""
+    return str(row.get("subset") or row.get("source") or "")
+
+
+def subset_counts(rows: list[Row]) -> dict[str, int]:
+    """Rows per subset, by name (what a stage records so a mix can be checked after the fact)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        key = subset_of(row)
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def metric_key(name: str) -> str:
+    """A subset name as an MLflow metric-name part (letters, digits, _ - . / and spaces only)."""
+    return re.sub(r"[^\w\-./ ]", "_", name) or "_"
+
+
+def subset_quotas(sizes: dict[str, int], total: int) -> dict[str, int]:
+    """`total` rows shared equally by subsets of the given sizes; a subset too small for its share
+    gives the rest to the others (water-filling), and leftover single rows go to the largest subsets."""
+    quotas: dict[str, int] = {}
+    remaining = min(total, sum(sizes.values()))
+    order = sorted(sizes, key=lambda k: (sizes[k], k))
+    for i, key in enumerate(order):
+        take = min(sizes[key], remaining // (len(order) - i))
+        quotas[key] = take
+        remaining -= take
+    return {key: quotas[key] for key in sizes}
+
+
+def select_rows(rows: list[Row], source: DataSource) -> list[Row]:
+    """Subset filter, then `source.selection` applied to `source.limit` (see DataSource)."""
+    if not rows:
+        return rows
+    where = source.path or source.name
+    if source.subsets is not None:
+        present = subset_counts(rows)
+        missing = [s for s in source.subsets if s not in present]
+        if missing:
+            raise DataError(f"{where}: subsets {missing} have no rows here (subsets found: "
+                            f"{', '.join(present) or 'none'})")
+        rows = [r for r in rows if subset_of(r) in source.subsets]
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(subset_of(row), []).append(i)
+    selection = source.selection
+    if selection == "auto":
+        selection = "per_subset" if len(groups) > 1 else "first"
+    limit = len(rows) if source.limit is None else min(source.limit, len(rows))
+    if selection == "first":
+        return rows[:limit]
+    rng = np.random.default_rng(source.seed)
+    if selection == "shuffle":
+        return [rows[i] for i in rng.permutation(len(rows))[:limit]]
+    quotas = subset_quotas({k: len(v) for k, v in groups.items()}, limit)
+    picked = np.concatenate([np.asarray(groups[k])[rng.permutation(len(groups[k]))[: quotas[k]]] for k in groups])
+    return [rows[i] for i in picked[rng.permutation(len(picked))]]
 
 
 class Task:
@@ -31,9 +97,9 @@ class Task:
     plain_template: ClassVar[str]
 
     def load(self, source: DataSource) -> list[Row]:
-        rows = self._load(source)
-        if source.limit is not None:
-            rows = rows[: source.limit]
+        """The source's rows: every row parsed (a loader stops early only for `selection: first`),
+        then the subset filter and `limit` applied as the source's `selection` says."""
+        rows = select_rows(self._load(source), source)
         if not rows:
             raise DataError(f"{source.path or source.name}: the dataset is empty")
         return rows

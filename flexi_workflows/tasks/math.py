@@ -94,7 +94,7 @@ class MathTask(Task):
             for i, (where, obj) in enumerate(records):
                 row = parse_math_record(obj, where, f"{label}:{i}")
                 rows.append({**row, "source": label})
-                if source.limit is not None and len(rows) >= source.limit:
+                if source.stops_at_limit and len(rows) >= source.limit:
                     break
             return rows
         return self._load_hub(source, label)
@@ -112,7 +112,7 @@ class MathTask(Task):
         rows = []
         for i, obj in enumerate(records):
             rows.append({**parse_math_record(dict(obj), f"{name}[{source.split}] row {i}", f"{label}:{i}"), "source": label})
-            if source.limit is not None and len(rows) >= source.limit:
+            if source.stops_at_limit and len(rows) >= source.limit:
                 break
         return rows
 

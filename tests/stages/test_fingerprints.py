@@ -122,6 +122,8 @@ def perturbations(key: str, value, tp, world) -> list[str]:
         "task.name": ["task.name=arith"],
         "task.train.path": [f"task.train.path={other_data}"],
         "task.eval.0.path": [f"task.eval.0.path={other_data}"],
+        "task.train.subsets": ["task.train.subsets=[train]"],
+        "task.eval.0.subsets": ["task.eval.0.subsets=[mini]"],
         "scoring.num_classes": ["scoring.num_classes=3", "scoring.thresholds=[0.8, 0.3]", "scoring.class_names=[a, b, c]",
                                 "method.ranks=[1, 4, 8]", "compare.1.ranks=[1, 2, 8]"],
         "scoring.thresholds": ["scoring.thresholds=[0.4]"],
