@@ -24,7 +24,7 @@ class DataSource:
     Rows may come from several subsets (MRQA's six training sets, MetaMathQA's question types): each
     row carries its `subset`, and `selection` decides which rows `limit` keeps and in what order:
 
-      auto        per_subset when the rows come from more than one subset, else first (the default)
+      auto        per_subset when the rows name more than one subset, else first (the default)
       first       the first `limit` rows in file / split order
       shuffle     a seeded shuffle of every row, then the first `limit`
       per_subset  `limit` shared equally by the subsets (one with fewer rows leaves its unused share to

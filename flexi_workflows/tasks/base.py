@@ -76,8 +76,8 @@ def select_rows(rows: list[Row], source: DataSource) -> list[Row]:
     for i, row in enumerate(rows):
         groups.setdefault(subset_of(row), []).append(i)
     selection = source.selection
-    if selection == "auto":
-        selection = "per_subset" if len(groups) > 1 else "first"
+    if selection == "auto":  # a mix only where the data names several subsets
+        selection = "per_subset" if len({r["subset"] for r in rows if r.get("subset")}) > 1 else "first"
     limit = len(rows) if source.limit is None else min(source.limit, len(rows))
     if selection == "first":
         return rows[:limit]

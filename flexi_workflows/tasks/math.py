@@ -1,4 +1,4 @@
-"""Math word problems: GSM8K, MetaMathQA (GSM subset), SVAMP, MultiArith, MAWPS.
+"""Math word problems: GSM8K, MetaMathQA (GSM8K subset), SVAMP, MultiArith, MAWPS.
 
 Local files in any of three record shapes, as JSONL or one JSON list, are recognised by their fields:
 
@@ -7,7 +7,14 @@ Local files in any of three record shapes, as JSONL or one JSON list, are recogn
     {"query", "response": "... The answer is: 18", "type"}   MetaMathQA
 
 The LLM-Adapters `output` field is some model's generated text, often wrong: it is never read.
-Hub names (for users with internet): openai/gsm8k, meta-math/MetaMathQA (GSM types only).
+Hub names (for users with internet): openai/gsm8k, meta-math/MetaMathQA.
+
+MetaMathQA (paper §4: "we train on the GSM8K subset of the MetaMathQA dataset"): its `type` names the
+source and the augmentation — GSM_AnsAug, GSM_Rephrased, GSM_SV, GSM_FOBAR come from GSM8K, the MATH_*
+types from MATH. A row's `subset` is its type, and a source keeps the four GSM types unless its
+`subsets` says otherwise — from the hub and from a local copy alike (MetaMathQA-395K.json holds both).
+The gold answer is the number after the response's final "The answer is:"; the training target is
+the response's reasoning followed by "#### N", the same answer line as GSM8K's.
 """
 
 from __future__ import annotations
@@ -22,8 +29,12 @@ from flexi_workflows.tasks.base import DataSource, Row, Task
 from flexi_workflows.tasks.io import iter_jsonl, read_json_list, require
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
-_METAMATH_ANSWER = re.compile(r"The answer is:?\s*(.+?)\s*$", re.DOTALL)
+_METAMATH_ANSWER = re.compile(r"The answer is\s*:?\s*")
 HUB_ALIASES = {"gsm8k": "openai/gsm8k", "metamathqa": "meta-math/MetaMathQA"}
+METAMATH_HUB = "meta-math/MetaMathQA"
+_HASH_LINE = re.compile(r"\n?####[^\n]*\s*$")
+# the GSM8K part of MetaMathQA: answer augmentation, rephrasing, self-verification, FOBAR
+METAMATH_GSM_TYPES = ("GSM_AnsAug", "GSM_Rephrased", "GSM_SV", "GSM_FOBAR")
 
 
 def _gold_string(value: Any, where: str) -> str:
@@ -51,17 +62,40 @@ def _adapters_row(obj: dict, where: str, rid: str) -> Row:
     return {"id": rid, "question": question.strip(), "context": "", "answers": [gold], "target": f"#### {gold}"}
 
 
+def metamath_answer(response: str) -> tuple[str, str] | None:
+    """(reasoning, answer text) split at the response's last "The answer is:", or None without one."""
+    matches = list(_METAMATH_ANSWER.finditer(response))
+    if not matches:
+        return None
+    last = matches[-1]
+    return response[: last.start()].strip(), response[last.end():].strip()
+
+
 def _metamath_row(obj: dict, where: str, rid: str) -> Row:
     query = require(obj, "query", where)
     response = require(obj, "response", where)
-    match = _METAMATH_ANSWER.search(response)
-    number = extract_number(match.group(1)) if match else None
+    split = metamath_answer(response)
+    if split is None:
+        raise DataError(f"{where}: MetaMathQA response has no final 'The answer is: N'")
+    reasoning, answer = split
+    reasoning = _HASH_LINE.sub("", reasoning).strip()  # some responses repeat GSM8K's own "#### N" line
+    number = parse_number(answer.removesuffix(".").removesuffix("%").strip())
     if number is None:
-        raise DataError(f"{where}: MetaMathQA response has no 'The answer is: N'")
+        raise DataError(f"{where}: MetaMathQA answer {answer[:60]!r} is not a number (the math task grades "
+                        f"numeric answers; MATH_* types often have expressions — keep to the GSM types)")
     gold = _gold_string(number, where)
-    reasoning = response[: match.start()].strip()
-    return {"id": rid, "question": query.strip(), "context": "", "answers": [gold],
-            "target": f"{reasoning}\n#### {gold}" if reasoning else f"#### {gold}"}
+    row = {"id": rid, "question": query.strip(), "context": "", "answers": [gold],
+           "target": f"{reasoning}\n#### {gold}" if reasoning else f"#### {gold}"}
+    if isinstance(obj.get("type"), str) and obj["type"]:
+        row["subset"] = obj["type"]
+    return row
+
+
+def wanted_metamath(obj: dict, source: DataSource) -> bool:
+    """Whether a MetaMathQA record is in the source's subsets (default: the GSM8K types); other records pass."""
+    if not ("query" in obj and "response" in obj and "type" in obj):
+        return True
+    return str(obj["type"]) in (source.subsets if source.subsets is not None else METAMATH_GSM_TYPES)
 
 
 def parse_math_record(obj: dict, where: str, rid: str) -> Row:
@@ -86,12 +120,14 @@ class MathTask(Task):
         label = source.label
         if source.path:
             path = Path(source.path)
-            if path.suffix == ".jsonl":
+            if path.name.endswith((".jsonl", ".jsonl.gz")):
                 records = ((f"{path}:{n}", obj) for n, obj in iter_jsonl(path))
             else:
                 records = ((f"{path} item {i}", obj) for i, obj in read_json_list(path))
             rows = []
             for i, (where, obj) in enumerate(records):
+                if not wanted_metamath(obj, source):
+                    continue
                 row = parse_math_record(obj, where, f"{label}:{i}")
                 rows.append({**row, "source": label})
                 if source.stops_at_limit and len(rows) >= source.limit:
@@ -105,13 +141,14 @@ class MathTask(Task):
         name = HUB_ALIASES.get(source.name.lower(), source.name)
         if name == "openai/gsm8k":
             records = load_hub_dataset(name, "main", source.split)
-        elif name == "meta-math/MetaMathQA":
-            records = (r for r in load_hub_dataset(name, None, source.split) if str(r.get("type", "")).startswith("GSM"))
         else:
             records = load_hub_dataset(name, None, source.split)
         rows = []
         for i, obj in enumerate(records):
-            rows.append({**parse_math_record(dict(obj), f"{name}[{source.split}] row {i}", f"{label}:{i}"), "source": label})
+            obj = dict(obj)
+            if not wanted_metamath(obj, source):
+                continue
+            rows.append({**parse_math_record(obj, f"{name}[{source.split}] row {i}", f"{label}:{i}"), "source": label})
             if source.stops_at_limit and len(rows) >= source.limit:
                 break
         return rows
