@@ -34,6 +34,8 @@ class DataSource:
     seed: the seed of those draws — data selection only, so `recipe.seed` (a sweep's seeds) never
     changes which rows are used. subsets: keep only rows of these subsets (MRQA dataset names,
     MetaMathQA types); unset keeps every subset, except MetaMathQA, whose default is its GSM8K part.
+    note: a remark on the data (which copy, which split) carried into summary rows and report tables;
+    known copies that differ from the paper's splits get one automatically (tasks/math.py).
     """
 
     name: str | None = None
@@ -43,6 +45,7 @@ class DataSource:
     selection: Literal["auto", "first", "shuffle", "per_subset"] = "auto"
     seed: int = 0
     subsets: list[str] | None = None
+    note: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name and not self.path:

@@ -120,6 +120,10 @@ class Task:
 
     answer_prefix: ClassVar[str] = "\nAnswer:"
 
+    def note(self, source: DataSource, count: int | None) -> str | None:
+        """The remark reports show beside a dataset of `count` rows (the source's own `note` here)."""
+        return source.note or None
+
     def score(self, prediction: str, row: Row) -> float:
         """The difficulty metric in [0, 1]."""
         raise NotImplementedError
