@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from flexi_workflows.tasks import get_task
+from flexi_workflows.tasks.base import DEFAULT_DATE_STRING
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,6 +30,7 @@ class BatchGenerator:
         trust_remote_code: bool = False,
         device: str | None = None,
         num_threads: int | None = None,
+        date_string: str = DEFAULT_DATE_STRING,
     ) -> None:
         from flexi_workflows.models.loading import load_model, load_tokenizer
 
@@ -41,6 +43,7 @@ class BatchGenerator:
         self.model.to(self.device).eval()
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens
+        self.date_string = date_string  # the date chat templates see (TaskConfig.date_string)
         # a chat template already writes BOS; tokenizing with special tokens would add a second one
         self.add_special_tokens = not getattr(self.tokenizer, "chat_template", None)
 
@@ -48,7 +51,7 @@ class BatchGenerator:
         n = len(batch["id"])
         contexts = batch.get("context", [""] * n)
         return [
-            self.task.build_prompt({"question": str(q), "context": str(c)}, self.tokenizer)
+            self.task.build_prompt({"question": str(q), "context": str(c)}, self.tokenizer, date_string=self.date_string)
             for q, c in zip(batch["question"], contexts)
         ]
 

@@ -9,6 +9,7 @@ Checks that involve several keys (thresholds vs classes, ranks vs classes, order
 
 from __future__ import annotations
 
+import datetime
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,13 +79,40 @@ class ModelConfig:
     cache_dir: str = "~/.cache/flexi-workflows"
 
 
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def parse_date_string(text: str) -> datetime.date:
+    """A date written as Llama 3.x chat templates write it, "26 Jul 2024" (English month, any locale)."""
+    parts = text.split()
+    if len(parts) != 3 or parts[1] not in _MONTHS or not parts[0].isdigit() or not parts[2].isdigit():
+        raise ValueError(f"expected a date like '26 Jul 2024', got {text!r}")
+    return datetime.date(int(parts[2]), _MONTHS.index(parts[1]) + 1, int(parts[0]))
+
+
 @dataclass
 class TaskConfig:
+    """max_prompt_tokens / max_target_tokens: token budgets of the prompt and the training target.
+
+    date_string: the date chat templates see. Llama 3.x templates write "Today Date: <date>" into the
+    system prompt — `strftime_now` (today) unless `date_string` is given — so a prompt would change with
+    the calendar and, with it, every fingerprint and result. Prompts pass this fixed date as
+    `date_string`, and templates that call `strftime_now` directly see the same day. The default is
+    the Llama 3.x templates' own fallback date.
+    """
+
     name: str = "math"
     train: DataSource | None = None
     eval: list[DataSource] = field(default_factory=list)
     max_prompt_tokens: int = 512
     max_target_tokens: int = 256
+    date_string: str = "26 Jul 2024"
+
+    def __post_init__(self) -> None:
+        try:
+            parse_date_string(self.date_string)
+        except ValueError as exc:
+            raise ConfigError(f"task.date_string: {exc} (day, English month abbreviation, year)") from None
 
 
 @dataclass

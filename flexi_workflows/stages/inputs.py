@@ -47,4 +47,6 @@ def data_inputs(source: DataSource) -> dict[str, Any]:
 
 
 def task_inputs(recipe: Recipe) -> dict[str, Any]:
-    return {"name": recipe.task.name, "max_prompt_tokens": recipe.task.max_prompt_tokens}
+    # the chat template's date is part of every prompt (TaskConfig.date_string)
+    return {"name": recipe.task.name, "max_prompt_tokens": recipe.task.max_prompt_tokens,
+            "date_string": recipe.task.date_string}

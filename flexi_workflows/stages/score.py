@@ -69,6 +69,7 @@ def score_rows(rows: list[Row], recipe: Recipe) -> dict[str, dict]:
             "task_name": recipe.task.name,
             "max_new_tokens": cfg.max_new_tokens,
             "max_prompt_tokens": recipe.task.max_prompt_tokens,
+            "date_string": recipe.task.date_string,
             "dtype": recipe.model.dtype,
             "trust_remote_code": recipe.model.trust_remote_code,
             "num_threads": max(1, int(cfg.cpus_per_actor)),

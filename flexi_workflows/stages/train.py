@@ -85,7 +85,7 @@ def training_examples(recipe: Recipe, method: Method, route: StageResult | None)
     tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
     special = not getattr(tokenizer, "chat_template", None)
     examples = [
-        encode_example(task.build_prompt(r, tokenizer), r["target"], tokenizer,
+        encode_example(task.build_prompt(r, tokenizer, date_string=recipe.task.date_string), r["target"], tokenizer,
                        max_prompt_tokens=recipe.task.max_prompt_tokens,
                        max_target_tokens=recipe.task.max_target_tokens, add_special_tokens=special)
         for r in rows

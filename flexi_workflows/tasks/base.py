@@ -17,15 +17,53 @@ loader/scoring split here is what stays the same.
 
 from __future__ import annotations
 
+import datetime
 import re
-from typing import Any, ClassVar
+import threading
+from contextlib import contextmanager
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
 from flexi_workflows.errors import DataError
-from flexi_workflows.recipes.schema import DataSource
+from flexi_workflows.recipes.schema import DataSource, TaskConfig, parse_date_string
 
 Row = dict[str, Any]
+DEFAULT_DATE_STRING = TaskConfig.date_string  # "26 Jul 2024", the Llama 3.x templates' own fallback
+
+
+_CLOCK_LOCK = threading.Lock()
+
+
+@contextmanager
+def template_clock(date_string: str) -> Iterator[None]:
+    """While rendering, chat templates' `strftime_now` reads `date_string`'s day (midnight), not today.
+
+    transformers hands templates a `strftime_now` that calls `datetime.now()` in its chat-template
+    module and turns callables passed as template variables into strings, so the clock is pinned where
+    it is read, for the duration of one render, under a lock."""
+    day = parse_date_string(date_string)
+    try:
+        import transformers.utils.chat_template_utils as chat_utils
+    except ImportError:  # no transformers, no templates to pin
+        yield
+        return
+    with _CLOCK_LOCK:
+        real = getattr(chat_utils, "datetime", None)
+        if not (isinstance(real, type) and issubclass(real, datetime.datetime)):
+            yield  # an internal layout this does not know: date_string alone pins the Llama templates
+            return
+
+        class PinnedDatetime(real):  # type: ignore[misc, valid-type]
+            @classmethod
+            def now(cls, tz=None):
+                return cls(day.year, day.month, day.day, tzinfo=tz)
+
+        chat_utils.datetime = PinnedDatetime
+        try:
+            yield
+        finally:
+            chat_utils.datetime = real
 
 
 def subset_of(row: Row) -> str:
@@ -110,12 +148,21 @@ class Task:
     def user_text(self, row: Row) -> str:
         return self.plain_template.format(**row)
 
-    def build_prompt(self, row: Row, tokenizer: Any = None) -> str:
-        """The prompt text: the tokenizer's chat template when it has one, else the plain template."""
-        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(
-                [{"role": "user", "content": self.user_text(row)}], add_generation_prompt=True, tokenize=False
-            )
+    def build_prompt(self, row: Row, tokenizer: Any = None, *, date_string: str = DEFAULT_DATE_STRING) -> str:
+        """The prompt text: the tokenizer's chat template when it has one, else the plain template.
+
+        The template gets a fixed date (TaskConfig.date_string) both as `date_string` (what Llama 3.x
+        templates read) and as its `strftime_now` clock (templates that read the clock directly), so a
+        prompt built tomorrow is the prompt built today."""
+        template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+        if template:
+            messages = [{"role": "user", "content": self.user_text(row)}]
+            if isinstance(template, str) and "strftime_now" not in template:
+                return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                     date_string=date_string)
+            with template_clock(date_string):
+                return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                     date_string=date_string)
         return self.user_text(row) + self.answer_prefix
 
     answer_prefix: ClassVar[str] = "\nAnswer:"

@@ -73,7 +73,7 @@ def expected(key: str) -> set[str]:
     routed = {f"{kind}:{m}" for kind in ("train", "eval") for m in ROUTED}
     everything = {"score", "route", "eval:base"} | trains | method_evals
     top = key.split(".")[0]
-    if top == "model" or key in ("task.name", "task.max_prompt_tokens"):
+    if top == "model" or key in ("task.name", "task.max_prompt_tokens", "task.date_string"):
         return everything
     if key == "task.max_target_tokens":
         return trains | method_evals
@@ -120,6 +120,7 @@ def perturbations(key: str, value, tp, world) -> list[str]:
         "model.name_or_path": [f"model.name_or_path={other_model}"],
         "model.cache_dir": ["model.cache_dir=/elsewhere"],
         "task.name": ["task.name=arith"],
+        "task.date_string": ["task.date_string=1 Jan 2030"],
         "task.train.path": [f"task.train.path={other_data}"],
         "task.eval.0.path": [f"task.eval.0.path={other_data}"],
         "task.train.subsets": ["task.train.subsets=[train]"],
