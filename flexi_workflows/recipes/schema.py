@@ -122,6 +122,12 @@ class ScoringConfig:
     thresholds: K-1 descending cut points on the metric; a score ≥ thresholds[0] is class 0 (the
     easiest), below thresholds[-1] is class K-1 (the hardest). Math: [0.5] (correct = easy);
     QA: e.g. [0.5] for F1 ≥ 0.5 = easy.
+
+    num_samples: answers per training row. 1 (the paper's setup) = one greedy answer, graded; k > 1 =
+    k answers sampled with `temperature` and nucleus `top_p` (no top-k), seeded from `seed` and the
+    batch's row ids, and the score is their mean grade — for math the pass rate (correct / k), which
+    takes k+1 values, so three classes (e.g. thresholds [0.75, 0.25] with k = 4) become possible.
+    temperature, top_p and seed matter only when sampling (num_samples > 1).
     """
 
     batch_size: int = 16
@@ -132,6 +138,14 @@ class ScoringConfig:
     num_classes: int = 2
     thresholds: list[float] = field(default_factory=lambda: [0.5])
     class_names: list[str] | None = None
+    num_samples: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.9
+    seed: int = 0
+
+    @property
+    def sampling(self) -> bool:
+        return self.num_samples > 1
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
@@ -147,9 +161,22 @@ class ScoringConfig:
             self.class_names = ["easy", "hard"] if self.num_classes == 2 else [f"class{k}" for k in range(self.num_classes)]
         if len(self.class_names) != self.num_classes:
             raise ConfigError(f"scoring.class_names needs {self.num_classes} names, got {self.class_names}")
-        for key in ("batch_size", "max_new_tokens", "num_actors"):
+        for key in ("batch_size", "max_new_tokens", "num_actors", "num_samples"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"scoring.{key} must be ≥ 1, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"scoring.temperature must be > 0 (num_samples: 1 is the greedy answer), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"scoring.top_p must be in (0, 1], got {self.top_p}")
+        if self.seed < 0:
+            raise ConfigError(f"scoring.seed must be ≥ 0, got {self.seed}")
+
+    def unreachable_classes(self) -> list[int]:
+        """Classes that no score in {0, 1/k, ..., 1} falls into — for tasks whose per-answer grade is 0 or 1."""
+        k = self.num_samples
+        rates = [j / k for j in range(k + 1)]
+        bounds = [float("inf"), *self.thresholds, float("-inf")]
+        return [c for c in range(self.num_classes) if not any(bounds[c + 1] <= r < bounds[c] for r in rates)]
 
 
 @dataclass
@@ -486,6 +513,10 @@ class SweepConfig:
             raise ConfigError(f"sweep.trial_cpus must be ≥ 0, got {self.trial_cpus}")
 
 
+# tasks whose per-answer grade is 0 or 1 (accuracy): their scores are pass rates j / num_samples
+BINARY_GRADE_TASKS = ("math", "arith")
+
+
 @dataclass
 class Recipe:
     name: str = "experiment"
@@ -505,6 +536,17 @@ class Recipe:
     sweep: SweepConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.task.name in BINARY_GRADE_TASKS:
+            empty = self.scoring.unreachable_classes()
+            if empty:
+                k = self.scoring.num_samples
+                raise ConfigError(
+                    f"scoring.thresholds {self.scoring.thresholds} leave classes {empty} empty: a {self.task.name} answer "
+                    f"is right or wrong, so with scoring.num_samples={k} a row's score is one of "
+                    f"{', '.join(f'{j}/{k}' for j in range(k + 1))}"
+                    + ("; more classes need sampled answers (scoring.num_samples > 1, the pass rate over k samples)"
+                       if k == 1 else "")
+                )
         for key, method in self.keyed_methods():
             if isinstance(method, FlexiConfig) and len(method.ranks) != self.scoring.num_classes:
                 raise ConfigError(

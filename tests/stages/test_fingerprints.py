@@ -60,6 +60,10 @@ NEUTRAL = (
 )
 
 
+# scoring settings that only a sampling score stage (scoring.num_samples > 1) reads
+SAMPLING = ("scoring.temperature", "scoring.top_p", "scoring.seed")
+
+
 def neutral(key: str) -> bool:
     return any(fnmatch.fnmatch(key, pattern) for pattern in NEUTRAL)
 
@@ -83,6 +87,8 @@ def expected(key: str) -> set[str]:
         return {"eval:base"} | method_evals
     if key == "seed":
         return {"route"} | trains | method_evals
+    if key in SAMPLING:
+        return set()  # the base recipe scores one greedy answer; see test_sampling_settings_count_when_sampling
     if top == "scoring":
         return {"score", "route"} | routed
     if top == "router":
@@ -126,7 +132,7 @@ def perturbations(key: str, value, tp, world) -> list[str]:
         "task.train.subsets": ["task.train.subsets=[train]"],
         "task.eval.0.subsets": ["task.eval.0.subsets=[mini]"],
         "scoring.num_classes": ["scoring.num_classes=3", "scoring.thresholds=[0.8, 0.3]", "scoring.class_names=[a, b, c]",
-                                "method.ranks=[1, 4, 8]", "compare.1.ranks=[1, 2, 8]"],
+                                "method.ranks=[1, 4, 8]", "compare.1.ranks=[1, 2, 8]", "scoring.num_samples=4"],
         "scoring.thresholds": ["scoring.thresholds=[0.4]"],
         "scoring.class_names": ["scoring.class_names=[simple, tricky]"],
         "method.name": ["method={name: dylora, r_min: 2, r_max: 8}"],
@@ -180,6 +186,15 @@ def test_every_recipe_field_is_fingerprinted_where_it_matters_or_declared_neutra
     assert {"task.max_prompt_tokens", "scoring.num_actors", "evaluation.num_actors", "training.log_every",
             "distribution.cpus_per_worker", "distribution.torch_threads", "compare.1.ranks"} <= set(walked)
     assert len(walked) > 60
+
+
+def test_sampling_settings_count_when_sampling(tmp_path, tiny_model_dir):
+    sampled = ["compare=" + json.dumps(COMPARE), "scoring.num_samples=4"]
+    before = roles(small_recipe(tmp_path, tiny_model_dir, overrides=sampled))
+    routed = {f"{kind}:{m}" for kind in ("train", "eval") for m in ROUTED}
+    for change in ("scoring.temperature=1.0", "scoring.top_p=0.5", "scoring.seed=7"):
+        after = roles(small_recipe(tmp_path, tiny_model_dir, overrides=sampled + [change]))
+        assert {r for r in before if before[r] != after[r]} == {"score", "route"} | routed, change
 
 
 def test_the_code_declares_exactly_these_keys_neutral():
