@@ -18,4 +18,4 @@ def get_task(name: str) -> Task:
         raise ConfigError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(TASKS))}") from None
 
 
-__all__ = ["DataSource", "Row", "Task", "TASKS", "get_task", "metric_key", "subset_counts", "subset_of"]
+__all__ = ["TASKS", "DataSource", "Row", "Task", "get_task", "metric_key", "subset_counts", "subset_of"]

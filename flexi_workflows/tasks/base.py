@@ -20,8 +20,9 @@ from __future__ import annotations
 import datetime
 import re
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from flexi_workflows.errors import DataError
-from flexi_workflows.metrics import extract_number, math_correct, parse_number
+from flexi_workflows.metrics import math_correct, parse_number
 from flexi_workflows.tasks.base import DataSource, Row, Task
 from flexi_workflows.tasks.io import iter_jsonl, read_json_list, require
 

@@ -17,8 +17,6 @@ subset, so its first 60,000 rows would be SQuAD alone.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from flexi_workflows.errors import DataError
 from flexi_workflows.metrics import qa_exact_match, qa_f1
 from flexi_workflows.tasks.base import DataSource, Row, Task

@@ -65,7 +65,7 @@ def test_hub_name_filters_the_same_way(monkeypatch):
         seen.update(name=name, split=split)
         return iter(records)
 
-    import flexi_workflows.tasks.hub as hub
+    from flexi_workflows.tasks import hub
 
     monkeypatch.setattr(hub, "load_hub_dataset", fake)
     rows = get_task("math").load(DataSource(name="metamathqa", split="train"))

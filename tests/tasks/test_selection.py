@@ -80,7 +80,7 @@ def test_hub_mrqa_split_ordered_by_subset_is_mixed_under_limit(monkeypatch):
          "detected_answers": {"text": ["b"]}}
         for subset in ("SQuAD", "NewsQA", "TriviaQA", "SearchQA", "HotpotQA", "NaturalQuestions") for i in range(40)
     ]
-    import flexi_workflows.tasks.hub as hub
+    from flexi_workflows.tasks import hub
 
     monkeypatch.setattr(hub, "load_hub_dataset", lambda name, config, split: iter(hub_rows))
     rows = get_task("qa").load(DataSource(name="mrqa", split="train", limit=60))

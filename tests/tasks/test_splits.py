@@ -62,7 +62,7 @@ def test_a_split_by_hub_name(monkeypatch):
         seen.update(name=name, split=split)
         return iter([{"question": "3 and 4 more?", "final_ans": "7"}] * 180)
 
-    import flexi_workflows.tasks.hub as hub
+    from flexi_workflows.tasks import hub
 
     monkeypatch.setattr(hub, "load_hub_dataset", fake)
     source = DataSource(name="multiarith", split="test")
