@@ -99,33 +99,52 @@ def subset_quotas(sizes: dict[str, int], total: int) -> dict[str, int]:
     return {key: quotas[key] for key in sizes}
 
 
-def select_rows(rows: list[Row], source: DataSource) -> list[Row]:
-    """Subset filter, then `source.selection` applied to `source.limit` (see DataSource)."""
-    if not rows:
-        return rows
+class Selected(list):
+    """Rows a loader has already filtered and selected for its source (Task.load leaves them as they are)."""
+
+
+def selected_indices(keys: list[str | None], fallback: list[str], source: DataSource) -> list[int]:
+    """Which rows `source` keeps, in order: row i belongs to subset keys[i] (None for a dataset of one
+    part, then it groups under fallback[i]). The subset filter, then `source.selection` on `source.limit`.
+
+    Loaders that can read one column cheaply (a hub dataset's `subset`) call this before building rows;
+    others build every row and call select_rows — both draw the very same rows."""
     where = source.path or source.name
+    groups_of = [k or f for k, f in zip(keys, fallback)]
+    order = list(range(len(keys)))
     if source.subsets is not None:
-        present = subset_counts(rows)
+        present = sorted(set(groups_of))
         missing = [s for s in source.subsets if s not in present]
         if missing:
             raise DataError(f"{where}: subsets {missing} have no rows here (subsets found: "
                             f"{', '.join(present) or 'none'})")
-        rows = [r for r in rows if subset_of(r) in source.subsets]
-    groups: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(subset_of(row), []).append(i)
+        wanted = set(source.subsets)
+        order = [i for i in order if groups_of[i] in wanted]
     selection = source.selection
     if selection == "auto":  # a mix only where the data names several subsets
-        selection = "per_subset" if len({r["subset"] for r in rows if r.get("subset")}) > 1 else "first"
-    limit = len(rows) if source.limit is None else min(source.limit, len(rows))
+        selection = "per_subset" if len({keys[i] for i in order if keys[i]}) > 1 else "first"
+    limit = len(order) if source.limit is None else min(source.limit, len(order))
     if selection == "first":
-        return rows[:limit]
+        return order[:limit]
     rng = np.random.default_rng(source.seed)
     if selection == "shuffle":
-        return [rows[i] for i in rng.permutation(len(rows))[:limit]]
+        return [order[i] for i in rng.permutation(len(order))[:limit]]
+    groups: dict[str, list[int]] = {}
+    for i in order:
+        groups.setdefault(groups_of[i], []).append(i)
     quotas = subset_quotas({k: len(v) for k, v in groups.items()}, limit)
-    picked = np.concatenate([np.asarray(groups[k])[rng.permutation(len(groups[k]))[: quotas[k]]] for k in groups])
-    return [rows[i] for i in picked[rng.permutation(len(picked))]]
+    picked = np.concatenate([np.asarray(groups[k], dtype=np.int64)[rng.permutation(len(groups[k]))[: quotas[k]]]
+                             for k in groups])
+    return picked[rng.permutation(len(picked))].tolist()
+
+
+def select_rows(rows: list[Row], source: DataSource) -> list[Row]:
+    """Subset filter, then `source.selection` applied to `source.limit` (see DataSource)."""
+    if not rows:
+        return rows
+    keys = [r.get("subset") or None for r in rows]
+    fallback = [str(r.get("source") or "") for r in rows]
+    return [rows[i] for i in selected_indices(keys, fallback, source)]
 
 
 class Task:
@@ -138,7 +157,9 @@ class Task:
     def load(self, source: DataSource) -> list[Row]:
         """The source's rows: every row parsed (a loader stops early only for `selection: first`),
         then the subset filter and `limit` applied as the source's `selection` says."""
-        rows = select_rows(self._load(source), source)
+        rows = self._load(source)
+        if not isinstance(rows, Selected):
+            rows = select_rows(rows, source)
         if not rows:
             raise DataError(f"{source.path or source.name}: the dataset is empty")
         return rows

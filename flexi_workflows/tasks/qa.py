@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from flexi_workflows.errors import DataError
 from flexi_workflows.metrics import qa_exact_match, qa_f1
-from flexi_workflows.tasks.base import DataSource, Row, Task
+from flexi_workflows.tasks.base import DataSource, Row, Selected, Task, selected_indices
 from flexi_workflows.tasks.io import dataset_files, iter_jsonl, require
 
 MRQA_TRAIN_SETS = ("SQuAD", "NewsQA", "TriviaQA", "SearchQA", "HotpotQA", "NaturalQuestions")
@@ -37,6 +37,27 @@ def _qa_row(context: str, qa: dict, where: str, label: str, index: int, subset: 
     qid = qa.get("qid") or qa.get("id") or f"{index}"
     return {"id": f"{label}:{qid}", "question": question.strip(), "context": context, "answers": answers,
             "target": target, "source": label, "subset": subset}
+
+
+def _hub_qa(obj: dict) -> dict:
+    """A hub row's question in the local files' `qas` entry shape."""
+    detected = obj.get("detected_answers") or {}
+    texts = detected.get("text", []) if isinstance(detected, dict) else []
+    return {"qid": obj.get("qid"), "question": obj["question"], "answers": list(obj["answers"]),
+            "detected_answers": [{"text": t} for t in texts]}
+
+
+def _select_hub_rows(records, subset: str | None, source: DataSource):
+    """(row index, row) for the rows `source` keeps, chosen from the `subset` column alone, so only those
+    rows are converted (the train split holds 516,819 rows with tokenised contexts); None when
+    `records` is not a datasets.Dataset (then every row is read and Task.load selects)."""
+    if not (hasattr(records, "select") and "subset" in getattr(records, "column_names", ())):
+        return None
+    names = [str(s) for s in records["subset"]]
+    candidates = [i for i, s in enumerate(names) if subset is None or s == subset]
+    picked = selected_indices([names[i] for i in candidates], [""] * len(candidates), source)
+    indices = [candidates[j] for j in picked]
+    return zip(indices, records.select(indices))
 
 
 class QATask(Task):
@@ -72,16 +93,19 @@ class QATask(Task):
         if subset is None and source.name.lower() != "mrqa":
             raise DataError(f"unknown MRQA subset {source.name!r}; one of {', '.join(wanted.values())}, "
                             f"'mrqa' (every subset of the split), or a local path")
-        for i, obj in enumerate(load_hub_dataset(MRQA_HUB, None, source.split)):
+        records = load_hub_dataset(MRQA_HUB, None, source.split)
+        if subset is not None or not source.stops_at_limit:
+            chosen = _select_hub_rows(records, subset, source)
+            if chosen is not None:
+                return Selected(_qa_row(obj["context"], _hub_qa(obj), f"{MRQA_HUB} row {i}", label, n, str(obj["subset"]))
+                                for n, (i, obj) in enumerate(chosen))
+        for i, obj in enumerate(records):
             if subset is not None and obj.get("subset") != subset:
                 continue
             if source.subsets is not None and obj.get("subset") not in source.subsets:
                 continue
-            detected = obj.get("detected_answers") or {}
-            texts = detected.get("text", []) if isinstance(detected, dict) else []
-            qa = {"qid": obj.get("qid"), "question": obj["question"], "answers": list(obj["answers"]),
-                  "detected_answers": [{"text": t} for t in texts]}
-            rows.append(_qa_row(obj["context"], qa, f"{MRQA_HUB} row {i}", label, len(rows), str(obj.get("subset") or "")))
+            rows.append(_qa_row(obj["context"], _hub_qa(obj), f"{MRQA_HUB} row {i}", label, len(rows),
+                                str(obj.get("subset") or "")))
             if source.stops_at_limit and len(rows) >= source.limit:
                 break
         return rows

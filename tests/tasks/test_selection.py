@@ -89,6 +89,44 @@ def test_hub_mrqa_split_ordered_by_subset_is_mixed_under_limit(monkeypatch):
     assert subset_counts(first) == {"NewsQA": 20, "SQuAD": 40}
 
 
+def test_a_hub_dataset_is_selected_from_its_subset_column_with_the_same_rows(monkeypatch):
+    """With a real datasets.Dataset only the chosen rows are converted — and they are the rows (in the
+    order) that reading every row and selecting afterwards gives."""
+    import datasets
+
+    from flexi_workflows.tasks import hub
+
+    hub_rows = [
+        {"subset": subset, "qid": f"{subset}-{i}", "question": f"q{i}?", "context": f"{subset} {i}", "answers": ["b"],
+         "detected_answers": {"text": ["b"]}}
+        for subset in ("SQuAD", "NewsQA", "TriviaQA", "SearchQA", "HotpotQA", "NaturalQuestions") for i in range(7)
+    ]
+    table = datasets.Dataset.from_list(hub_rows)
+    converted = []
+    original_select = datasets.Dataset.select
+
+    def counting_select(self, indices, *args, **kwargs):
+        converted.extend(indices)
+        return original_select(self, indices, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "select", counting_select)
+    for kw in ({"limit": 20}, {"limit": 20, "selection": "shuffle", "seed": 3}, {"subsets": ["NewsQA", "SQuAD"]},
+               {"limit": 5, "selection": "first"}):
+        monkeypatch.setattr(hub, "load_hub_dataset", lambda name, config, split: table)
+        converted.clear()
+        fast = get_task("qa").load(DataSource(name="mrqa", split="train", **kw))
+        monkeypatch.setattr(hub, "load_hub_dataset", lambda name, config, split: iter(hub_rows))
+        slow = get_task("qa").load(DataSource(name="mrqa", split="train", **kw))
+        assert [r["id"] for r in fast] == [r["id"] for r in slow], kw
+        assert fast == slow
+        if kw.get("selection") != "first":
+            assert len(converted) == len(fast), "only the selected rows are read"
+    monkeypatch.setattr(hub, "load_hub_dataset", lambda name, config, split: table)
+    rows = get_task("qa").load(DataSource(name="NewsQA", split="train", limit=3))
+    assert [r["id"] for r in rows] == ["NewsQA:NewsQA-0", "NewsQA:NewsQA-1", "NewsQA:NewsQA-2"]
+    assert subset_counts(get_task("qa").load(DataSource(name="mrqa", split="train", limit=60))) == {s: 7 for s in SIX_SETS}
+
+
 def test_single_subset_sources_keep_their_first_rows():
     rows = [{"id": str(i), "source": "gsm8k"} for i in range(10)]
     assert [r["id"] for r in select_rows(rows, DataSource(path="x.jsonl", limit=4))] == ["0", "1", "2", "3"]
