@@ -47,7 +47,8 @@ def plain_loop(rows, recipe: Recipe, threads: int) -> tuple[float, dict]:
 
     started = time.perf_counter()
     gen = BatchGenerator(recipe.model.name_or_path, recipe.task.name, max_new_tokens=recipe.scoring.max_new_tokens,
-                         max_prompt_tokens=recipe.task.max_prompt_tokens, num_threads=threads)
+                         max_prompt_tokens=recipe.task.max_prompt_tokens, num_threads=threads,
+                         date_string=recipe.task.date_string)
     out = {}
     bs = recipe.scoring.batch_size
     for start in range(0, len(rows), bs):

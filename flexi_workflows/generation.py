@@ -1,18 +1,26 @@
-"""Batched greedy generation over task rows — the work of one Ray Data actor, or of a plain loop.
+"""Batched generation over task rows — the work of one Ray Data actor, or of a plain loop.
 
 One class serves both so the Ray stage and its single-process reference (bench/scoring.py) run the
 very same code: the model loads once per actor in __init__, and __call__ maps a batch of rows
 (columns as numpy arrays, Ray Data's "numpy" batch format) to their prompts and predictions.
+
+Greedy by default. With num_samples = k > 1 (difficulty from a pass rate, ScoringConfig) each prompt
+gets k answers sampled with temperature / nucleus top_p, seeded from `seed` and the batch's row ids,
+so the same rows in the same batch draw the same answers on any actor; they come back JSON-encoded
+in a `samples` column (one string per row travels through Ray Data's numpy batches unchanged).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import numpy as np
 import torch
 
 from flexi_workflows.tasks import get_task
+from flexi_workflows.tasks.base import DEFAULT_DATE_STRING
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,6 +37,11 @@ class BatchGenerator:
         trust_remote_code: bool = False,
         device: str | None = None,
         num_threads: int | None = None,
+        date_string: str = DEFAULT_DATE_STRING,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
     ) -> None:
         from flexi_workflows.models.loading import load_model, load_tokenizer
 
@@ -41,6 +54,8 @@ class BatchGenerator:
         self.model.to(self.device).eval()
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens
+        self.date_string = date_string  # the date chat templates see (TaskConfig.date_string)
+        self.num_samples, self.temperature, self.top_p, self.seed = num_samples, temperature, top_p, seed
         # a chat template already writes BOS; tokenizing with special tokens would add a second one
         self.add_special_tokens = not getattr(self.tokenizer, "chat_template", None)
 
@@ -48,12 +63,14 @@ class BatchGenerator:
         n = len(batch["id"])
         contexts = batch.get("context", [""] * n)
         return [
-            self.task.build_prompt({"question": str(q), "context": str(c)}, self.tokenizer)
+            self.task.build_prompt({"question": str(q), "context": str(c)}, self.tokenizer, date_string=self.date_string)
             for q, c in zip(batch["question"], contexts)
         ]
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], **generate_kwargs: Any) -> list[str]:
+    def generate(self, prompts: list[str], num_samples: int = 1, **generate_kwargs: Any) -> list[str]:
+        """Completions of `prompts`: greedy, or with sampling settings in `generate_kwargs`
+        `num_samples` per prompt (prompt i's answers at i*num_samples ... (i+1)*num_samples - 1)."""
         enc = self.tokenizer(
             prompts,
             return_tensors="pt",
@@ -66,14 +83,28 @@ class BatchGenerator:
             input_ids=enc["input_ids"],
             attention_mask=enc["attention_mask"],
             max_new_tokens=self.max_new_tokens,
-            do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
-            **generate_kwargs,
+            num_return_sequences=num_samples,
+            **{"do_sample": False, **generate_kwargs},
         )
         return self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
+    def sample(self, prompts: list[str], ids: list[str]) -> list[list[str]]:
+        """`num_samples` sampled answers per prompt, seeded from `seed` and the batch's row ids."""
+        key = f"{self.seed}\x1f" + "\x1f".join(ids)
+        torch.manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % (2**63))
+        k = self.num_samples
+        texts = self.generate(prompts, num_samples=k, do_sample=True, temperature=self.temperature,
+                              top_p=self.top_p, top_k=0)
+        return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = self.prompts(batch)
+        if self.num_samples > 1:
+            samples = self.sample(prompts, [str(i) for i in batch["id"]])
+            return {"id": np.asarray(batch["id"]), "prompt": np.asarray(prompts),
+                    "prediction": np.asarray([s[0] for s in samples]),
+                    "samples": np.asarray([json.dumps(s) for s in samples])}
         predictions = self.generate(prompts)
         return {"id": np.asarray(batch["id"]), "prompt": np.asarray(prompts), "prediction": np.asarray(predictions)}
 

@@ -2,6 +2,8 @@
 
 - QA: SQuAD / MRQA official F1 and exact match. Answers are normalised (lower-case, punctuation and the
   articles a/an/the removed, whitespace collapsed) and the best score over the gold answers counts.
+  F1 is 0 without a shared token, even when both strings normalise to nothing (`qa_f1("the the the",
+  ["the"]) == 0.0`, as mrqa_official_eval.py computes it); exact match compares the normalised strings.
   (The paper authors' earlier code compared stripped strings without normalisation; we follow the
   official definition.)
 - Math: the number a completion ends on, compared as a number with a relative tolerance of 1e-4.
@@ -32,12 +34,12 @@ def normalize_answer(text: str) -> str:
 def _f1_one(prediction: str, gold: str) -> float:
     pred_tokens = normalize_answer(prediction).split()
     gold_tokens = normalize_answer(gold).split()
-    if not pred_tokens or not gold_tokens:
-        # both empty counts as a match; one empty as a miss (official script behaviour)
-        return float(pred_tokens == gold_tokens)
     common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
     same = sum(common.values())
     if same == 0:
+        # as the MRQA / SQuAD v1.1 official script: no shared token is F1 0, also when normalisation
+        # empties both strings ("the" vs "a"); exact match still counts those as equal (SQuAD v2's
+        # both-empty = 1 rule is for unanswerable questions, which MRQA does not have)
         return 0.0
     precision = same / len(pred_tokens)
     recall = same / len(gold_tokens)

@@ -101,7 +101,9 @@ def summary_rows(plan: Plan, results: dict[str, StageResult]) -> tuple[list[dict
     from flexi_workflows.stages.evaluate import METRICS
     from flexi_workflows.tasks import get_task
 
-    metric = get_task(plan.recipe.task.name).metric
+    task = get_task(plan.recipe.task.name)
+    metric = task.metric
+    sources = {s.label: s for s in plan.recipe.task.eval}
     evals = ([plan.base_eval] if plan.base_eval.name in results else []) + [m.eval for m in plan.methods]
     rows = []
     for stage in evals:
@@ -114,6 +116,8 @@ def summary_rows(plan: Plan, results: dict[str, StageResult]) -> tuple[list[dict
             row = {
                 "method": stage.label,
                 "dataset": name,
+                # which copy / split this is, where it is not the paper's (e.g. MultiArith's 600-item copy)
+                "note": task.note(sources[name], summary.get("count")) if name in sources else None,
                 "ranks": recorded.get("ranks", []),
                 "fingerprint": result.fingerprint,
                 f"{metric}_all": summary.get(metric),
@@ -134,6 +138,11 @@ def summary_rows(plan: Plan, results: dict[str, StageResult]) -> tuple[list[dict
     return rows, metric
 
 
+def dataset_notes(rows: list[dict]) -> dict[str, str]:
+    """Dataset → its note, for the datasets of `rows` that have one."""
+    return {r["dataset"]: r["note"] for r in rows if r.get("note")}
+
+
 def print_table(rows: list[dict], metric: str, score_stats: dict | None) -> None:
     groups = sorted({k[len(metric) + 1:] for r in rows for k in r if k.startswith(f"{metric}_") and k != f"{metric}_all"})
     header = f"{'method':<14}{'dataset':<12}" + "".join(f"{metric[:3] + ' ' + g:>11}" for g in groups)
@@ -148,6 +157,11 @@ def print_table(rows: list[dict], metric: str, score_stats: dict | None) -> None
         line += f"{r['params_pct_of_lora8']:>9.1f}%" if r.get("params_pct_of_lora8") is not None else f"{'-':>10}"
         line += f"{100 * r['high_rank_rate']:>11.1f}%" if r.get("high_rank_rate") is not None else f"{'-':>12}"
         print(line)
+    notes = dataset_notes(rows)
+    if notes:
+        print()
+        for dataset, note in notes.items():
+            print(f"{dataset}: {note}")
     if score_stats:
         shares = ", ".join(f"{c['name']} {100 * c['share']:.1f} %" for c in score_stats["classes"])
         print(f"\nscored training data: {score_stats['total']} rows; difficulty classes: {shares}")
@@ -208,6 +222,7 @@ def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool 
         rows, metric = summary_rows(plan, results)
         score_stats = results[plan.score.name].read_json(STATS) if plan.score.name in results else None
         summary = {"recipe": recipe.name, "metric": metric, "lower_is_better": lower_is_better(metric), "rows": rows,
+                   "dataset_notes": dataset_notes(rows),
                    "scored_class_shares": {c["name"]: c["share"] for c in score_stats["classes"]} if score_stats else None,
                    "stages": {name: {"fingerprint": r.fingerprint, "folder": str(r.folder), "cached": r.cached,
                                      "seconds": r.manifest.get("seconds")} for name, r in results.items()}}

@@ -42,7 +42,7 @@ T_975 = {
 }
 
 # Output-row keys that a varied setting's column must not overwrite.
-_RESERVED = {"method", "ranks", "dataset", "seeds", "rank_shares", "trial_ids"}
+_RESERVED = {"method", "ranks", "dataset", "note", "seeds", "rank_shares", "trial_ids"}
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -249,6 +249,8 @@ def _output_row(group: dict, numeric: list[str], ci_column: str) -> dict:
             row[f"{col}_ci95_high"] = high
     row["rank_shares"] = _mean_shares(results)
     row["trial_ids"] = sorted(group["trial_ids"])
+    # which copy / split the dataset is, where that is not the paper's (pipeline.summary_rows)
+    row["note"] = next((r["note"] for r in results if r.get("note")), None)
     return row
 
 
@@ -355,6 +357,15 @@ def _params_cell(col: dict) -> str:
     return text
 
 
+def dataset_notes(report: dict) -> dict[str, str]:
+    """Dataset → its note (e.g. "MultiArith (LLM-Adapters copy, 600 items; not the paper's 180-item split)")."""
+    notes: dict[str, str] = {}
+    for row in report["rows"]:
+        if row.get("note"):
+            notes.setdefault(row["dataset"], row["note"])
+    return dict(sorted(notes.items()))
+
+
 def _table_rows(report: dict) -> tuple[list[dict], list[dict]]:
     """The table's columns and its body rows: [{name, cells: [(mean, std) | None per column]}]."""
     metric = f"{report['task_metric']}_all"
@@ -389,6 +400,8 @@ def format_table(report: dict) -> str:
     columns, body = _table_rows(report)
     lower = report["lower_is_better"]
     metric = f"{report['task_metric']}_all"
+    notes = dataset_notes(report)
+    marks = {dataset: "†" * (i + 1) for i, dataset in enumerate(notes)}
     lines = ["| dataset | " + " | ".join(c["label"] for c in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for line in body:
@@ -401,7 +414,7 @@ def format_table(report: dict) -> str:
                 texts.append(f"**{_cell(*cell)}**")
             else:
                 texts.append(_cell(*cell))
-        lines.append(f"| {line['name']} | " + " | ".join(texts) + " |")
+        lines.append(f"| {line['name']}{marks.get(line['name'], '')} | " + " | ".join(texts) + " |")
     lines.append("| # | " + " | ".join(_params_cell(c) for c in columns) + " |")
     lines.append("| seeds | " + " | ".join(str(_seeds(c)) for c in columns) + " |")
     direction = "lower" if lower else "higher"
@@ -413,6 +426,7 @@ def format_table(report: dict) -> str:
          "(only for columns present on every dataset)."),
         "#: mean active parameters (mean over datasets) and, in parentheses, % of LoRA-8.",
     ]
+    lines += [f"{marks[dataset]} {dataset}: {note}" for dataset, note in notes.items()]
     if "seed" not in report.get("varied", []):
         lines.append("One seed: a demonstration, not a result; add seeds to the sweep "
                      "(e.g. `sweep.space.seed=[0, 1, 2]`) before reading a difference.")
@@ -429,10 +443,11 @@ def format_csv(report: dict) -> str:
     columns, body = _table_rows(report)
     out = io.StringIO()
     writer = csv.writer(out)
+    notes = dataset_notes(report)
     header = ["dataset"]
     for col in columns:
         header += [col["label"], f"{col['label']} mean (%)", f"{col['label']} std (%)"]
-    writer.writerow(header)
+    writer.writerow(header + ["note"])
     for line in body:
         record = [line["name"]]
         for cell in line["cells"]:
@@ -440,7 +455,7 @@ def format_csv(report: dict) -> str:
                 record += ["–", "", ""]
             else:
                 record += [_cell(*cell), f"{100 * cell[0]:.4f}", "" if cell[1] is None else f"{100 * cell[1]:.4f}"]
-        writer.writerow(record)
+        writer.writerow(record + [notes.get(line["name"], "")])
     # The `#` row: mean column = mean active parameters; the % of LoRA-8 is in the text cell.
     record = ["#"]
     for col in columns:

@@ -37,10 +37,20 @@ def test_f1_cases():
     # token multiset overlap: pred "a b b", gold "b b c" → common 2, p=2/3, r=2/3
     assert qa_f1("x y y", ["y y z"]) == pytest.approx(2 / 3)
     assert qa_f1("", ["Denver"]) == 0.0
-    assert qa_f1("the", ["a"]) == 1.0  # both normalise to empty: official script counts a match
     assert qa_f1("Paris", ["London"]) == 0.0
     with pytest.raises(ValueError):
         qa_f1("x", [])
+
+
+def test_f1_is_zero_when_normalisation_empties_both_strings_as_the_official_mrqa_script():
+    # mrqa_official_eval.py: common = Counter(pred) & Counter(gold); num_same == 0 → return 0
+    assert qa_f1("the the the", ["the"]) == 0.0
+    assert qa_f1("the", ["a"]) == 0.0
+    assert qa_f1("", [""]) == 0.0
+    assert qa_f1("the", ["a", "an apple"]) == 0.0  # max over golds: still no shared token
+    assert qa_f1("an apple", ["the", "apple"]) == 1.0
+    # exact match compares the normalised strings, so there both-empty is a match (official EM)
+    assert qa_exact_match("the the the", ["the"]) == 1.0
 
 
 @pytest.mark.parametrize(

@@ -335,3 +335,24 @@ def test_a_sweep_where_every_trial_failed_still_reports_the_failures(tmp_path):
     assert report["rows"] == [] and report["failed_trials"][0]["error"] == "boom"
     assert (tmp_path / "bad" / "report" / "report.json").exists()
     assert "all 1 trials failed" in format_table(report)
+
+
+def test_dataset_notes_mark_the_table_and_reach_the_csv_and_json(tmp_path):
+    """A set that is not the paper's split (MultiArith's 600-item copy) is labelled wherever it is reported."""
+    note = "MultiArith (LLM-Adapters copy, 600 items; not the paper's 180-item split)"
+    trials = _sigma_trials(pairs=[[2, 8]])
+    for trial in trials:
+        for row in (trial.get("summary") or {}).get("rows", []):
+            row["note"] = note if row["dataset"] == "gsm" else None
+    root = _write_sweep(tmp_path / "noted", SIGMA_SWEEP, trials)
+    report = build_report(root)
+    assert {r["note"] for r in report["rows"] if r["dataset"] == "gsm"} == {note}
+    assert {r["note"] for r in report["rows"] if r["dataset"] == "arith"} == {None}
+    text = (root / "report" / "table.md").read_text()
+    assert "| gsm† |" in text and "| arith |" in text
+    assert f"† gsm: {note}" in text.splitlines()
+    with open(root / "report" / "table.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0][-1] == "note"
+    assert {r[0]: r[-1] for r in table[1:3]} == {"arith": "", "gsm": note}
+    assert json.loads((root / "report" / "report.json").read_text())["rows"][0]["note"] in (None, note)

@@ -9,6 +9,7 @@ Checks that involve several keys (thresholds vs classes, ranks vs classes, order
 
 from __future__ import annotations
 
+import datetime
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,22 +20,52 @@ from flexi_workflows.errors import ConfigError, DataError
 
 @dataclass
 class DataSource:
-    """A dataset: a local file (`path`) or a hub dataset (`name`), one split, optionally the first `limit` rows."""
+    """A dataset: a local file or folder (`path`) or a hub dataset (`name`), one split, optionally `limit` rows.
+
+    Rows may come from several subsets (MRQA's six training sets, MetaMathQA's question types): each
+    row carries its `subset`, and `selection` decides which rows `limit` keeps and in what order:
+
+      auto        per_subset when the rows name more than one subset, else first (the default)
+      first       the first `limit` rows in file / split order
+      shuffle     a seeded shuffle of every row, then the first `limit`
+      per_subset  `limit` shared equally by the subsets (one with fewer rows leaves its unused share to
+                  the others), each subset's rows drawn with `seed`; the result is shuffled with `seed`
+                  so that subsets interleave (training reads rows in this order)
+
+    seed: the seed of those draws — data selection only, so `recipe.seed` (a sweep's seeds) never
+    changes which rows are used. subsets: keep only rows of these subsets (MRQA dataset names,
+    MetaMathQA types); unset keeps every subset, except MetaMathQA, whose default is its GSM8K part.
+    note: a remark on the data (which copy, which split) carried into summary rows and report tables;
+    known copies that differ from the paper's splits get one automatically (tasks/math.py).
+    """
 
     name: str | None = None
     path: str | None = None
     split: str = "train"
     limit: int | None = None
+    selection: Literal["auto", "first", "shuffle", "per_subset"] = "auto"
+    seed: int = 0
+    subsets: list[str] | None = None
+    note: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name and not self.path:
             raise DataError("a data source needs a `name` (hub dataset) or a `path` (local file)")
         if self.limit is not None and self.limit < 1:
             raise DataError(f"data source limit must be ≥ 1, got {self.limit}")
+        if self.seed < 0:
+            raise ConfigError(f"data source seed must be ≥ 0, got {self.seed}")
+        if self.subsets is not None and (not self.subsets or len(set(self.subsets)) != len(self.subsets)):
+            raise ConfigError(f"data source subsets must list distinct subset names, got {self.subsets}")
 
     @property
     def label(self) -> str:
-        return self.name or Path(self.path).stem
+        return self.name or Path(self.path).stem.removesuffix(".jsonl")
+
+    @property
+    def stops_at_limit(self) -> bool:
+        """Whether a loader may stop reading once it has `limit` rows (only when the first rows are wanted)."""
+        return self.selection == "first" and self.limit is not None and self.subsets is None
 
 
 @dataclass
@@ -48,13 +79,40 @@ class ModelConfig:
     cache_dir: str = "~/.cache/flexi-workflows"
 
 
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def parse_date_string(text: str) -> datetime.date:
+    """A date written as Llama 3.x chat templates write it, "26 Jul 2024" (English month, any locale)."""
+    parts = text.split()
+    if len(parts) != 3 or parts[1] not in _MONTHS or not parts[0].isdigit() or not parts[2].isdigit():
+        raise ValueError(f"expected a date like '26 Jul 2024', got {text!r}")
+    return datetime.date(int(parts[2]), _MONTHS.index(parts[1]) + 1, int(parts[0]))
+
+
 @dataclass
 class TaskConfig:
+    """max_prompt_tokens / max_target_tokens: token budgets of the prompt and the training target.
+
+    date_string: the date chat templates see. Llama 3.x templates write "Today Date: <date>" into the
+    system prompt — `strftime_now` (today) unless `date_string` is given — so a prompt would change with
+    the calendar and, with it, every fingerprint and result. Prompts pass this fixed date as
+    `date_string`, and templates that call `strftime_now` directly see the same day. The default is
+    the Llama 3.x templates' own fallback date.
+    """
+
     name: str = "math"
     train: DataSource | None = None
     eval: list[DataSource] = field(default_factory=list)
     max_prompt_tokens: int = 512
     max_target_tokens: int = 256
+    date_string: str = "26 Jul 2024"
+
+    def __post_init__(self) -> None:
+        try:
+            parse_date_string(self.date_string)
+        except ValueError as exc:
+            raise ConfigError(f"task.date_string: {exc} (day, English month abbreviation, year)") from None
 
 
 @dataclass
@@ -64,6 +122,12 @@ class ScoringConfig:
     thresholds: K-1 descending cut points on the metric; a score ≥ thresholds[0] is class 0 (the
     easiest), below thresholds[-1] is class K-1 (the hardest). Math: [0.5] (correct = easy);
     QA: e.g. [0.5] for F1 ≥ 0.5 = easy.
+
+    num_samples: answers per training row. 1 (the paper's setup) = one greedy answer, graded; k > 1 =
+    k answers sampled with `temperature` and nucleus `top_p` (no top-k), seeded from `seed` and the
+    batch's row ids, and the score is their mean grade — for math the pass rate (correct / k), which
+    takes k+1 values, so three classes (e.g. thresholds [0.75, 0.25] with k = 4) become possible.
+    temperature, top_p and seed matter only when sampling (num_samples > 1).
     """
 
     batch_size: int = 16
@@ -74,6 +138,14 @@ class ScoringConfig:
     num_classes: int = 2
     thresholds: list[float] = field(default_factory=lambda: [0.5])
     class_names: list[str] | None = None
+    num_samples: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.9
+    seed: int = 0
+
+    @property
+    def sampling(self) -> bool:
+        return self.num_samples > 1
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
@@ -89,9 +161,22 @@ class ScoringConfig:
             self.class_names = ["easy", "hard"] if self.num_classes == 2 else [f"class{k}" for k in range(self.num_classes)]
         if len(self.class_names) != self.num_classes:
             raise ConfigError(f"scoring.class_names needs {self.num_classes} names, got {self.class_names}")
-        for key in ("batch_size", "max_new_tokens", "num_actors"):
+        for key in ("batch_size", "max_new_tokens", "num_actors", "num_samples"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"scoring.{key} must be ≥ 1, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"scoring.temperature must be > 0 (num_samples: 1 is the greedy answer), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"scoring.top_p must be in (0, 1], got {self.top_p}")
+        if self.seed < 0:
+            raise ConfigError(f"scoring.seed must be ≥ 0, got {self.seed}")
+
+    def unreachable_classes(self) -> list[int]:
+        """Classes that no score in {0, 1/k, ..., 1} falls into — for tasks whose per-answer grade is 0 or 1."""
+        k = self.num_samples
+        rates = [j / k for j in range(k + 1)]
+        bounds = [float("inf"), *self.thresholds, float("-inf")]
+        return [c for c in range(self.num_classes) if not any(bounds[c + 1] <= r < bounds[c] for r in rates)]
 
 
 @dataclass
@@ -438,6 +523,10 @@ class SweepConfig:
             raise ConfigError(f"sweep.trial_cpus must be ≥ 0, got {self.trial_cpus}")
 
 
+# tasks whose per-answer grade is 0 or 1 (accuracy): their scores are pass rates j / num_samples
+BINARY_GRADE_TASKS = ("math", "arith")
+
+
 @dataclass
 class Recipe:
     name: str = "experiment"
@@ -457,6 +546,17 @@ class Recipe:
     sweep: SweepConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.task.name in BINARY_GRADE_TASKS:
+            empty = self.scoring.unreachable_classes()
+            if empty:
+                k = self.scoring.num_samples
+                raise ConfigError(
+                    f"scoring.thresholds {self.scoring.thresholds} leave classes {empty} empty: a {self.task.name} answer "
+                    f"is right or wrong, so with scoring.num_samples={k} a row's score is one of "
+                    f"{', '.join(f'{j}/{k}' for j in range(k + 1))}"
+                    + ("; more classes need sampled answers (scoring.num_samples > 1, the pass rate over k samples)"
+                       if k == 1 else "")
+                )
         for key, method in self.keyed_methods():
             if isinstance(method, FlexiConfig) and len(method.ranks) != self.scoring.num_classes:
                 raise ConfigError(

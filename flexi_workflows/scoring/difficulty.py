@@ -23,6 +23,36 @@ def assign_classes(scores: Sequence[float], thresholds: Sequence[float]) -> np.n
     return (scores[:, None] < np.asarray(thresholds, dtype=np.float64)[None, :]).sum(axis=1).astype(np.int64)
 
 
+def pass_rates(grades: Sequence[Sequence[float]]) -> np.ndarray:
+    """Each row's mean grade over its k graded answers: for math (grades 0 / 1) the pass rate, the share
+    of the k sampled answers that are right. Every row needs the same k ≥ 1 grades."""
+    rows = [list(g) for g in grades]
+    if not rows:
+        return np.zeros(0, dtype=np.float64)
+    k = len(rows[0])
+    if k < 1 or any(len(g) != k for g in rows):
+        raise DataError(f"every row needs the same number (≥ 1) of graded answers; got {sorted({len(g) for g in rows})}")
+    matrix = np.asarray(rows, dtype=np.float64)
+    if np.isnan(matrix).any():
+        raise DataError("a grade is NaN; every sampled answer needs a metric value")
+    return matrix.mean(axis=1)
+
+
+def sampled_classes(grades: Sequence[Sequence[float]], thresholds: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(pass rate, difficulty class) per row from k graded samples per row: the rate is the row's
+    score and the thresholds cut it, e.g. k = 4, thresholds [0.75, 0.25]: 3-4 right → 0 (easy),
+    1-2 → 1 (medium), 0 → 2 (hard)."""
+    rates = pass_rates(grades)
+    return rates, assign_classes(rates, thresholds)
+
+
+def score_histogram(scores: Sequence[float], num_samples: int) -> dict[str, int]:
+    """Rows per attainable pass rate j/k ("0/4": 12, ...), for choosing thresholds on sampled scores."""
+    scores = np.asarray(scores, dtype=np.float64)
+    hits = np.rint(scores * num_samples).astype(np.int64)
+    return {f"{j}/{num_samples}": int((hits == j).sum()) for j in range(num_samples + 1)}
+
+
 def class_stats(classes: Sequence[int], class_names: Sequence[str], scores: Sequence[float] | None = None) -> dict:
     classes = np.asarray(classes)
     total = int(classes.size)

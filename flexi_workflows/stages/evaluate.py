@@ -111,6 +111,7 @@ def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None,
     kwargs = {
         "model_ref": recipe.model.name_or_path, "task_name": recipe.task.name,
         "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": recipe.task.max_prompt_tokens,
+        "date_string": recipe.task.date_string,
         "dtype": recipe.model.dtype, "trust_remote_code": recipe.model.trust_remote_code,
         "num_threads": max(1, int(cfg.cpus_per_actor)),
     }

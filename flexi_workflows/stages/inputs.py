@@ -15,7 +15,7 @@ from typing import Any
 from flexi_workflows.recipes.schema import DataSource, ModelConfig, Recipe
 
 RESULT_NEUTRAL = (
-    "name", "output_dir", "model.cache_dir",
+    "name", "output_dir", "model.cache_dir", "task.train.note", "task.eval.*.note",
     "scoring.num_actors", "scoring.cpus_per_actor", "scoring.gpus_per_actor",
     "training.log_every", "training.checkpoint_every", "training.max_failures",
     "distribution.cpus_per_worker", "distribution.torch_threads",
@@ -39,6 +39,7 @@ def data_inputs(source: DataSource) -> dict[str, Any]:
     from flexi_workflows.fsutil import path_digest
 
     data: dict[str, Any] = {"source": dataclasses.asdict(source)}
+    data["source"].pop("note")  # a remark for reports, not an input
     if source.path:
         data["source"].pop("path")  # by content, not by where the file lies
         data["digest"] = path_digest(source.path)
@@ -46,4 +47,6 @@ def data_inputs(source: DataSource) -> dict[str, Any]:
 
 
 def task_inputs(recipe: Recipe) -> dict[str, Any]:
-    return {"name": recipe.task.name, "max_prompt_tokens": recipe.task.max_prompt_tokens}
+    # the chat template's date is part of every prompt (TaskConfig.date_string)
+    return {"name": recipe.task.name, "max_prompt_tokens": recipe.task.max_prompt_tokens,
+            "date_string": recipe.task.date_string}

@@ -1,5 +1,7 @@
 """Stage 1, score: the base model answers every training sample on Ray Data, the task metric grades
 each answer, and the grades become difficulty classes (paper §3 "Router": F1 for QA, accuracy for math).
+With scoring.num_samples = k > 1 the model samples k answers per row and the score is their mean
+grade (math: the pass rate j/k), which is what lets thresholds make more than two math classes.
 
     rows (validated here) ──► ray.data.from_items ──► map_batches(BatchGenerator, actor pool)
         ──► prediction per row ──► task.score ──► assign_classes ──► <output_dir>/score/<fingerprint>/
@@ -24,10 +26,10 @@ import pyarrow.parquet as pq
 
 from flexi_workflows.errors import ConfigError
 from flexi_workflows.recipes.schema import Recipe
-from flexi_workflows.scoring.difficulty import assign_classes, class_stats
+from flexi_workflows.scoring.difficulty import assign_classes, class_stats, sampled_classes, score_histogram
 from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, run_stage
 from flexi_workflows.stages.inputs import data_inputs, model_inputs, task_inputs
-from flexi_workflows.tasks import Row, get_task
+from flexi_workflows.tasks import Row, get_task, metric_key, subset_of
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,11 @@ def score_rows(rows: list[Row], recipe: Recipe) -> dict[str, dict]:
             "task_name": recipe.task.name,
             "max_new_tokens": cfg.max_new_tokens,
             "max_prompt_tokens": recipe.task.max_prompt_tokens,
+            "date_string": recipe.task.date_string,
+            "num_samples": cfg.num_samples,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "seed": cfg.seed,
             "dtype": recipe.model.dtype,
             "trust_remote_code": recipe.model.trust_remote_code,
             "num_threads": max(1, int(cfg.cpus_per_actor)),
@@ -79,7 +86,13 @@ def score_rows(rows: list[Row], recipe: Recipe) -> dict[str, dict]:
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor,
     )
-    return {str(r["id"]): {"prompt": str(r["prompt"]), "prediction": str(r["prediction"])} for r in ds.iter_rows()}
+    outputs = {}
+    for r in ds.iter_rows():
+        out = {"prompt": str(r["prompt"]), "prediction": str(r["prediction"])}
+        if cfg.sampling:
+            out["samples"] = json.loads(str(r["samples"]))
+        outputs[str(r["id"])] = out
+    return outputs
 
 
 def build_scored_table(rows: list[Row], outputs: dict[str, dict], recipe: Recipe) -> tuple[pa.Table, dict]:
@@ -87,28 +100,55 @@ def build_scored_table(rows: list[Row], outputs: dict[str, dict], recipe: Recipe
     missing = [r["id"] for r in rows if r["id"] not in outputs]
     if missing:
         raise RuntimeError(f"scoring lost {len(missing)} rows, e.g. {missing[:3]}")
+    cfg = recipe.scoring
     predictions = [outputs[r["id"]]["prediction"] for r in rows]
-    scores = np.array([task.score(p, r) for p, r in zip(predictions, rows)], dtype=np.float64)
-    classes = assign_classes(scores, recipe.scoring.thresholds)
-    names = recipe.scoring.class_names
-    table = pa.table(
-        {
-            "id": [r["id"] for r in rows],
-            "source": [r.get("source", "") for r in rows],
-            "question": [r["question"] for r in rows],
-            "context": [r.get("context", "") for r in rows],
-            "prompt": [outputs[r["id"]]["prompt"] for r in rows],
-            "target": [r["target"] for r in rows],
-            "answers": [list(r["answers"]) for r in rows],
-            "prediction": predictions,
-            "score": scores,
-            "class": classes,
-            "class_name": [names[k] for k in classes],
-        }
-    )
+    if cfg.sampling:  # k graded samples per row → pass rate → class
+        samples = [outputs[r["id"]].get("samples") or [] for r in rows]
+        bad = [r["id"] for r, s in zip(rows, samples) if len(s) != cfg.num_samples]
+        if bad:
+            raise RuntimeError(f"scoring.num_samples={cfg.num_samples} but rows came back with other counts, e.g. {bad[:3]}")
+        grades = [[task.score(p, r) for p in s] for s, r in zip(samples, rows)]
+        scores, classes = sampled_classes(grades, cfg.thresholds)
+    else:
+        scores = np.array([task.score(p, r) for p, r in zip(predictions, rows)], dtype=np.float64)
+        classes = assign_classes(scores, cfg.thresholds)
+    names = cfg.class_names
+    columns = {
+        "id": [r["id"] for r in rows],
+        "source": [r.get("source", "") for r in rows],
+        "subset": [subset_of(r) for r in rows],
+        "question": [r["question"] for r in rows],
+        "context": [r.get("context", "") for r in rows],
+        "prompt": [outputs[r["id"]]["prompt"] for r in rows],
+        "target": [r["target"] for r in rows],
+        "answers": [list(r["answers"]) for r in rows],
+        "prediction": predictions,
+        "score": scores,
+        "class": classes,
+        "class_name": [names[k] for k in classes],
+    }
+    if cfg.sampling:
+        columns["samples"] = samples
+        columns["sample_scores"] = grades
+    table = pa.table(columns)
     stats = class_stats(classes, names, scores)
-    stats.update({"metric": task.metric, "thresholds": recipe.scoring.thresholds, "mean_score": float(scores.mean())})
+    stats.update({"metric": task.metric, "thresholds": cfg.thresholds, "mean_score": float(scores.mean()),
+                  "num_samples": cfg.num_samples, "subsets": subset_stats(rows, scores, classes, len(names))})
+    if cfg.sampling and task.metric == "accuracy":
+        stats["pass_rate_histogram"] = score_histogram(scores, cfg.num_samples)
     return table, stats
+
+
+def subset_stats(rows: list[Row], scores: np.ndarray, classes: np.ndarray, num_classes: int) -> dict[str, dict]:
+    """Per subset (MRQA's training sets, MetaMathQA's types): rows, mean score and rows per class —
+    the record of what the training mix really held."""
+    keys = np.asarray([subset_of(r) for r in rows])
+    out = {}
+    for key in sorted(set(keys.tolist())):
+        mask = keys == key
+        out[key] = {"rows": int(mask.sum()), "mean_score": float(scores[mask].mean()),
+                    "class_counts": np.bincount(classes[mask], minlength=num_classes).tolist()}
+    return out
 
 
 class ScoreStage(Stage):
@@ -127,7 +167,9 @@ class ScoreStage(Stage):
             "data": data_inputs(self.recipe.task.train),
             "model": model_inputs(self.recipe.model),
             "scoring": {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,
-                        "thresholds": cfg.thresholds, "class_names": cfg.class_names},
+                        "thresholds": cfg.thresholds, "class_names": cfg.class_names, "num_samples": cfg.num_samples,
+                        # the sampling settings change nothing when the one answer is greedy
+                        **({"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed} if cfg.sampling else {})},
         }
 
     def rows(self) -> list[Row]:
@@ -150,8 +192,14 @@ class ScoreStage(Stage):
         pq.write_table(table, tmp / SCORED)
         (tmp / STATS).write_text(json.dumps(stats, indent=2) + "\n")
         log.info("score: %d rows, classes %s", len(rows), [c["count"] for c in stats["classes"]])
+        if "pass_rate_histogram" in stats:
+            log.info("score: rows per pass rate over %d samples %s", stats["num_samples"], stats["pass_rate_histogram"])
+        log.info("score: rows per subset %s", {k: v["rows"] for k, v in stats["subsets"].items()})
         metrics = {f"class_share_{c['name']}": c["share"] for c in stats["classes"]}
         metrics.update({"scored_rows": stats["total"], "mean_score": stats["mean_score"]})
+        for key, sub in stats["subsets"].items():
+            metrics[f"subset_rows.{metric_key(key)}"] = sub["rows"]
+            metrics[f"subset_mean_score.{metric_key(key)}"] = sub["mean_score"]
         params = {f"scoring.{k}": v for k, v in dataclasses.asdict(self.recipe.scoring).items()}
         return StageOutput(metrics=metrics, params=params, artifacts=[STATS])
 

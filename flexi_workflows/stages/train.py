@@ -30,7 +30,7 @@ from flexi_workflows.plots import loss_curve_plot
 from flexi_workflows.recipes.schema import MethodConfig, Recipe
 from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, run_stage
 from flexi_workflows.stages.inputs import data_inputs, model_inputs, task_inputs
-from flexi_workflows.tasks import get_task
+from flexi_workflows.tasks import get_task, metric_key, subset_counts
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def training_examples(recipe: Recipe, method: Method, routing_source: StageResul
     tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
     special = not getattr(tokenizer, "chat_template", None)
     examples = [
-        encode_example(task.build_prompt(r, tokenizer), r["target"], tokenizer,
+        encode_example(task.build_prompt(r, tokenizer, date_string=recipe.task.date_string), r["target"], tokenizer,
                        max_prompt_tokens=recipe.task.max_prompt_tokens,
                        max_target_tokens=recipe.task.max_target_tokens, add_special_tokens=special)
         for r in rows
@@ -97,7 +97,8 @@ def training_examples(recipe: Recipe, method: Method, routing_source: StageResul
         ranks, routing = assign_ranks(recipe, method, rows, routing_source)
         for example, rank in zip(examples, ranks):
             example["rank"] = int(rank)
-    return examples, {"routing": routing, "pad_token_id": tokenizer.pad_token_id, "rows": len(rows)}
+    return examples, {"routing": routing, "pad_token_id": tokenizer.pad_token_id, "rows": len(rows),
+                      "subsets": subset_counts(rows)}
 
 
 def split_validation(examples: list[dict], rows: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -217,6 +218,7 @@ class TrainStage(Stage):
         recipe, label = self.recipe, self.label
         route = upstream[self.route.name] if self.route is not None else None
         examples, info = training_examples(recipe, self.method, route)
+        log.info("train %s: %d rows, per subset %s", label, info["rows"], info["subsets"])
         dist, train = recipe.distribution, recipe.training
         examples, validation = split_validation(examples, train.validation_rows, recipe.seed)
         if validation and len(validation) < dist.num_workers:
@@ -291,6 +293,7 @@ class TrainStage(Stage):
             "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch,
             "rows": info["rows"],
+            "subsets": info["subsets"],
             "loss_curve": metrics.get("loss_curve", []),
             "val_loss_curve": metrics.get("val_loss_curve", []),
             "validation_rows": len(validation),
@@ -312,7 +315,8 @@ class TrainStage(Stage):
         log.info("train %s: %s steps, loss %s → %s", label, report["steps"],
                  f"{curve[0][1]:.3f}" if curve else "?", f"{curve[-1][1]:.3f}" if curve else "?")
         out_metrics = {"trainable_params": report["trainable_params"] or 0, "train_steps": report["steps"] or 0,
-                       **{f"train_rank_share_{k}": v for k, v in info["routing"].get("rank_shares", {}).items()}}
+                       **{f"train_rank_share_{k}": v for k, v in info["routing"].get("rank_shares", {}).items()},
+                       **{f"subset_rows.{metric_key(k)}": n for k, n in info["subsets"].items()}}
         if records:  # rows trained at each rank, as recorded by the workers (DyLoRA: its per-step draws)
             out_metrics |= {f"train_rank_rows_{k}": v for k, v in report["ranks_used"]["rows_by_rank"].items()}
             out_metrics["train_mean_rank"] = report["ranks_used"]["mean_rank"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flexi_workflows.errors import ConfigError
 from flexi_workflows.tasks.arith import ArithTask
-from flexi_workflows.tasks.base import DataSource, Row, Task
+from flexi_workflows.tasks.base import DataSource, Row, Task, metric_key, subset_counts, subset_of
 from flexi_workflows.tasks.math import MathTask
 from flexi_workflows.tasks.qa import QATask
 
@@ -18,4 +18,4 @@ def get_task(name: str) -> Task:
         raise ConfigError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(TASKS))}") from None
 
 
-__all__ = ["DataSource", "Row", "Task", "TASKS", "get_task"]
+__all__ = ["TASKS", "DataSource", "Row", "Task", "get_task", "metric_key", "subset_counts", "subset_of"]

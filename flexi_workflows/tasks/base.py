@@ -8,6 +8,8 @@ Rows are plain dicts so they travel unchanged through Ray Data, parquet and JSON
     target    the training target text (what the model learns to produce)
     answers   gold answers as strings (math: one numeric string; QA: every accepted answer)
     source    the DataSource name the row came from
+    subset    the part of a multi-part dataset the row belongs to (MRQA: SQuAD, NewsQA, ...;
+              MetaMathQA: GSM_AnsAug, ...); absent for single-part datasets
 
 Speech (a later issue) adds an `audio` field and a feature extractor in place of the prompt; the
 loader/scoring split here is what stays the same.
@@ -15,12 +17,134 @@ loader/scoring split here is what stays the same.
 
 from __future__ import annotations
 
+import datetime
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
+import numpy as np
+
 from flexi_workflows.errors import DataError
-from flexi_workflows.recipes.schema import DataSource
+from flexi_workflows.recipes.schema import DataSource, TaskConfig, parse_date_string
 
 Row = dict[str, Any]
+DEFAULT_DATE_STRING = TaskConfig.date_string  # "26 Jul 2024", the Llama 3.x templates' own fallback
+
+
+_CLOCK_LOCK = threading.Lock()
+
+
+@contextmanager
+def template_clock(date_string: str) -> Iterator[None]:
+    """While rendering, chat templates' `strftime_now` reads `date_string`'s day (midnight), not today.
+
+    transformers hands templates a `strftime_now` that calls `datetime.now()` in its chat-template
+    module and turns callables passed as template variables into strings, so the clock is pinned where
+    it is read, for the duration of one render, under a lock."""
+    day = parse_date_string(date_string)
+    try:
+        import transformers.utils.chat_template_utils as chat_utils
+    except ImportError:  # no transformers, no templates to pin
+        yield
+        return
+    with _CLOCK_LOCK:
+        real = getattr(chat_utils, "datetime", None)
+        if not (isinstance(real, type) and issubclass(real, datetime.datetime)):
+            yield  # an internal layout this does not know: date_string alone pins the Llama templates
+            return
+
+        class PinnedDatetime(real):  # type: ignore[misc, valid-type]
+            @classmethod
+            def now(cls, tz=None):
+                return cls(day.year, day.month, day.day, tzinfo=tz)
+
+        chat_utils.datetime = PinnedDatetime
+        try:
+            yield
+        finally:
+            chat_utils.datetime = real
+
+
+def subset_of(row: Row) -> str:
+    """The row's subset, or its source for rows of a single-part dataset."""
+    return str(row.get("subset") or row.get("source") or "")
+
+
+def subset_counts(rows: list[Row]) -> dict[str, int]:
+    """Rows per subset, by name (what a stage records so a mix can be checked after the fact)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        key = subset_of(row)
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def metric_key(name: str) -> str:
+    """A subset name as an MLflow metric-name part (letters, digits, _ - . / and spaces only)."""
+    return re.sub(r"[^\w\-./ ]", "_", name) or "_"
+
+
+def subset_quotas(sizes: dict[str, int], total: int) -> dict[str, int]:
+    """`total` rows shared equally by subsets of the given sizes; a subset too small for its share
+    gives the rest to the others (water-filling), and leftover single rows go to the largest subsets."""
+    quotas: dict[str, int] = {}
+    remaining = min(total, sum(sizes.values()))
+    order = sorted(sizes, key=lambda k: (sizes[k], k))
+    for i, key in enumerate(order):
+        take = min(sizes[key], remaining // (len(order) - i))
+        quotas[key] = take
+        remaining -= take
+    return {key: quotas[key] for key in sizes}
+
+
+class Selected(list):
+    """Rows a loader has already filtered and selected for its source (Task.load leaves them as they are)."""
+
+
+def selected_indices(keys: list[str | None], fallback: list[str], source: DataSource) -> list[int]:
+    """Which rows `source` keeps, in order: row i belongs to subset keys[i] (None for a dataset of one
+    part, then it groups under fallback[i]). The subset filter, then `source.selection` on `source.limit`.
+
+    Loaders that can read one column cheaply (a hub dataset's `subset`) call this before building rows;
+    others build every row and call select_rows — both draw the very same rows."""
+    where = source.path or source.name
+    groups_of = [k or f for k, f in zip(keys, fallback)]
+    order = list(range(len(keys)))
+    if source.subsets is not None:
+        present = sorted(set(groups_of))
+        missing = [s for s in source.subsets if s not in present]
+        if missing:
+            raise DataError(f"{where}: subsets {missing} have no rows here (subsets found: "
+                            f"{', '.join(present) or 'none'})")
+        wanted = set(source.subsets)
+        order = [i for i in order if groups_of[i] in wanted]
+    selection = source.selection
+    if selection == "auto":  # a mix only where the data names several subsets
+        selection = "per_subset" if len({keys[i] for i in order if keys[i]}) > 1 else "first"
+    limit = len(order) if source.limit is None else min(source.limit, len(order))
+    if selection == "first":
+        return order[:limit]
+    rng = np.random.default_rng(source.seed)
+    if selection == "shuffle":
+        return [order[i] for i in rng.permutation(len(order))[:limit]]
+    groups: dict[str, list[int]] = {}
+    for i in order:
+        groups.setdefault(groups_of[i], []).append(i)
+    quotas = subset_quotas({k: len(v) for k, v in groups.items()}, limit)
+    picked = np.concatenate([np.asarray(groups[k], dtype=np.int64)[rng.permutation(len(groups[k]))[: quotas[k]]]
+                             for k in groups])
+    return picked[rng.permutation(len(picked))].tolist()
+
+
+def select_rows(rows: list[Row], source: DataSource) -> list[Row]:
+    """Subset filter, then `source.selection` applied to `source.limit` (see DataSource)."""
+    if not rows:
+        return rows
+    keys = [r.get("subset") or None for r in rows]
+    fallback = [str(r.get("source") or "") for r in rows]
+    return [rows[i] for i in selected_indices(keys, fallback, source)]
 
 
 class Task:
@@ -31,9 +155,11 @@ class Task:
     plain_template: ClassVar[str]
 
     def load(self, source: DataSource) -> list[Row]:
+        """The source's rows: every row parsed (a loader stops early only for `selection: first`),
+        then the subset filter and `limit` applied as the source's `selection` says."""
         rows = self._load(source)
-        if source.limit is not None:
-            rows = rows[: source.limit]
+        if not isinstance(rows, Selected):
+            rows = select_rows(rows, source)
         if not rows:
             raise DataError(f"{source.path or source.name}: the dataset is empty")
         return rows
@@ -44,15 +170,28 @@ class Task:
     def user_text(self, row: Row) -> str:
         return self.plain_template.format(**row)
 
-    def build_prompt(self, row: Row, tokenizer: Any = None) -> str:
-        """The prompt text: the tokenizer's chat template when it has one, else the plain template."""
-        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(
-                [{"role": "user", "content": self.user_text(row)}], add_generation_prompt=True, tokenize=False
-            )
+    def build_prompt(self, row: Row, tokenizer: Any = None, *, date_string: str = DEFAULT_DATE_STRING) -> str:
+        """The prompt text: the tokenizer's chat template when it has one, else the plain template.
+
+        The template gets a fixed date (TaskConfig.date_string) both as `date_string` (what Llama 3.x
+        templates read) and as its `strftime_now` clock (templates that read the clock directly), so a
+        prompt built tomorrow is the prompt built today."""
+        template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+        if template:
+            messages = [{"role": "user", "content": self.user_text(row)}]
+            if isinstance(template, str) and "strftime_now" not in template:
+                return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                     date_string=date_string)
+            with template_clock(date_string):
+                return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                     date_string=date_string)
         return self.user_text(row) + self.answer_prefix
 
     answer_prefix: ClassVar[str] = "\nAnswer:"
+
+    def note(self, source: DataSource, count: int | None) -> str | None:
+        """The remark reports show beside a dataset of `count` rows (the source's own `note` here)."""
+        return source.note or None
 
     def score(self, prediction: str, row: Row) -> float:
         """The difficulty metric in [0, 1]."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -10,11 +11,13 @@ from flexi_workflows.errors import DataError
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; a malformed line is an error, never skipped."""
+    """(line number, object) for each non-blank line; a malformed line is an error, never skipped.
+    A `.gz` file is read compressed (MRQA's official files are `.jsonl.gz`)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as handle:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -25,6 +28,19 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+
+
+def dataset_files(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """A file, or every file in a folder whose name ends with one of `suffixes` (sorted by name)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{path}: no such file or folder")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(suffixes))
+    if not files:
+        raise DataError(f"{path}: a folder with no {' / '.join(suffixes)} files")
+    return files
 
 
 def read_json_list(path: str | Path) -> list[tuple[int, dict[str, Any]]]:

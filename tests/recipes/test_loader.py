@@ -88,7 +88,8 @@ def test_yaml_errors(tmp_path):
 
 
 def test_build_from_dict_with_nested_dataclasses():
-    recipe = build(Recipe, {"scoring": {"num_classes": 3, "thresholds": [0.8, 0.3]}, "method": {"ranks": [1, 4, 8]}})
+    recipe = build(Recipe, {"scoring": {"num_classes": 3, "thresholds": [0.8, 0.3], "num_samples": 5},
+                            "method": {"ranks": [1, 4, 8]}})
     assert recipe.scoring.class_names == ["class0", "class1", "class2"]
 
 

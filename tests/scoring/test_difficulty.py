@@ -44,3 +44,44 @@ def test_balanced_indices_equalise_classes_and_are_seeded():
 def test_class_weights_are_inverse_frequency():
     w = class_weights([0, 0, 0, 1], 2)
     assert w.tolist() == pytest.approx([4 / 6, 2.0])
+
+
+def test_pass_rates_over_k_samples_make_three_classes():
+    from flexi_workflows.scoring.difficulty import pass_rates, sampled_classes, score_histogram
+
+    # k = 4 graded answers per row (1 = right): 4, 3, 2, 1, 0 right
+    grades = [[1, 1, 1, 1], [1, 0, 1, 1], [0, 1, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0]]
+    rates, classes = sampled_classes(grades, [0.75, 0.25])
+    assert rates.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert classes.tolist() == [0, 0, 1, 1, 2], "3-4 right easy, 1-2 medium, none hard"
+    assert set(classes.tolist()) == {0, 1, 2}
+    assert score_histogram(rates, 4) == {"0/4": 1, "1/4": 1, "2/4": 1, "3/4": 1, "4/4": 1}
+    assert pass_rates([[0.5, 1.0]]).tolist() == [0.75], "QA: the mean F1 over the samples"
+    assert pass_rates([]).size == 0
+    with pytest.raises(DataError, match="same number"):
+        pass_rates([[1, 0], [1]])
+    with pytest.raises(DataError, match="NaN"):
+        pass_rates([[1, float("nan")]])
+
+
+def test_math_thresholds_must_leave_every_class_reachable():
+    from flexi_workflows.recipes.loader import build
+    from flexi_workflows.recipes.schema import Recipe
+
+    three = {"num_classes": 3, "thresholds": [0.75, 0.25], "class_names": ["easy", "medium", "hard"]}
+    with pytest.raises(ConfigError, match=r"scoring\.thresholds \[0\.75, 0\.25\] leave classes \[1\] empty.*"
+                                          r"scoring\.num_samples > 1"):
+        build(Recipe, {"task": {"name": "math"}, "scoring": three, "method": {"name": "lora"}})
+    recipe = build(Recipe, {"task": {"name": "math"}, "scoring": {**three, "num_samples": 4}, "method": {"name": "lora"}})
+    assert recipe.scoring.sampling
+    with pytest.raises(ConfigError, match=r"leave classes \[1\] empty.*0/4, 1/4, 2/4, 3/4, 4/4"):
+        build(Recipe, {"task": {"name": "math"}, "scoring": {**three, "num_samples": 4, "thresholds": [0.9, 0.8]},
+                       "method": {"name": "lora"}})
+    # QA's F1 is not 0/1: three classes from one greedy answer are fine
+    build(Recipe, {"task": {"name": "qa"}, "scoring": three, "method": {"name": "lora"}})
+    with pytest.raises(ConfigError, match=r"scoring\.temperature must be > 0"):
+        build(Recipe, {"scoring": {"temperature": 0.0}})
+    with pytest.raises(ConfigError, match=r"scoring\.top_p must be in \(0, 1\]"):
+        build(Recipe, {"scoring": {"top_p": 1.5}})
+    with pytest.raises(ConfigError, match=r"scoring\.num_samples must be ≥ 1"):
+        build(Recipe, {"scoring": {"num_samples": 0}})

@@ -51,13 +51,17 @@ def leaves(obj, prefix: str = ""):
 # What this test holds result-neutral, stated here and not read from the code under test: marking a
 # result-affecting key neutral in stages/inputs.py (and dropping it from a fingerprint) must fail below.
 NEUTRAL = (
-    "name", "output_dir", "model.cache_dir",
+    "name", "output_dir", "model.cache_dir", "task.train.note", "task.eval.*.note",
     "scoring.num_actors", "scoring.cpus_per_actor", "scoring.gpus_per_actor",
     "training.log_every", "training.checkpoint_every", "training.max_failures",
     "distribution.cpus_per_worker", "distribution.torch_threads",
     "evaluation.include_base", "evaluation.num_actors", "evaluation.cpus_per_actor", "evaluation.gpus_per_actor",
     "tracking.*", "ray.*", "sweep", "sweep.*",
 )
+
+
+# scoring settings that only a sampling score stage (scoring.num_samples > 1) reads
+SAMPLING = ("scoring.temperature", "scoring.top_p", "scoring.seed")
 
 
 def neutral(key: str) -> bool:
@@ -73,7 +77,7 @@ def expected(key: str) -> set[str]:
     routed = {f"{kind}:{m}" for kind in ("train", "eval") for m in ROUTED}
     everything = {"score", "route", "eval:base"} | trains | method_evals
     top = key.split(".")[0]
-    if top == "model" or key in ("task.name", "task.max_prompt_tokens"):
+    if top == "model" or key in ("task.name", "task.max_prompt_tokens", "task.date_string"):
         return everything
     if key == "task.max_target_tokens":
         return trains | method_evals
@@ -83,6 +87,8 @@ def expected(key: str) -> set[str]:
         return {"eval:base"} | method_evals
     if key == "seed":
         return {"route"} | trains | method_evals
+    if key in SAMPLING:
+        return set()  # the base recipe scores one greedy answer; see test_sampling_settings_count_when_sampling
     if top == "scoring":
         return {"score", "route"} | routed
     if top == "router":
@@ -120,10 +126,13 @@ def perturbations(key: str, value, tp, world) -> list[str]:
         "model.name_or_path": [f"model.name_or_path={other_model}"],
         "model.cache_dir": ["model.cache_dir=/elsewhere"],
         "task.name": ["task.name=arith"],
+        "task.date_string": ["task.date_string=1 Jan 2030"],
         "task.train.path": [f"task.train.path={other_data}"],
         "task.eval.0.path": [f"task.eval.0.path={other_data}"],
+        "task.train.subsets": ["task.train.subsets=[train]"],
+        "task.eval.0.subsets": ["task.eval.0.subsets=[mini]"],
         "scoring.num_classes": ["scoring.num_classes=3", "scoring.thresholds=[0.8, 0.3]", "scoring.class_names=[a, b, c]",
-                                "method.ranks=[1, 4, 8]", "compare.1.ranks=[1, 2, 8]"],
+                                "method.ranks=[1, 4, 8]", "compare.1.ranks=[1, 2, 8]", "scoring.num_samples=4"],
         "scoring.thresholds": ["scoring.thresholds=[0.4]"],
         "scoring.class_names": ["scoring.class_names=[simple, tricky]"],
         "method.name": ["method={name: dylora, r_min: 2, r_max: 8}"],
@@ -177,6 +186,15 @@ def test_every_recipe_field_is_fingerprinted_where_it_matters_or_declared_neutra
     assert {"task.max_prompt_tokens", "scoring.num_actors", "evaluation.num_actors", "training.log_every",
             "distribution.cpus_per_worker", "distribution.torch_threads", "compare.1.ranks"} <= set(walked)
     assert len(walked) > 60
+
+
+def test_sampling_settings_count_when_sampling(tmp_path, tiny_model_dir):
+    sampled = ["compare=" + json.dumps(COMPARE), "scoring.num_samples=4"]
+    before = roles(small_recipe(tmp_path, tiny_model_dir, overrides=sampled))
+    routed = {f"{kind}:{m}" for kind in ("train", "eval") for m in ROUTED}
+    for change in ("scoring.temperature=1.0", "scoring.top_p=0.5", "scoring.seed=7"):
+        after = roles(small_recipe(tmp_path, tiny_model_dir, overrides=sampled + [change]))
+        assert {r for r in before if before[r] != after[r]} == {"score", "route"} | routed, change
 
 
 def test_the_code_declares_exactly_these_keys_neutral():

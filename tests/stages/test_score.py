@@ -76,6 +76,48 @@ def test_known_scores_give_known_classes(tmp_path, tiny_model_dir):
     assert [c["share"] for c in stats["classes"]] == [0.5, 0.5]
 
 
+THREE_CLASSES = {"scoring.num_classes": 3, "scoring.thresholds": "[0.75, 0.25]",
+                 "scoring.class_names": "[easy, medium, hard]", "method": "{name: lora}"}
+
+
+def test_sampled_answers_give_pass_rates_and_three_math_classes(tmp_path, tiny_model_dir):
+    data = _write_math(tmp_path / "train.jsonl", 6)
+    recipe = _recipe(tmp_path, tiny_model_dir, data, **THREE_CLASSES, **{"scoring.num_samples": 4})
+    from flexi_workflows.tasks import DataSource, get_task
+
+    rows = get_task("math").load(DataSource(path=str(data)))
+    right = {r["id"]: f"#### {r['answers'][0]}" for r in rows}
+    correct_counts = [4, 3, 2, 1, 0, 0]  # per row, of its 4 sampled answers
+    outputs = {r["id"]: {"prompt": "p", "prediction": "x",
+                         "samples": [right[r["id"]]] * n + ["#### -1"] * (4 - n)} for r, n in zip(rows, correct_counts)}
+    table, stats = build_scored_table(rows, outputs, recipe)
+    assert table.column("score").to_pylist() == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert table.column("class_name").to_pylist() == ["easy", "easy", "medium", "medium", "hard", "hard"]
+    assert table.column("sample_scores").to_pylist()[1] == [1.0, 1.0, 1.0, 0.0]
+    assert [c["count"] for c in stats["classes"]] == [2, 2, 2], "every class has rows"
+    assert stats["num_samples"] == 4 and stats["pass_rate_histogram"] == {"0/4": 2, "1/4": 1, "2/4": 1, "3/4": 1, "4/4": 1}
+    short = {**outputs, rows[0]["id"]: {"prompt": "p", "prediction": "x", "samples": ["#### 1"]}}
+    with pytest.raises(RuntimeError, match="num_samples=4"):
+        build_scored_table(rows, short, recipe)
+
+
+def test_sampling_score_stage_on_ray(tmp_path, tiny_model_dir, ray_local):
+    """A real sampling run: 3 answers per row from the tiny model, seeded, graded into pass rates."""
+    data = _write_math(tmp_path / "train.jsonl", 6)
+    recipe = _recipe(tmp_path, tiny_model_dir, data, **{"scoring.num_samples": 3, "scoring.temperature": 1.0,
+                                                        "scoring.top_p": 1.0, "scoring.batch_size": 3})
+    out = run_score(recipe).folder
+    table = pq.read_table(out / "scored.parquet").to_pylist()
+    assert all(len(r["samples"]) == 3 and len(r["sample_scores"]) == 3 for r in table)
+    assert all(r["score"] == sum(r["sample_scores"]) / 3 for r in table)
+    assert json.loads((out / "stats.json").read_text())["num_samples"] == 3
+    again = run_score(recipe, force=True).folder
+    assert pq.read_table(again / "scored.parquet").column("samples").to_pylist() == [r["samples"] for r in table], \
+        "seeded: a rerun draws the same answers"
+    greedy = run_score(_recipe(tmp_path, tiny_model_dir, data, **{"scoring.batch_size": 3})).folder
+    assert greedy != out and "samples" not in pq.read_table(greedy / "scored.parquet").column_names
+
+
 def test_bad_data_fails_before_ray_and_leaves_nothing(tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "a", "answer": "#### 1"}\n{"question": oops}\n')

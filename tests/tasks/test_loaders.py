@@ -80,8 +80,9 @@ def test_prompt_uses_chat_template_when_the_tokenizer_has_one():
     class ChatTok:
         chat_template = "x"
 
-        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize, **template_kwargs):
             assert add_generation_prompt and not tokenize
+            assert template_kwargs["date_string"] == "26 Jul 2024"
             return f"<user>{messages[0]['content']}</user><assistant>"
 
     row = {"question": "2+2?", "context": ""}
