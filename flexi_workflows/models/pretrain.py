@@ -137,20 +137,26 @@ def _train(spec: PretrainSpec):
 
 def evaluate_base(folder: str | Path, rows: int, threads: int = 2) -> dict:
     """Greedy accuracy of the model in `folder` on the first `rows` test problems, overall and per group
-    and level — the same prompts, decoding and grading as the pipeline's base evaluation."""
+    and level — the pipeline's base evaluation reproduces it (same prompts, left-padded batches of 200,
+    greedy decoding, task grading; tests/models/test_pretrain.py compares the two)."""
     import numpy as np
 
-    from flexi_workflows.generation import BatchGenerator
+    from flexi_workflows.models.loading import load_model, load_tokenizer
+    from flexi_workflows.tasks import get_task
     from flexi_workflows.tasks.arith import generate
 
-    test = generate("test", rows)
-    generator = BatchGenerator(str(folder), "arith", max_new_tokens=36, max_prompt_tokens=96, num_threads=threads)
+    task, test = get_task("arith"), generate("test", rows)
+    tokenizer, model = load_tokenizer(str(folder)), load_model(str(folder)).eval()
     correct = []
     for start in range(0, len(test), 200):
         chunk = test[start:start + 200]
-        predictions = generator.generate(generator.prompts({"id": [r["id"] for r in chunk],
-                                                            "question": [r["question"] for r in chunk]}))
-        correct += [generator.task.score(p, r) for p, r in zip(predictions, chunk)]
+        enc = tokenizer([task.build_prompt(r, tokenizer) for r in chunk], return_tensors="pt", padding=True,
+                        truncation=True, max_length=96)
+        with torch.no_grad():
+            out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=36,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        predictions = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        correct += [task.score(p, r) for p, r in zip(predictions, chunk)]
     correct = np.asarray(correct)
 
     def share(mask) -> float:
