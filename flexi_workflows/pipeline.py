@@ -105,6 +105,10 @@ def summary_rows(plan: Plan, results: dict[str, StageResult]) -> tuple[list[dict
     metric = task.metric
     sources = {s.label: s for s in plan.recipe.task.eval}
     evals = ([plan.base_eval] if plan.base_eval.name in results else []) + [m.eval for m in plan.methods]
+    router = None
+    if plan.route.name in results:
+        router = {f"router_{k}": v for k, v in results[plan.route.name].metrics.items()
+                  if k == "holdout_accuracy" or k.startswith("holdout_recall_")}
     rows = []
     for stage in evals:
         result = results[stage.name]
@@ -130,8 +134,10 @@ def summary_rows(plan: Plan, results: dict[str, StageResult]) -> tuple[list[dict
                 "rank_shares": {k: v / sum(histogram.values()) for k, v in histogram.items()} if histogram else None,
             }
             for key, value in summary.items():
-                if key.startswith(f"{metric}_") and key != f"{metric}_all":
+                if (key.startswith(f"{metric}_") and key != f"{metric}_all") or key.startswith("high_rank_rate_"):
                     row[key] = value
+            if router is not None and stage.method is not None and stage.method.needs_router:
+                row.update(router)  # the router it was routed by: held-out accuracy and recall per class
             if "exact_match" in summary:
                 row["exact_match_all"] = summary["exact_match"]
             rows.append(row)

@@ -3,6 +3,13 @@
 Every value is checked against the dataclass field's type; an unknown key is rejected with the
 nearest valid key suggested, and errors name the file and line the value came from (or the override
 that set it), so a typo costs seconds, not a cluster job.
+
+Shared settings are written once with YAML anchors and merge keys, as in docker-compose: top-level
+keys starting with `x-` only hold anchors and are dropped, `<<: *anchor` merges a mapping (keys written
+beside it win):
+
+    x-adapter: &adapter {alpha: 16, dropout: 0.0}
+    method: {name: lora, rank: 8, <<: *adapter}
 """
 
 from __future__ import annotations
@@ -43,12 +50,25 @@ def _from_node(node: yaml.Node, source: str) -> Any:
     if isinstance(node, yaml.MappingNode):
         out = _Located()
         out.lines = {}
+        merged: dict[str, Any] = {}
         for key_node, value_node in node.value:
             key = key_node.value
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: the anchor's keys, explicit keys win
+                for source_node in (value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]):
+                    value = _from_node(source_node, source)
+                    if not isinstance(value, dict):
+                        raise ConfigError(f"{source}:{key_node.start_mark.line + 1}: `<<` merges a mapping, "
+                                          f"got {type(value).__name__}")
+                    merged.update({k: v for k, v in value.items() if k not in merged})
+                continue
             if key in out:
                 raise ConfigError(f"{source}:{key_node.start_mark.line + 1}: duplicate key {key!r}")
             out[key] = _from_node(value_node, source)
             out.lines[key] = key_node.start_mark.line + 1
+        for key, value in merged.items():
+            if key not in out:
+                out[key] = value
+                out.lines[key] = node.start_mark.line + 1
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_from_node(v, source) for v in node.value]
@@ -71,6 +91,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     data = _from_node(node, str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: the top level must be a mapping of keys")
+    for key in [k for k in data if str(k).startswith("x-")]:  # anchors' holders (`x-adapter: &adapter {...}`)
+        del data[key]
     return data
 
 

@@ -203,6 +203,10 @@ class EvalStage(Stage):
                 summary["mean_active_params"] = 0
             else:
                 summary.update(method.active_params(accounting, artifact, ranks_used))
+                if method.reports_ranks:  # how often each group's items got the top rank (routing per group)
+                    groups = np.asarray([r.get("group", "") for r in rows])
+                    for group in sorted(set(groups.tolist()) - {""}):
+                        summary[f"high_rank_rate_{group}"] = float((ranks_used[groups == group] == max(method.ranks)).mean())
             results["datasets"][source.label] = summary
             pq.write_table(table, tmp / PREDICTIONS / f"{source.label}.parquet")
             log.info("eval %s on %s: %s", self.label, source.label,

@@ -108,3 +108,25 @@ def test_a_search_space_key_is_overridden_whole(tmp_path):
     path.write_text("sweep:\n  space:\n    router.noise_std: [0.0, 0.1]\n  metric: accuracy_all\n")
     recipe = load_recipe(path, ["sweep.space.router.noise_std=[0.3]", "sweep.space.seed=[0, 1]"])
     assert recipe.sweep.space == {"router.noise_std": [0.3], "seed": [0, 1]}
+
+
+def test_anchors_merge_keys_and_x_keys(tmp_path):
+    """`x-` keys hold anchors and are dropped; `<<: *anchor` merges, explicit keys win; errors keep lines."""
+    from flexi_workflows.recipes import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "name: anchors\n"
+        "x-adapter: &adapter {alpha: 32, dropout: 0.0, targets: [q_proj, v_proj]}\n"
+        "model: {name_or_path: m}\n"
+        "task: {name: math, train: {path: t.jsonl}, eval: [{path: e.jsonl}]}\n"
+        "method: {name: lora, rank: 4, <<: *adapter, alpha: 8}\n"
+        "compare:\n"
+        "  - {name: flexi, ranks: [2, 8], <<: *adapter}\n"
+    )
+    recipe = load_recipe(path, [])
+    assert (recipe.method.rank, recipe.method.alpha, recipe.method.targets) == (4, 8.0, ["q_proj", "v_proj"])
+    assert (recipe.compare[0].alpha, recipe.compare[0].dropout) == (32.0, 0.0)
+    path.write_text(path.read_text().replace("x-adapter: &adapter {alpha: 32,", "x-adapter: &adapter {alphaa: 32,"))
+    with pytest.raises(ConfigError, match=r"r.yaml:\d+: unknown key 'method.alphaa'"):
+        load_recipe(path, [])
