@@ -54,3 +54,20 @@ def test_the_quickstart_sweep_shares_scoring_routers_and_baselines(monkeypatch):
     assert len(trials) == 6
     assert sorted(s.name for s in shared) == ["eval:base", "eval:lora-8", "route", "route", "route", "score",
                                               "train:lora-8"]
+
+
+def test_the_benchmark_runs_every_method_over_three_seeds_and_shares_what_it_can(monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    path = REPO_ROOT / "jobs" / "benchmark-arith.yaml"
+    recipe = load_recipe(path)
+    trials = expand_space(recipe.sweep.space)
+    recipes = [trial_recipe(to_dict(recipe), t, str(path)) for t in trials]
+    labels = {method_label(r.method) for r in recipes}
+    assert labels == {"lora-2", "lora-4", "lora-8", "flexi-1-8", "flexi-2-8", "flexi-2-8-oracle", "dylora-1-8",
+                      "dylora-1-8-at4", "dyloraplus-1-8", "adalora-8", "full"}
+    assert sorted(r.seed for r in recipes) == sorted([0, 1, 2] * len(labels))
+    shared = shared_stages(recipes)
+    # scoring and the base evaluation once; per seed one router (both learned rank pairs) and one DyLoRA
+    # training (evaluated at 8 and at 4)
+    assert sorted(s.name for s in shared) == ["eval:base", "route", "route", "route", "score", "train:dylora-1-8",
+                                              "train:dylora-1-8", "train:dylora-1-8"]
