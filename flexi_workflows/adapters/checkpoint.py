@@ -82,8 +82,9 @@ def load_adapter(
 def export_peft(model: FlexiLoraModel, path: str | Path, rank: int) -> Path:
     """Write rank `rank` of the adapter as a PEFT LoRA folder (adapter_config.json + safetensors).
 
-    Fixed scalings map onto PEFT's own: α/r → lora_alpha=α, α/√r → use_rslora. A learned γ differs
-    per layer, so it is folded into B and PEFT's scaling is set to 1 (lora_alpha = r).
+    Fixed scalings map onto PEFT's own: α/r → lora_alpha=α, α/√r → use_rslora, the constant α/r_max →
+    lora_alpha=α·r/r_max. A learned γ differs per layer, so it is folded into B and PEFT's scaling is
+    set to 1 (lora_alpha = r).
     """
     from peft import LoraConfig
 
@@ -94,7 +95,7 @@ def export_peft(model: FlexiLoraModel, path: str | Path, rank: int) -> Path:
     base = model.base_model
     peft_config = LoraConfig(
         r=rank,
-        lora_alpha=rank if learned else cfg.alpha,
+        lora_alpha=rank if learned else (cfg.gamma(rank) * rank if cfg.scaling == "constant" else cfg.alpha),
         use_rslora=cfg.scaling == "alpha_over_sqrt_r",
         lora_dropout=cfg.dropout,
         target_modules=sorted({name.rsplit(".", 1)[-1] for name in model.target_names}),

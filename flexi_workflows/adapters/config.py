@@ -15,7 +15,7 @@ from typing import Any
 
 from flexi_workflows.errors import ConfigError
 
-SCALINGS = ("alpha_over_r", "alpha_over_sqrt_r", "learned")
+SCALINGS = ("alpha_over_r", "alpha_over_sqrt_r", "learned", "constant")
 
 # Default target modules per Hugging Face `model_type`: the attention projections (paper §4 uses
 # q, k, v, o on LLaMA; PEFT's own LLaMA default is q, v only, which does not give the paper's counts).
@@ -45,9 +45,10 @@ class FlexiLoraConfig:
     """Shapes and scaling of a Flexi-LoRA adapter.
 
     r_max: rows of A / columns of B; every per-sample rank r satisfies 1 <= r <= r_max.
-    alpha: the LoRA alpha; the rank-specific scaling γ(r) is alpha/r, alpha/sqrt(r) (rsLoRA) or a
+    alpha: the LoRA alpha; the rank-specific scaling γ(r) is alpha/r, alpha/sqrt(r) (rsLoRA), a
         learned scalar per rank and layer initialised at alpha/r (the paper's "rank-specific scaling
-        variable", §3).
+        variable", §3), or "constant" alpha/r_max for every rank (no rank-specific scaling: a rank-r
+        slice contributes exactly what it contributes inside the full adapter).
     targets: leaf names of the nn.Linear modules to adapt; None means the default for the model type.
     adapter_dtype: dtype of A and B; "float32" keeps adapters in fp32 over a bf16 base (as PEFT's
         autocast_adapter_dtype does), "base" uses the base weight's dtype.
@@ -83,6 +84,8 @@ class FlexiLoraConfig:
         """The fixed scaling γ(r) (the learned variant starts here)."""
         if self.scaling == "alpha_over_sqrt_r":
             return self.alpha / math.sqrt(rank)
+        if self.scaling == "constant":  # every rank at the full adapter's scale: a slice is exactly its share of r_max
+            return self.alpha / self.r_max
         return self.alpha / rank
 
     def to_dict(self) -> dict[str, Any]:

@@ -258,7 +258,7 @@ class AdapterFields(MethodConfig):
     """Fields shared by the adapter methods (γ scaling, dropout, which linear layers get an adapter)."""
 
     alpha: float = 16.0
-    scaling: Literal["alpha_over_r", "alpha_over_sqrt_r", "learned"] = "alpha_over_r"
+    scaling: Literal["alpha_over_r", "alpha_over_sqrt_r", "learned", "constant"] = "alpha_over_r"
     dropout: float = 0.05
     targets: list[str] | None = None
 

@@ -41,7 +41,7 @@ def test_save_load_round_trip(tmp_path, scaling):
             )
 
 
-@pytest.mark.parametrize("scaling,rank", [("alpha_over_r", 2), ("alpha_over_sqrt_r", 8), ("learned", 4)])
+@pytest.mark.parametrize("scaling,rank", [("alpha_over_r", 2), ("alpha_over_sqrt_r", 8), ("learned", 4), ("constant", 2)])
 def test_peft_export_round_trip(tmp_path, scaling, rank):
     flexi = inject_flexi_lora(make_tiny_llama(), FlexiLoraConfig(r_max=8, scaling=scaling))
     randomize_lora(flexi)

@@ -28,7 +28,7 @@ def _reference(layer: FlexiLoraLinear, x: torch.Tensor, rank: int) -> torch.Tens
     return nn.functional.linear(x, w, layer.base_layer.bias)
 
 
-@pytest.mark.parametrize("scaling", ["alpha_over_r", "alpha_over_sqrt_r", "learned"])
+@pytest.mark.parametrize("scaling", ["alpha_over_r", "alpha_over_sqrt_r", "learned", "constant"])
 @pytest.mark.parametrize("shape", [(4, 12), (4, 5, 12)])
 def test_mixed_ranks_match_dense_reference(scaling, shape):
     layer, state, _ = _layer(scaling=scaling)
@@ -41,7 +41,7 @@ def test_mixed_ranks_match_dense_reference(scaling, shape):
 
 
 def test_scalings_differ_as_documented():
-    for scaling, expect in [("alpha_over_r", 16 / 4), ("alpha_over_sqrt_r", 16 / 2)]:
+    for scaling, expect in [("alpha_over_r", 16 / 4), ("alpha_over_sqrt_r", 16 / 2), ("constant", 16 / 8)]:
         layer, _, cfg = _layer(scaling=scaling)
         assert cfg.gamma(4) == pytest.approx(expect)
         assert float(layer.gamma(4)) == pytest.approx(expect)
