@@ -393,6 +393,42 @@ def _best(cells: list, lower_is_better: bool) -> float | None:
     return min(means) if lower_is_better else max(means)
 
 
+def _detail_rows(report: dict, columns: list[dict]) -> list[str]:
+    """Rows under the main ones, per dataset: the metric's 95 % interval, the metric per item group
+    (easy / hard), how often each group was routed to the high rank, and the router's held-out accuracy."""
+    metric = report["task_metric"]
+    datasets = sorted({r["dataset"] for r in report["rows"]})
+    lines = []
+    for dataset in datasets:
+        rows = [c["by_dataset"].get(dataset) or {} for c in columns]
+        prefix = f"{dataset} · " if len(datasets) > 1 else ""
+
+        def line(name: str, cell) -> None:
+            texts = [cell(r) for r in rows]
+            if any(t != "–" for t in texts):
+                lines.append(f"| {prefix}{name} | " + " | ".join(texts) + " |")
+
+        def ci(r: dict) -> str:
+            low, high = r.get(f"{metric}_all_ci95_low"), r.get(f"{metric}_all_ci95_high")
+            return "–" if low is None else f"{100 * low:.1f}–{100 * high:.1f}"
+
+        def mean_std(key: str):
+            return lambda r: "–" if r.get(f"{key}_mean") is None else _cell(
+                r[f"{key}_mean"], r.get(f"{key}_std") if r.get("seeds", 1) > 1 else None)
+
+        line("95 % interval", ci)
+        groups = sorted({k[len(metric) + 1:-len("_mean")] for r in rows for k in r
+                         if k.startswith(f"{metric}_") and k.endswith("_mean") and not k.startswith(f"{metric}_all")})
+        for group in groups:
+            line(group, mean_std(f"{metric}_{group}"))
+        rate_groups = sorted({k[len("high_rank_rate_"):-len("_mean")] for r in rows for k in r
+                              if k.startswith("high_rank_rate_") and k.endswith("_mean")})
+        for group in rate_groups:
+            line(f"→ high rank, {group}", mean_std(f"high_rank_rate_{group}"))
+        line("router held-out acc.", mean_std("router_holdout_accuracy"))
+    return lines
+
+
 def format_table(report: dict) -> str:
     """The paper-style Markdown table: datasets × methods, Average and `#` rows, and a footnote."""
     if not report["rows"]:
@@ -415,6 +451,7 @@ def format_table(report: dict) -> str:
             else:
                 texts.append(_cell(*cell))
         lines.append(f"| {line['name']}{marks.get(line['name'], '')} | " + " | ".join(texts) + " |")
+    lines += _detail_rows(report, columns)
     lines.append("| # | " + " | ".join(_params_cell(c) for c in columns) + " |")
     lines.append("| seeds | " + " | ".join(str(_seeds(c)) for c in columns) + " |")
     direction = "lower" if lower else "higher"
@@ -425,6 +462,9 @@ def format_table(report: dict) -> str:
         ("Average: mean of the per-dataset means ± root-mean-square of the per-dataset stds "
          "(only for columns present on every dataset)."),
         "#: mean active parameters (mean over datasets) and, in parentheses, % of LoRA-8.",
+        ("95 % interval: mean ± t₀.₉₇₅ · std / √seeds. Groups (easy, hard): the metric on that group's items. "
+         "→ high rank: the share of the group's items that ran at the method's highest rank. Router held-out "
+         "acc.: the difficulty router's accuracy on training rows it did not train on."),
     ]
     lines += [f"{marks[dataset]} {dataset}: {note}" for dataset, note in notes.items()]
     if "seed" not in report.get("varied", []):

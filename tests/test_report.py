@@ -210,7 +210,14 @@ def test_table_has_average_and_params_rows_and_bolds_the_best(sigma_sweep):
     header = _cells(lines[0])
     assert "lora-8" in header and "base" in header and "flexi-2-8 noise_std=0.1" in header
     body = {line.split("|")[1].strip(): line for line in lines[2:] if line.startswith("|")}
-    assert set(body) == {"arith", "gsm", "Average", "#", "seeds"}
+    main_rows = {"arith", "gsm", "Average", "#", "seeds"}
+    assert main_rows <= set(body) and {name.split(" · ")[0] for name in set(body) - main_rows} <= set(DATASETS)
+    for ds in DATASETS:
+        # the 95 % interval row: mean ± t(0.975, 2) · std / √3
+        values = 100 * _expected(trials, "lora-8", ds, "accuracy_all")
+        half = 4.303 * values.std(ddof=1) / math.sqrt(3)
+        ci = _cells(body[f"{ds} · 95 % interval"])[header.index("lora-8")]
+        assert ci == f"{values.mean() - half:.1f}–{values.mean() + half:.1f}"
     for ds in DATASETS:
         cells = _cells(body[ds])
         bold = [c for c in cells if c.startswith("**")]
