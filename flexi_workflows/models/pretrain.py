@@ -179,8 +179,8 @@ def task_fingerprint() -> dict:
     """What the generated pretraining data depends on: a change to the task's levels or mixes is a new model."""
     from flexi_workflows.tasks import arith
 
-    return {"levels": {str(k): v for k, v in arith.LEVELS.items()}, "splits": arith.SPLITS,
-            "version": arith.GENERATOR_VERSION}
+    return {"levels": {str(k): v for k, v in arith.LEVELS.items()},
+            "splits": {name: arith.SPLITS[name] for name in ("pretrain", "test")}, "version": arith.GENERATOR_VERSION}
 
 
 def resolve_builtin(ref: str, cache_dir: str | Path) -> str:

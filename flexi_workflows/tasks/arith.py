@@ -9,7 +9,9 @@ report both. The answers show their working steps: that is what lets a tiny mode
 
 Splits (DataSource name "arith"): `pretrain` (mix L1-L4 = .5/.4/.1/0, for building the quickstart's
 base model), `train` (.1/.2/.35/.35, the fine-tuning set), `test` (.25 each, held out: no test
-question appears in the other splits). `limit` sets the number of rows (defaults in SPLITS).
+question appears in the other splits), `dev` (.25 each, for design decisions: no dev question
+appears in test, train or pretrain, so choosing on dev never looks at an evaluation item). `limit`
+sets the number of rows (defaults in SPLITS).
 
 What fine-tuning teaches that the base lacks: the base sees one- and two-step problems in
 pretraining and never a three-step one (L4), and few two-step ones (L3), so it solves nearly every
@@ -35,6 +37,7 @@ SPLITS = {  # name: (level mix, seed, default rows)
     "pretrain": ((0.5, 0.4, 0.1, 0.0), 11, 20000),
     "train": ((0.1, 0.2, 0.35, 0.35), 22, 2000),
     "test": ((0.25, 0.25, 0.25, 0.25), 33, 400),
+    "dev": ((0.25, 0.25, 0.25, 0.25), 44, 400),
 }
 
 
@@ -78,7 +81,7 @@ def generate(split: str, n: int | None = None, exclude: set[str] | None = None) 
             if tries > 200 * count + 1000:
                 raise DataError(f"arith: cannot make {count} distinct level-{level} problems for split {split}")
             question, target, answer = make_problem(rng, level)
-            if question in exclude or (split == "test" and question in seen):
+            if question in exclude or (split in ("test", "dev") and question in seen):  # held-out sets: distinct
                 continue
             seen.add(question)
             rows.append({"id": f"arith_{split}:{len(rows)}", "question": question, "context": "", "target": target,
@@ -95,6 +98,15 @@ class ArithTask(MathTask):
     def _load(self, source: DataSource) -> list[Row]:
         if source.path:
             return super()._load(source)
-        split = source.split
-        exclude = None if split == "test" else {r["question"] for r in generate("test")}
-        return generate(split, source.limit, exclude)
+        return generate(source.split, source.limit, excluded_questions(source.split))
+
+
+def excluded_questions(split: str) -> set[str] | None:
+    """Questions a split must not contain: the test set's everywhere; the dev set also avoids the
+    default training and pretraining sets (it is drawn after them, so they stay as they were)."""
+    if split == "test":
+        return None
+    test = {r["question"] for r in generate("test")}
+    if split != "dev":
+        return test
+    return test | {r["question"] for r in generate("train", None, test)} | {r["question"] for r in generate("pretrain", None, test)}
