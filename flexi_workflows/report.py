@@ -260,6 +260,22 @@ def _row_order(row: dict, setting_names: list[str]) -> tuple:
             [_sortable(row.get(name)) for name in setting_names])
 
 
+def _compact_mapping_settings(rows: list[dict], names: list[str]) -> None:
+    """A setting whose values are mappings (a sweep over whole methods varies `method`) keeps only the
+    keys that tell rows of one method label apart; the label already says the rest (`lora-8`), and the
+    full values stay in the trial records."""
+    for name in names:
+        by_label: dict[str, list[dict]] = {}
+        for row in rows:
+            if isinstance(row.get(name), dict):
+                by_label.setdefault(row["method"], []).append(row)
+        for members in by_label.values():
+            keys = sorted({k for r in members for k in r[name]})
+            varying = [k for k in keys if len({_hashable(r[name].get(k)) for r in members}) > 1]
+            for row in members:
+                row[name] = {k: row[name][k] for k in varying if k in row[name]} or None  # absent: the default
+
+
 def aggregate(sweep: dict, trials: list[dict]) -> dict:
     """The report dict (without `files`) from sweep.json and the trial records."""
     varied = list(sweep.get("varied") or [])
@@ -274,6 +290,7 @@ def aggregate(sweep: dict, trials: list[dict]) -> dict:
     numeric = _numeric_columns(finished)
     groups = _group_rows(finished, columns)
     rows = [_output_row(g, numeric, f"{task_metric}_all") for g in _collapse(groups)]
+    _compact_mapping_settings(rows, list(columns.values()))
     rows.sort(key=lambda r: _row_order(r, list(columns.values())))
     return {
         "name": sweep.get("name"),
@@ -293,7 +310,13 @@ def aggregate(sweep: dict, trials: list[dict]) -> dict:
 
 def column_label(row: dict, setting_names: list[str]) -> str:
     """Method label plus its non-null settings: `flexi-2-8 noise_std=0.1`."""
-    parts = [row["method"]] + [f"{n}={format_value(row[n])}" for n in setting_names if row.get(n) is not None]
+    parts = [row["method"]]
+    for name in setting_names:
+        value = row.get(name)
+        if isinstance(value, dict):  # a compacted mapping setting: its distinguishing keys
+            parts += [f"{k}={format_value(v)}" for k, v in value.items()]
+        elif value is not None:
+            parts.append(f"{name}={format_value(value)}")
     return " ".join(parts)
 
 

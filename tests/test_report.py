@@ -363,3 +363,25 @@ def test_dataset_notes_mark_the_table_and_reach_the_csv_and_json(tmp_path):
     assert table[0][-1] == "note"
     assert {r[0]: r[-1] for r in table[1:3]} == {"arith": "", "gsm": note}
     assert json.loads((root / "report" / "report.json").read_text())["rows"][0]["note"] in (None, note)
+
+
+def test_a_sweep_over_whole_methods_labels_columns_by_method_and_what_tells_them_apart(tmp_path):
+    """`sweep.space.method` varies whole method configs: a column is the method's label, plus only the
+    config keys that differ between configs sharing that label (never the whole JSON config)."""
+    methods = [{"name": "lora", "rank": 8, "alpha": 16}, {"name": "flexi", "ranks": [2, 8], "alpha": 16},
+               {"name": "flexi", "ranks": [2, 8], "alpha": 16, "scaling": "constant"}]
+    trials = []
+    for i, method in enumerate(methods):
+        for seed in SEEDS:
+            row = (_lora_row("arith", seed) if method["name"] == "lora"
+                   else _flexi_row("arith", [2, 8], float(i), seed))
+            trials.append({"trial_id": f"t{len(trials):03d}", "overrides": {"method": method, "seed": seed},
+                           "status": "FINISHED", "error": None, "seconds": 1.0,
+                           "summary": {"metric": "accuracy", "lower_is_better": False,
+                                       "rows": [_base_row("arith"), row]}})
+    sweep = {**SIGMA_SWEEP, "varied": ["method", "seed"]}
+    report = build_report(_write_sweep(tmp_path / "sweep", sweep, trials))
+    header = _cells(format_table(report).splitlines()[0])
+    assert sorted(header) == ["base", "flexi-2-8", "flexi-2-8 scaling=constant", "lora-8"]
+    assert all("{" not in label for label in header)
+    assert all(r["seeds"] == 3 for r in report["rows"] if r["method"] != "base")
