@@ -66,6 +66,12 @@ def pareto_plot(points: Sequence[dict], path: Path, *, ylabel: str, lower_is_bet
     if not points:
         ax.text(0.5, 0.5, "no results to plot", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("mean active parameters")
+    positive = sorted(p["x"] for p in points if p["x"] > 0)
+    if positive and positive[-1] > 20 * positive[0]:
+        # full fine-tuning next to rank-2 adapters: a linear axis would crush every adapter into one
+        # column; symlog keeps 0 (the base model) on the axis and spreads the orders of magnitude
+        ax.set_xscale("symlog", linthresh=positive[0] / 2)
+        ax.set_xlabel("mean active parameters (log scale above the smallest method)")
     ax.set_ylabel(ylabel + (" — lower is better" if lower_is_better else ""))
     ax.set_title(title)
     ax.grid(alpha=0.3)
