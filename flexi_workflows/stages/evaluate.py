@@ -186,7 +186,10 @@ class EvalStage(Stage):
         route = upstream[self.route.name] if self.route is not None else None
         accounting = base_accounting(recipe, method.targets if method else None)
         params = {"base_params": accounting.base_params, "params_per_rank": accounting.params_per_rank,
-                  "lora8_params": accounting.lora8_params,
+                  # "% of LoRA-8" compares adapters on the same targets; full fine-tuning has none, and
+                  # the model type's default targets would make its share mean something else
+                  "lora8_params": (accounting.lora8_params if method is None or hasattr(method.config, "targets")
+                                   else None),
                   "trainable_params": method.trainable_params(accounting, artifact) if method else 0}
         ensure_ray(recipe.ray)
         results: dict[str, Any] = {"method": self.label, "ranks": method.ranks if method else [], "params": params,
