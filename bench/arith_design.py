@@ -9,16 +9,22 @@ behind the task's design, kept so the figures can be redone; the pipeline itself
         --ft_mix 0.1,0.2,0.35,0.35 --ft_steps 160 --bs 64 --lr 0.005 --ranks "8;2,8;2" \
         --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 """
-import json, math, sys, time, random, argparse
-import torch, numpy as np
-import flexi_workflows.tasks.arith as arith
-from flexi_workflows.models.pretrain import PretrainSpec, pretrain_arith_model
-from flexi_workflows.data.causal_lm import collate, encode_example
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from flexi_workflows.adapters.config import FlexiLoraConfig
 from flexi_workflows.adapters.model import inject_flexi_lora
+from flexi_workflows.data.causal_lm import collate, encode_example
 from flexi_workflows.metrics import parse_number
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from pathlib import Path
+from flexi_workflows.models.pretrain import PretrainSpec, pretrain_arith_model
+from flexi_workflows.tasks import arith
 
 p = argparse.ArgumentParser()
 p.add_argument("--levels", default="")  # json {"2": [[10,19],1]}
@@ -46,6 +52,7 @@ arith.SPLITS["pretrain"] = (pre_mix, 11, 20000)
 arith.SPLITS["train"] = (ft_mix, 22, 2000)
 key = f"{a.levels}|{a.pre_mix}|{a.pre_steps}"
 import hashlib
+
 folder = Path(__import__("tempfile").gettempdir()) / ("arith-design-base-" + hashlib.sha1(key.encode()).hexdigest()[:8])
 if not (folder / "model.safetensors").exists():
     t = time.time(); pretrain_arith_model(folder, PretrainSpec(steps=a.pre_steps, threads=int(__import__("os").environ.get("T","1")))); print("pretrain s", time.time()-t)

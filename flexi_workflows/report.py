@@ -416,6 +416,22 @@ def _best(cells: list, lower_is_better: bool) -> float | None:
     return min(means) if lower_is_better else max(means)
 
 
+def _ci_text(row: dict, metric: str) -> str:
+    low, high = row.get(f"{metric}_all_ci95_low"), row.get(f"{metric}_all_ci95_high")
+    return "–" if low is None else f"{100 * low:.1f}–{100 * high:.1f}"
+
+
+def _mean_std_text(row: dict, key: str) -> str:
+    if row.get(f"{key}_mean") is None:
+        return "–"
+    return _cell(row[f"{key}_mean"], row.get(f"{key}_std") if row.get("seeds", 1) > 1 else None)
+
+
+def _suffixes(rows: list[dict], prefix: str) -> list[str]:
+    """`X` for every `<prefix>X_mean` column in `rows` (the item groups of a per-group metric)."""
+    return sorted({k[len(prefix):-len("_mean")] for r in rows for k in r if k.startswith(prefix) and k.endswith("_mean")})
+
+
 def _detail_rows(report: dict, columns: list[dict]) -> list[str]:
     """Rows under the main ones, per dataset: the metric's 95 % interval, the metric per item group
     (easy / hard), how often each group was routed to the high rank, and the router's held-out accuracy."""
@@ -425,30 +441,15 @@ def _detail_rows(report: dict, columns: list[dict]) -> list[str]:
     for dataset in datasets:
         rows = [c["by_dataset"].get(dataset) or {} for c in columns]
         prefix = f"{dataset} · " if len(datasets) > 1 else ""
-
-        def line(name: str, cell) -> None:
-            texts = [cell(r) for r in rows]
-            if any(t != "–" for t in texts):
-                lines.append(f"| {prefix}{name} | " + " | ".join(texts) + " |")
-
-        def ci(r: dict) -> str:
-            low, high = r.get(f"{metric}_all_ci95_low"), r.get(f"{metric}_all_ci95_high")
-            return "–" if low is None else f"{100 * low:.1f}–{100 * high:.1f}"
-
-        def mean_std(key: str):
-            return lambda r: "–" if r.get(f"{key}_mean") is None else _cell(
-                r[f"{key}_mean"], r.get(f"{key}_std") if r.get("seeds", 1) > 1 else None)
-
-        line("95 % interval", ci)
-        groups = sorted({k[len(metric) + 1:-len("_mean")] for r in rows for k in r
-                         if k.startswith(f"{metric}_") and k.endswith("_mean") and not k.startswith(f"{metric}_all")})
-        for group in groups:
-            line(group, mean_std(f"{metric}_{group}"))
-        rate_groups = sorted({k[len("high_rank_rate_"):-len("_mean")] for r in rows for k in r
-                              if k.startswith("high_rank_rate_") and k.endswith("_mean")})
-        for group in rate_groups:
-            line(f"→ high rank, {group}", mean_std(f"high_rank_rate_{group}"))
-        line("router held-out acc.", mean_std("router_holdout_accuracy"))
+        entries = [("95 % interval", [_ci_text(r, metric) for r in rows])]
+        for group in _suffixes(rows, f"{metric}_"):
+            if not group.startswith("all"):
+                entries.append((group, [_mean_std_text(r, f"{metric}_{group}") for r in rows]))
+        for group in _suffixes(rows, "high_rank_rate_"):
+            entries.append((f"→ high rank, {group}", [_mean_std_text(r, f"high_rank_rate_{group}") for r in rows]))
+        entries.append(("router held-out acc.", [_mean_std_text(r, "router_holdout_accuracy") for r in rows]))
+        lines += [f"| {prefix}{name} | " + " | ".join(texts) + " |" for name, texts in entries
+                  if any(t != "–" for t in texts)]
     return lines
 
 

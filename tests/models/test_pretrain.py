@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexi_workflows.models.pretrain import BASE_EVAL, BUILTINS, PretrainSpec, pretrain_arith_model, resolve_builtin
+from flexi_workflows.models.pretrain import (
+    BASE_EVAL,
+    BUILTINS,
+    PretrainSpec,
+    pretrain_arith_model,
+    resolve_builtin,
+)
 
 # small enough to build in seconds, trained long enough to solve some one-step problems
 SMALL = PretrainSpec(hidden_size=96, layers=2, heads=4, intermediate_size=192, vocab_size=320, steps=300,

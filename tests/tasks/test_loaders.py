@@ -129,9 +129,9 @@ def test_unknown_task_and_offline_hub_name():
 
 def test_arith_dev_split_shares_no_question_with_test_train_or_pretraining():
     """Design decisions are made on `dev`; it must not contain an evaluation or a training item."""
+    from flexi_workflows.tasks import get_task
     from flexi_workflows.tasks.arith import generate
     from flexi_workflows.tasks.base import DataSource
-    from flexi_workflows.tasks import get_task
 
     dev = {r["question"] for r in get_task("arith").load(DataSource(name="arith", split="dev"))}
     assert len(dev) == 400
