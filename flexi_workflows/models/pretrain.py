@@ -92,7 +92,7 @@ def pretrain_arith_model(path: Path, spec: PretrainSpec) -> Path:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         with deterministic_torch(spec.threads):
-            record = evaluate_base(tmp, spec.eval_rows, threads=spec.threads)
+            record = evaluate_base(tmp, spec.eval_rows)
         (tmp / BASE_EVAL).write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "pretrain.json").write_text(json.dumps({"spec": asdict(spec), "task": task_fingerprint(),
                                                         "seconds": round(time.time() - started, 1)}))
@@ -136,7 +136,7 @@ def _train(spec: PretrainSpec):
     return model.eval(), tokenizer
 
 
-def evaluate_base(folder: str | Path, rows: int, threads: int = 2) -> dict:
+def evaluate_base(folder: str | Path, rows: int) -> dict:
     """Greedy accuracy of the model in `folder` on the first `rows` test problems, overall and per group
     and level — the pipeline's base evaluation reproduces it (same prompts, left-padded batches of 200,
     greedy decoding, task grading; tests/models/test_pretrain.py compares the two)."""
