@@ -57,9 +57,13 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg", ".opus")
+
+
 def path_digest(path: str | Path) -> str:
-    """Content digest of a file, or of a folder's files (names + contents; large weight files by size
-    and mtime, so fingerprinting a multi-GB checkpoint stays instant)."""
+    """Content digest of a file, or of a folder's files (names + contents; large weight files and audio
+    files by size and mtime, so fingerprinting a multi-GB checkpoint or LibriSpeech's 60 GB of FLAC
+    stays instant)."""
     path = Path(path)
     if path.is_file():
         return file_digest(path)
@@ -67,7 +71,7 @@ def path_digest(path: str | Path) -> str:
     for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
         stat = f.stat()
         rel = f.relative_to(path).as_posix()
-        if stat.st_size > 64 << 20:
+        if stat.st_size > 64 << 20 or f.suffix.lower() in AUDIO_SUFFIXES:
             parts.append((rel, stat.st_size, stat.st_mtime_ns))
         else:
             parts.append((rel, file_digest(f)))

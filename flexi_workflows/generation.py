@@ -1,5 +1,8 @@
 """Batched generation over task rows — the work of one Ray Data actor, or of a plain loop.
 
+Text tasks give the model a prompt (a causal LM continues it); speech gives it an utterance's log-mel
+features (Whisper transcribes them, seq2seq). Both go through `encode` then `generate`.
+
 One class serves both so the Ray stage and its single-process reference (bench/scoring.py) run the
 very same code: the model loads once per actor in __init__, and __call__ maps a batch of rows
 (columns as numpy arrays, Ray Data's "numpy" batch format) to their prompts and predictions.
@@ -49,7 +52,14 @@ class BatchGenerator:
             torch.set_num_threads(num_threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.task = get_task(task_name)
-        self.tokenizer = load_tokenizer(model_ref, trust_remote_code=trust_remote_code)
+        self.speech = self.task.modality == "speech"
+        if self.speech:  # audio → log-mel features; the processor's tokenizer decodes transcripts
+            from flexi_workflows.models.loading import load_processor
+
+            self.processor = load_processor(model_ref, trust_remote_code=trust_remote_code)
+            self.tokenizer = self.processor.tokenizer
+        else:
+            self.tokenizer = load_tokenizer(model_ref, trust_remote_code=trust_remote_code)
         self.model = load_model(model_ref, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
         self.model.to(self.device).eval()
         self.max_new_tokens = max_new_tokens
@@ -60,17 +70,23 @@ class BatchGenerator:
         self.add_special_tokens = not getattr(self.tokenizer, "chat_template", None)
 
     def prompts(self, batch: dict[str, np.ndarray]) -> list[str]:
+        """What the model is given, as text for the record: the prompt, or for speech the utterance id."""
         n = len(batch["id"])
+        if self.speech:
+            return [str(i) for i in batch["id"]]
         contexts = batch.get("context", [""] * n)
         return [
             self.task.build_prompt({"question": str(q), "context": str(c)}, self.tokenizer, date_string=self.date_string)
             for q, c in zip(batch["question"], contexts)
         ]
 
-    @torch.no_grad()
-    def generate(self, prompts: list[str], num_samples: int = 1, **generate_kwargs: Any) -> list[str]:
-        """Completions of `prompts`: greedy, or with sampling settings in `generate_kwargs`
-        `num_samples` per prompt (prompt i's answers at i*num_samples ... (i+1)*num_samples - 1)."""
+    def encode(self, batch: dict[str, np.ndarray], prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The model inputs of a batch: token ids of the prompts, or log-mel features of the audio."""
+        if self.speech:
+            from flexi_workflows.data.speech import audio_features
+
+            return {"input_features": audio_features(self.processor, batch["audio"], batch["id"]).to(
+                self.device, dtype=self.model.dtype)}
         enc = self.tokenizer(
             prompts,
             return_tensors="pt",
@@ -79,33 +95,45 @@ class BatchGenerator:
             max_length=self.max_prompt_tokens,
             add_special_tokens=self.add_special_tokens,
         ).to(self.device)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    @torch.no_grad()
+    def generate(self, inputs: dict[str, torch.Tensor], num_samples: int = 1, **generate_kwargs: Any) -> list[str]:
+        """Completions (or transcripts) of a batch's `inputs`: greedy, or with sampling settings in
+        `generate_kwargs` `num_samples` per input (input i's answers at i*num_samples ... (i+1)*num_samples - 1)."""
+        extra = {}
+        if self.speech and getattr(self.model.generation_config, "is_multilingual", False):
+            extra = {"language": "en", "task": "transcribe"}  # English transcription, as LibriSpeech is
         out = self.model.generate(
-            input_ids=enc["input_ids"],
-            attention_mask=enc["attention_mask"],
+            **inputs,
             max_new_tokens=self.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
             num_return_sequences=num_samples,
+            **extra,
             **{"do_sample": False, **generate_kwargs},
         )
-        return self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        if not self.speech:  # a causal LM returns the prompt too
+            out = out[:, inputs["input_ids"].shape[1] :]
+        return [t.strip() if self.speech else t for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def sample(self, prompts: list[str], ids: list[str]) -> list[list[str]]:
-        """`num_samples` sampled answers per prompt, seeded from `seed` and the batch's row ids."""
+    def sample(self, inputs: dict[str, torch.Tensor], ids: list[str]) -> list[list[str]]:
+        """`num_samples` sampled answers per input, seeded from `seed` and the batch's row ids."""
         key = f"{self.seed}\x1f" + "\x1f".join(ids)
         torch.manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % (2**63))
         k = self.num_samples
-        texts = self.generate(prompts, num_samples=k, do_sample=True, temperature=self.temperature,
+        texts = self.generate(inputs, num_samples=k, do_sample=True, temperature=self.temperature,
                               top_p=self.top_p, top_k=0)
-        return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+        return [texts[i * k : (i + 1) * k] for i in range(len(ids))]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = self.prompts(batch)
+        inputs = self.encode(batch, prompts)
         if self.num_samples > 1:
-            samples = self.sample(prompts, [str(i) for i in batch["id"]])
+            samples = self.sample(inputs, [str(i) for i in batch["id"]])
             return {"id": np.asarray(batch["id"]), "prompt": np.asarray(prompts),
                     "prediction": np.asarray([s[0] for s in samples]),
                     "samples": np.asarray([json.dumps(s) for s in samples])}
-        predictions = self.generate(prompts)
+        predictions = self.generate(inputs)
         return {"id": np.asarray(batch["id"]), "prompt": np.asarray(prompts), "prediction": np.asarray(predictions)}
 
 
@@ -132,12 +160,13 @@ class MethodGenerator(BatchGenerator):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = self.prompts(batch)
+        inputs = self.encode(batch, prompts)
         n = len(prompts)
         ranks = self.method.eval_ranks(self.model, batch, n)
         if ranks is None:
-            predictions = self.generate(prompts)
+            predictions = self.generate(inputs)
             ranks = np.zeros(n, dtype=np.int64)
         else:
-            predictions = self.generate(prompts, ranks=ranks.tolist())
+            predictions = self.generate(inputs, ranks=ranks.tolist())
         return {"id": np.asarray(batch["id"]), "prompt": np.asarray(prompts), "prediction": np.asarray(predictions),
                 "rank": ranks}

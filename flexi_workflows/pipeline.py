@@ -18,7 +18,7 @@ from flexi_workflows.errors import ConfigError
 from flexi_workflows.fsutil import write_json_atomic
 from flexi_workflows.metrics import lower_is_better
 from flexi_workflows.recipes.loader import flatten
-from flexi_workflows.recipes.schema import Recipe
+from flexi_workflows.recipes.schema import DataSource, Recipe
 from flexi_workflows.stages.base import Stage, StageResult
 from flexi_workflows.stages.plan import Plan, plan_pipeline
 
@@ -68,11 +68,27 @@ def absolute_paths(recipe: Recipe, root: str | Path | None = None) -> Recipe:
     return dataclasses.replace(recipe, output_dir=absolute(recipe.output_dir), model=model, task=task, training=training)
 
 
+def resolve_builtin_data(recipe: Recipe) -> Recipe:
+    """The recipe with built-in corpora (`name: builtin:spoken-tiny`) given their cached folder as `path`
+    (synthesized on first use); the name stays, so reports still call the set by it."""
+    def source(s: DataSource | None) -> DataSource | None:
+        if s is None or s.path or not (s.name or "").startswith("builtin:"):
+            return s
+        from flexi_workflows.audio.corpus import resolve_builtin_corpus
+
+        return dataclasses.replace(s, path=str(resolve_builtin_corpus(s.name, recipe.model.cache_dir)))
+
+    task = dataclasses.replace(recipe.task, train=source(recipe.task.train), eval=[source(s) for s in recipe.task.eval])
+    return dataclasses.replace(recipe, task=task)
+
+
 def resolve_model(recipe: Recipe) -> Recipe:
-    """The recipe with a built-in base model replaced by its cached folder (built on first use)."""
+    """The recipe with a built-in base model replaced by its cached folder (built on first use), and
+    built-in corpora by theirs."""
     from flexi_workflows.models.loading import load_config
     from flexi_workflows.models.pretrain import builtin_spec, resolve_builtin
 
+    recipe = resolve_builtin_data(recipe)
     if builtin_spec(recipe.model.name_or_path) is not None:
         folder = resolve_builtin(recipe.model.name_or_path, recipe.model.cache_dir)
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name_or_path=folder))
@@ -82,6 +98,9 @@ def resolve_model(recipe: Recipe) -> Recipe:
 
 def describe_base_eval(folder: str, record: dict) -> str:
     """One line on what the built-in base model can do before any fine-tuning (recorded when it was built)."""
+    if "wer_all" in record:  # the tiny Whisper: WER per test split
+        parts = " / ".join(f"{g} {100 * record[f'wer_{g}']:.1f} %" for g in ("clean", "other", "all") if f"wer_{g}" in record)
+        return f"base model {folder}: WER on the built-in corpus's test splits {parts}"
     levels = ", ".join(f"L{level} {100 * acc:.1f} %" for level, acc in record.get("accuracy_by_level", {}).items())
     return (f"base model {folder}: {record['rows']} {record['split']} problems, accuracy easy "
             f"{100 * record['accuracy_easy']:.1f} % / hard {100 * record['accuracy_hard']:.1f} % / all "
@@ -136,6 +155,10 @@ def summary_rows(plan: Plan, results: dict[str, StageResult]) -> tuple[list[dict
             for key, value in summary.items():
                 if (key.startswith(f"{metric}_") and key != f"{metric}_all") or key.startswith("high_rank_rate_"):
                     row[key] = value
+            for extra in task.summary_metrics or ():  # speech: cer and acc beside wer, overall and per group
+                if extra != metric and extra in summary:
+                    row[f"{extra}_all"] = summary[extra]
+                    row.update({k: v for k, v in summary.items() if k.startswith(f"{extra}_") and not k.startswith("count")})
             if router is not None and stage.method is not None and stage.method.needs_router:
                 row.update(router)  # the router it was routed by: held-out accuracy and recall per class
             if "exact_match" in summary:

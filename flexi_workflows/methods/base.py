@@ -46,7 +46,10 @@ class Trainable:
     ranks_used: Callable[[], Any] | None = None
 
     def forward_kwargs(self, batch: dict) -> dict[str, Any]:
-        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+        if "input_features" in batch:  # speech (seq2seq): the decoder's inputs are the labels shifted right
+            kwargs = {"input_features": batch["input_features"], "labels": batch["labels"]}
+        else:
+            kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
         if self.uses_row_ranks:
             kwargs["ranks"] = batch["ranks"]
         return kwargs

@@ -106,3 +106,19 @@ def model_fingerprint(ref: str | Path) -> dict:
     if path.exists():
         return {"digest": path_digest(path)}  # by content: moving the cache folder keeps every stage valid
     return {"hub": str(ref)}
+
+
+def load_processor(ref: str | Path, *, trust_remote_code: bool = False):
+    """A speech model's processor (feature extractor + tokenizer), e.g. Whisper's; its tokenizer gets a pad token."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(ref), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"processor for {str(ref)!r} could not be loaded: {str(exc).splitlines()[0][:200]}") from None
+    if not hasattr(processor, "feature_extractor") or not hasattr(processor, "tokenizer"):
+        raise ModelNotFoundError(f"{str(ref)!r}: its processor ({type(processor).__name__}) has no feature extractor "
+                                 f"and tokenizer; the speech task needs a speech model such as Whisper")
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor

@@ -50,10 +50,17 @@ class PretrainSpec:
     eval_rows: int = 400  # the test split's first rows, whose accuracy the folder records
 
 
-BUILTINS = {"arith-tiny": PretrainSpec()}
+def _builtins() -> dict:
+    from flexi_workflows.models.pretrain_speech import SpeechPretrainSpec
+
+    # arith-tiny: the quickstart's tiny LLaMA; whisper-tiny-spoken: the speech quickstart's tiny Whisper
+    return {"arith-tiny": PretrainSpec(), "whisper-tiny-spoken": SpeechPretrainSpec()}
 
 
-def builtin_spec(ref: str) -> PretrainSpec | None:
+BUILTINS = _builtins()
+
+
+def builtin_spec(ref: str):
     if not ref.startswith(BUILTIN_PREFIX):
         return None
     name = ref[len(BUILTIN_PREFIX):]
@@ -189,10 +196,15 @@ def resolve_builtin(ref: str, cache_dir: str | Path) -> str:
     if spec is None:
         return ref
     from flexi_workflows.fsutil import fingerprint
+    from flexi_workflows.models.pretrain_speech import SpeechPretrainSpec, pretrain_speech_model, speech_fingerprint
 
-    key = {"spec": asdict(spec), "task": task_fingerprint()}
+    speech = isinstance(spec, SpeechPretrainSpec)
+    key = speech_fingerprint(spec, cache_dir) if speech else {"spec": asdict(spec), "task": task_fingerprint()}
     folder = Path(cache_dir).expanduser() / f"{ref[len(BUILTIN_PREFIX):]}-{fingerprint(key)}"
     if not (folder / "model.safetensors").is_file():
         log.info("building %s (first run only) into %s", ref, folder)
-        pretrain_arith_model(folder, spec)
+        if speech:
+            pretrain_speech_model(folder, spec, cache_dir)
+        else:
+            pretrain_arith_model(folder, spec)
     return str(folder)

@@ -60,7 +60,9 @@ class DataSource:
 
     @property
     def label(self) -> str:
-        return self.name or Path(self.path).stem.removesuffix(".jsonl")
+        if self.name:
+            return self.name.removeprefix("builtin:")
+        return Path(self.path).stem.removesuffix(".jsonl")
 
     @property
     def stops_at_limit(self) -> bool:
@@ -119,9 +121,11 @@ class TaskConfig:
 class ScoringConfig:
     """Difficulty scoring: the base model answers each training sample, the task metric grades it.
 
-    thresholds: K-1 descending cut points on the metric; a score ≥ thresholds[0] is class 0 (the
-    easiest), below thresholds[-1] is class K-1 (the hardest). Math: [0.5] (correct = easy);
-    QA: e.g. [0.5] for F1 ≥ 0.5 = easy.
+    thresholds: K-1 cut points on the metric, easiest class first. For a metric where higher is better
+    they descend: a score ≥ thresholds[0] is class 0 (the easiest), below thresholds[-1] is class K-1
+    (the hardest). Math: [0.5] (correct = easy); QA: e.g. [0.5] for F1 ≥ 0.5 = easy. For an error rate
+    (speech: the utterance's WER) they ascend: a WER ≤ thresholds[0] is class 0, e.g. [0.1] for easy
+    = at most one word in ten wrong.
 
     num_samples: answers per training row. 1 (the paper's setup) = one greedy answer, graded; k > 1 =
     k answers sampled with `temperature` and nucleus `top_p` (no top-k), seeded from `seed` and the
@@ -155,8 +159,8 @@ class ScoringConfig:
                 f"scoring.thresholds has {len(self.thresholds)} values but scoring.num_classes = "
                 f"{self.num_classes} needs {self.num_classes - 1} (K classes take K-1 cut points)"
             )
-        if any(a <= b for a, b in zip(self.thresholds, self.thresholds[1:])):
-            raise ConfigError(f"scoring.thresholds must be strictly decreasing (easiest class first), got {self.thresholds}")
+        if len(set(self.thresholds)) != len(self.thresholds):
+            raise ConfigError(f"scoring.thresholds must be distinct (easiest class first), got {self.thresholds}")
         if self.class_names is None:
             self.class_names = ["easy", "hard"] if self.num_classes == 2 else [f"class{k}" for k in range(self.num_classes)]
         if len(self.class_names) != self.num_classes:
@@ -525,6 +529,7 @@ class SweepConfig:
 
 # tasks whose per-answer grade is 0 or 1 (accuracy): their scores are pass rates j / num_samples
 BINARY_GRADE_TASKS = ("math", "arith")
+LOWER_IS_BETTER_TASKS = ("speech",)  # tasks scored by an error rate: thresholds ascend (tasks/speech.py)
 
 
 @dataclass
@@ -546,6 +551,12 @@ class Recipe:
     sweep: SweepConfig | None = None
 
     def __post_init__(self) -> None:
+        t = self.scoring.thresholds
+        if self.task.name in LOWER_IS_BETTER_TASKS and any(a >= b for a, b in zip(t, t[1:])):
+            raise ConfigError(f"scoring.thresholds must be strictly increasing for task {self.task.name} (its metric is an "
+                              f"error rate; easiest class first), got {t}")
+        if self.task.name not in LOWER_IS_BETTER_TASKS and any(a <= b for a, b in zip(t, t[1:])):
+            raise ConfigError(f"scoring.thresholds must be strictly decreasing (easiest class first), got {t}")
         if self.task.name in BINARY_GRADE_TASKS:
             empty = self.scoring.unreachable_classes()
             if empty:

@@ -9,18 +9,24 @@ import numpy as np
 from flexi_workflows.errors import ConfigError, DataError
 
 
-def assign_classes(scores: Sequence[float], thresholds: Sequence[float]) -> np.ndarray:
-    """Class k = number of thresholds the score falls below; thresholds descend, class 0 is easiest.
+def assign_classes(scores: Sequence[float], thresholds: Sequence[float], *, higher_is_better: bool = True) -> np.ndarray:
+    """Class k = number of thresholds the score falls short of; class 0 is easiest.
 
-    With thresholds [0.5]: score ≥ 0.5 → 0 (easy), else 1 (hard). With [0.8, 0.3]: ≥ 0.8 → 0,
-    [0.3, 0.8) → 1, < 0.3 → 2.
+    Higher is better (accuracy, F1), thresholds descend: with [0.5], score ≥ 0.5 → 0 (easy), else 1
+    (hard); with [0.8, 0.3]: ≥ 0.8 → 0, [0.3, 0.8) → 1, < 0.3 → 2. Lower is better (WER), thresholds
+    ascend: with [0.1, 0.5], WER ≤ 0.1 → 0, (0.1, 0.5] → 1, > 0.5 → 2.
     """
-    if any(a <= b for a, b in zip(thresholds, thresholds[1:])):
+    pairs = list(zip(thresholds, thresholds[1:]))
+    if higher_is_better and any(a <= b for a, b in pairs):
         raise ConfigError(f"thresholds must be strictly decreasing, got {list(thresholds)}")
+    if not higher_is_better and any(a >= b for a, b in pairs):
+        raise ConfigError(f"thresholds on an error rate must be strictly increasing, got {list(thresholds)}")
     scores = np.asarray(scores, dtype=np.float64)
     if np.isnan(scores).any():
         raise DataError("a score is NaN; every scored row needs a metric value")
-    return (scores[:, None] < np.asarray(thresholds, dtype=np.float64)[None, :]).sum(axis=1).astype(np.int64)
+    cuts = np.asarray(thresholds, dtype=np.float64)[None, :]
+    below = scores[:, None] > cuts if not higher_is_better else scores[:, None] < cuts
+    return below.sum(axis=1).astype(np.int64)
 
 
 def pass_rates(grades: Sequence[Sequence[float]]) -> np.ndarray:

@@ -4,7 +4,7 @@
               MethodGenerator, actor pool) ──► predictions + ranks used ──► task metrics per row
               ──► per-dataset means ──► <output_dir>/eval/<label>-<fingerprint>/ metrics.json, predictions/
 
-Metrics per eval set: accuracy (math) or F1 and EM (QA), per `group` when rows carry one (the
+Metrics per eval set: accuracy (math), F1 and EM (QA) or corpus-level WER / CER / ACC (speech), per `group` when rows carry one (the
 quickstart's easy/hard), the mean rank actually used, and mean active parameters from the ranks
 actually used (the method's own accounting). `base` evaluates the untouched base model: the
 reference row every fine-tune is read against.
@@ -56,15 +56,15 @@ def summarize(task_name: str, rows: list[Row], outputs: dict[str, dict]) -> tupl
         out = outputs[row["id"]]
         per_row.append({**task.metrics(out["prediction"], row), "rank": int(out["rank"]), "group": row.get("group", "")})
     metric_names = [m for m in (list(per_row[0]) if per_row else []) if m not in ("rank", "group")]
-    summary: dict[str, Any] = {m: float(np.mean([r[m] for r in per_row])) for m in metric_names}
+    summary: dict[str, Any] = task.aggregate(per_row)  # means, or corpus-level rates (speech)
     summary["count"] = len(rows)
     groups = defaultdict(list)
     for r in per_row:
         if r["group"]:
             groups[r["group"]].append(r)
     for name, members in sorted(groups.items()):
-        for m in metric_names:
-            summary[f"{m}_{name}"] = float(np.mean([r[m] for r in members]))
+        for m, value in task.aggregate(members).items():
+            summary[f"{m}_{name}"] = value
         summary[f"count_{name}"] = len(members)
     ranks = np.array([r["rank"] for r in per_row], dtype=np.int64)
     table = pa.table({
@@ -98,13 +98,14 @@ def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None,
     import ray
 
     from flexi_workflows.generation import BatchGenerator, MethodGenerator
+    from flexi_workflows.stages.score import model_columns
 
     cfg = recipe.evaluation
     if not rows:
         return {}
     _, stream, position = eval_batches(len(rows), cfg.batch_size, cfg.num_actors)
-    columns = [{"id": r["id"], "question": r["question"], "context": str(r.get("context", "")), "rank": int(r.get("rank", 0)),
-                "eval_stream": int(k), "stream_position": int(p)} for r, k, p in zip(rows, stream, position)]
+    columns = [{**model_columns(r), "rank": int(r.get("rank", 0)), "eval_stream": int(k), "stream_position": int(p)}
+               for r, k, p in zip(rows, stream, position)]
     # one block per eval batch, so the batches an actor generates are exactly these (one DyLoRA+ rank each)
     blocks = [pa.Table.from_pylist(columns[i:i + cfg.batch_size]) for i in range(0, len(columns), cfg.batch_size)]
     ds = ray.data.from_arrow(blocks)

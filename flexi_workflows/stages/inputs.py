@@ -42,7 +42,12 @@ def data_inputs(source: DataSource) -> dict[str, Any]:
     data["source"].pop("note")  # a remark for reports, not an input
     if source.path:
         data["source"].pop("path")  # by content, not by where the file lies
-        data["digest"] = path_digest(source.path)
+        if (source.name or "").startswith("builtin:"):  # a built-in corpus: its cache folder is named by its spec
+            from pathlib import Path
+
+            data["digest"] = Path(source.path).name
+        else:
+            data["digest"] = path_digest(source.path)
     return data
 
 

@@ -5,7 +5,8 @@
         ──► <output_dir>/route/<fingerprint>/ router/ (safetensors + JSON), report.json
 
 The router sees exactly what the training and evaluation stages will route on: the task's user text
-(question, plus context for QA), tokenized by the base model's tokenizer. It predicts difficulty
+(question, plus context for QA), tokenized by the base model's tokenizer — or, for speech, the
+utterance through the base model's conv stem, masked and mean-pooled (router/audio_pooling.py). It predicts difficulty
 classes, not ranks: which rank a class gets belongs to the method, so Flexi (1,8) and (2,8) share
 one trained router.
 """
@@ -32,11 +33,6 @@ ROUTER_DIR = "router"
 REPORT = "report.json"
 
 
-def router_texts(task_name: str, questions, contexts) -> list[str]:
-    task = get_task(task_name)
-    return [task.user_text({"question": str(q), "context": str(c)}) for q, c in zip(questions, contexts)]
-
-
 class RouteStage(Stage):
     kind = "route"
     files = [ROUTER_DIR, REPORT]
@@ -51,23 +47,24 @@ class RouteStage(Stage):
                 "seed": self.recipe.seed}
 
     def run(self, tmp: Path, upstream: dict[str, StageResult], context: StageContext) -> StageOutput:
-        from flexi_workflows.models.loading import load_tokenizer
-        from flexi_workflows.router.model import RouterSpec, save_router
-        from flexi_workflows.router.pooling import load_input_embeddings, pool_texts
+        from flexi_workflows.router.apply import router_inputs
+        from flexi_workflows.router.audio_pooling import POOLING as AUDIO_POOLING
+        from flexi_workflows.router.model import POOLING, RouterSpec, save_router
         from flexi_workflows.router.train import RouterTraining, train_router
 
         recipe, cfg = self.recipe, self.recipe.router
         scored = upstream[self.score.name].folder / SCORED
-        table = pq.read_table(scored, columns=["question", "context", "class"]).to_pydict()
-        texts = router_texts(recipe.task.name, table["question"], table["context"])
-        labels = np.asarray(table["class"], dtype=np.int64)
+        speech = get_task(recipe.task.name).modality == "speech"
+        columns = ["id", "audio", "class"] if speech else ["id", "question", "context", "class"]
+        table = pq.read_table(scored, columns=columns).to_pydict()
+        labels = np.asarray(table.pop("class"), dtype=np.int64)
+        rows = [dict(zip(table, values)) for values in zip(*table.values())]
         model_ref = recipe.model.name_or_path
-        tokenizer = load_tokenizer(model_ref, trust_remote_code=recipe.model.trust_remote_code, padding_side="right")
-        embedding = load_input_embeddings(model_ref, trust_remote_code=recipe.model.trust_remote_code)
-        features = pool_texts(texts, tokenizer, embedding, max_length=recipe.task.max_prompt_tokens)
+        features, vocab_size = router_inputs(recipe.task.name, rows, model_ref, max_length=recipe.task.max_prompt_tokens,
+                                             trust_remote_code=recipe.model.trust_remote_code)
         spec = RouterSpec(
-            embed_dim=int(embedding.weight.shape[1]),
-            vocab_size=int(embedding.weight.shape[0]),
+            embed_dim=int(features.shape[1]),
+            vocab_size=vocab_size,
             class_names=list(recipe.scoring.class_names),
             classifier=cfg.classifier,
             hidden_size=cfg.hidden_size,
@@ -75,6 +72,7 @@ class RouteStage(Stage):
             noise_type=cfg.noise_type,
             noise_on=cfg.noise_on,
             base_model=model_ref,
+            pooling=AUDIO_POOLING if speech else POOLING,
         )
         training = RouterTraining(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   batch_size=cfg.batch_size, holdout=cfg.holdout, balance=cfg.balance)

@@ -31,12 +31,10 @@ def assign_ranks(recipe: Recipe, method: Method, rows: list[Row], source: StageR
     if method.routing == "oracle":
         classes = oracle_classes(recipe, rows, source, dataset)
     else:
-        from flexi_workflows.router.apply import route_texts
+        from flexi_workflows.router.apply import route_rows
 
-        task = get_task(recipe.task.name)
-        classes = route_texts([task.user_text(r) for r in rows], source.folder / ROUTER_DIR, recipe.model.name_or_path,
-                              max_length=recipe.task.max_prompt_tokens,
-                              trust_remote_code=recipe.model.trust_remote_code)
+        classes = route_rows(recipe.task.name, rows, source.folder / ROUTER_DIR, recipe.model.name_or_path,
+                             max_length=recipe.task.max_prompt_tokens, trust_remote_code=recipe.model.trust_remote_code)
     ranks = method.ranks_for(classes)
     stats = {"mean_rank": float(np.mean(ranks)), "rank_shares": {str(r): float(np.mean(ranks == r)) for r in method.ranks}}
     return ranks, stats
@@ -57,7 +55,9 @@ def oracle_classes(recipe: Recipe, rows: list[Row], source: StageResult, dataset
 
         metric = get_task(recipe.task.name).metric
         table = pq.read_table(source.folder / PREDICTIONS / f"{dataset}.parquet", columns=["id", metric]).to_pydict()
-        by_id = dict(zip(table["id"], assign_classes(table[metric], recipe.scoring.thresholds).tolist()))
+        task = get_task(recipe.task.name)
+        by_id = dict(zip(table["id"], assign_classes(table[metric], recipe.scoring.thresholds,
+                                                     higher_is_better=task.higher_is_better).tolist()))
     missing = [r["id"] for r in rows if r["id"] not in by_id]
     if missing:
         raise ConfigError(f"oracle routing: {len(missing)} rows have no scored class in {source.folder} "

@@ -54,6 +54,13 @@ def validate_score_inputs(recipe: Recipe) -> list[Row]:
     return rows
 
 
+def model_columns(row: Row) -> dict:
+    """What a generation actor needs of a row: its id and the model's input (question / context, or audio)."""
+    if "audio" in row:
+        return {"id": row["id"], "audio": row["audio"]}
+    return {"id": row["id"], "question": row["question"], "context": str(row.get("context") or "")}
+
+
 def score_rows(rows: list[Row], recipe: Recipe) -> dict[str, dict]:
     """Predictions for `rows` from a Ray Data actor pool; returns id → {prompt, prediction}."""
     import ray
@@ -61,7 +68,7 @@ def score_rows(rows: list[Row], recipe: Recipe) -> dict[str, dict]:
     from flexi_workflows.generation import BatchGenerator
 
     cfg = recipe.scoring
-    columns = [{"id": r["id"], "question": r["question"], "context": r.get("context", "")} for r in rows]
+    columns = [model_columns(r) for r in rows]
     # blocks of one batch each: the actor pool pulls work in batch-sized units
     ds = ray.data.from_items(columns, override_num_blocks=max(1, -(-len(columns) // cfg.batch_size)))
     ds = ds.map_batches(
@@ -111,7 +118,7 @@ def build_scored_table(rows: list[Row], outputs: dict[str, dict], recipe: Recipe
         scores, classes = sampled_classes(grades, cfg.thresholds)
     else:
         scores = np.array([task.score(p, r) for p, r in zip(predictions, rows)], dtype=np.float64)
-        classes = assign_classes(scores, cfg.thresholds)
+        classes = assign_classes(scores, cfg.thresholds, higher_is_better=task.higher_is_better)
     names = cfg.class_names
     columns = {
         "id": [r["id"] for r in rows],
@@ -127,6 +134,9 @@ def build_scored_table(rows: list[Row], outputs: dict[str, dict], recipe: Recipe
         "class": classes,
         "class_name": [names[k] for k in classes],
     }
+    if rows and "audio" in rows[0]:  # speech: the route stage pools the audio; groups are clean / other
+        columns["audio"] = [r["audio"] for r in rows]
+        columns["group"] = [r.get("group", "") for r in rows]
     if cfg.sampling:
         columns["samples"] = samples
         columns["sample_scores"] = grades

@@ -1,6 +1,7 @@
 """Stage 3, train: fine-tune one method on Ray Train (TorchTrainer, DeepSpeed ZeRO or DDP).
 
-    task rows ──► prompt + target, tokenized (loss on answer tokens only)
+    task rows ──► prompt + target, tokenized (loss on answer tokens only); speech: decoder labels of the
+                  transcript, audio left encoded until a worker collates its batch into log-mel features
               ──► methods that route: a rank per row (stages/routing.py) — the rank travels with the batch
               ──► ray.data, materialized, split into one deterministic shard per worker
               ──► TorchTrainer(train_loop_per_worker) ──► final checkpoint/export
@@ -84,14 +85,17 @@ def training_examples(recipe: Recipe, method: Method, routing_source: StageResul
 
     task = get_task(recipe.task.name)
     rows = task.load(recipe.task.train)
-    tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
-    special = not getattr(tokenizer, "chat_template", None)
-    examples = [
-        encode_example(task.build_prompt(r, tokenizer, date_string=recipe.task.date_string), r["target"], tokenizer,
-                       max_prompt_tokens=recipe.task.max_prompt_tokens,
-                       max_target_tokens=recipe.task.max_target_tokens, add_special_tokens=special)
-        for r in rows
-    ]
+    if task.modality == "speech":
+        examples, tokenizer = speech_examples(recipe, rows)
+    else:
+        tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+        special = not getattr(tokenizer, "chat_template", None)
+        examples = [
+            encode_example(task.build_prompt(r, tokenizer, date_string=recipe.task.date_string), r["target"], tokenizer,
+                           max_prompt_tokens=recipe.task.max_prompt_tokens,
+                           max_target_tokens=recipe.task.max_target_tokens, add_special_tokens=special)
+            for r in rows
+        ]
     routing: dict = {}
     if method.routing is not None:
         ranks, routing = assign_ranks(recipe, method, rows, routing_source)
@@ -99,6 +103,29 @@ def training_examples(recipe: Recipe, method: Method, routing_source: StageResul
             example["rank"] = int(rank)
     return examples, {"routing": routing, "pad_token_id": tokenizer.pad_token_id, "rows": len(rows),
                       "subsets": subset_counts(rows)}
+
+
+def speech_examples(recipe: Recipe, rows: list[dict]) -> tuple[list[dict[str, Any]], Any]:
+    """Decoder labels per utterance, the audio left encoded (workers make the features when they collate)."""
+    from flexi_workflows.data.speech import encode_labels, set_transcription_prefix
+    from flexi_workflows.models.loading import load_config, load_processor
+
+    model = recipe.model
+    processor = load_processor(model.name_or_path, trust_remote_code=model.trust_remote_code)
+    config = load_config(model.name_or_path, trust_remote_code=model.trust_remote_code)
+    from transformers import GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(model.name_or_path)
+    except OSError:  # no generation_config.json: an English-only prefix
+        generation = None
+    tokenizer = processor.tokenizer
+    set_transcription_prefix(tokenizer, generation)
+    start = config.decoder_start_token_id
+    examples = [{"id": r["id"], "audio": r["audio"],
+                 "labels": encode_labels(r["target"], tokenizer, max_target_tokens=recipe.task.max_target_tokens,
+                                         decoder_start_token_id=start)} for r in rows]
+    return examples, tokenizer
 
 
 def split_validation(examples: list[dict], rows: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -265,6 +292,7 @@ class TrainStage(Stage):
                 "tracking_uri": context.tracking_uri,
                 "run_id": context.run_id,
                 "validation": bool(validation),
+                "modality": get_task(recipe.task.name).modality,
             },
             scaling_config=ScalingConfig(
                 num_workers=dist.num_workers,

@@ -7,8 +7,9 @@ from flexi_workflows.tasks.arith import ArithTask
 from flexi_workflows.tasks.base import DataSource, Row, Task, metric_key, subset_counts, subset_of
 from flexi_workflows.tasks.math import MathTask
 from flexi_workflows.tasks.qa import QATask
+from flexi_workflows.tasks.speech import SpeechTask
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (MathTask, QATask, ArithTask)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (MathTask, QATask, ArithTask, SpeechTask)}
 
 
 def get_task(name: str) -> Task:

@@ -11,8 +11,9 @@ Rows are plain dicts so they travel unchanged through Ray Data, parquet and JSON
     subset    the part of a multi-part dataset the row belongs to (MRQA: SQuAD, NewsQA, ...;
               MetaMathQA: GSM_AnsAug, ...); absent for single-part datasets
 
-Speech (a later issue) adds an `audio` field and a feature extractor in place of the prompt; the
-loader/scoring split here is what stays the same.
+Speech rows (tasks/speech.py) add `audio` (a file path or encoded bytes) in place of a question and
+`modality = "speech"`: the model hears the audio instead of reading a prompt; the loader/scoring
+split here stays the same.
 """
 
 from __future__ import annotations
@@ -148,11 +149,14 @@ def select_rows(rows: list[Row], source: DataSource) -> list[Row]:
 
 
 class Task:
-    """A task family: math (accuracy) or QA (F1 / EM)."""
+    """A task family: math (accuracy), QA (F1 / EM) or speech (WER / CER / ACC)."""
 
     name: ClassVar[str]
-    metric: ClassVar[str]  # the difficulty metric: "accuracy" or "f1"
+    metric: ClassVar[str]  # the difficulty metric: "accuracy", "f1" or "wer"
     plain_template: ClassVar[str]
+    modality: ClassVar[str] = "text"  # "text": prompts through the tokenizer; "speech": audio through features
+    higher_is_better: ClassVar[bool] = True  # False for an error rate (scoring thresholds then ascend)
+    summary_metrics: ClassVar[tuple[str, ...] | None] = None  # what evaluation reports (None: every metric)
 
     def load(self, source: DataSource) -> list[Row]:
         """The source's rows: every row parsed (a loader stops early only for `selection: first`),
@@ -198,5 +202,10 @@ class Task:
         raise NotImplementedError
 
     def metrics(self, prediction: str, row: Row) -> dict[str, float]:
-        """Every metric the paper reports for this task."""
+        """Every metric the paper reports for this task, for one row."""
         return {self.metric: self.score(prediction, row)}
+
+    def aggregate(self, per_row: list[dict[str, float]]) -> dict[str, float]:
+        """A set's metrics from its rows' `metrics`: the mean of each (speech sums edits instead)."""
+        names = self.summary_metrics or (list(per_row[0]) if per_row else [])
+        return {m: float(np.mean([r[m] for r in per_row])) for m in names} if per_row else {}

@@ -99,7 +99,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from flexi_workflows.data.causal_lm import collate
+    from flexi_workflows.data.causal_lm import IGNORE_INDEX, collate
     from flexi_workflows.methods import get_method
     from flexi_workflows.models.loading import load_model
     from flexi_workflows.recipes.loader import build
@@ -184,10 +184,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         engine.model.eval()
         total = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
-            for batch in val_shard.iter_torch_batches(batch_size=train_cfg.micro_batch_size,
-                                                      collate_fn=lambda b: collate(b, pad)):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                n = len(batch["input_ids"])
+            for batch in val_shard.iter_torch_batches(batch_size=train_cfg.micro_batch_size, collate_fn=collate_fn):
+                batch = to_device(batch)
+                n = len(batch["labels"])
                 total += torch.tensor([float(engine.model(**trainable.forward_kwargs(batch)).loss) * n, n],
                                       dtype=torch.float64)
         if world > 1:
@@ -196,6 +195,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return float(total[0] / max(total[1], 1.0))
 
     # -- the loop: this worker's shard, epoch by epoch, skipping what a resumed run already did ----
+    if config.get("modality") == "speech":  # audio is decoded into log-mel features as batches are collated
+        from flexi_workflows.data.speech import collate_speech
+        from flexi_workflows.models.loading import load_processor
+
+        processor = load_processor(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+
+        def collate_fn(b):
+            return collate_speech(b, processor)
+    else:
+        def collate_fn(b):
+            return collate(b, pad)
+    # DeepSpeed's bf16 casts the weights, not the inputs: audio features must match the conv stem's dtype
+    feature_dtype = torch.bfloat16 if dist_cfg.strategy == "deepspeed" and dist_cfg.bf16 else torch.float32
+
+    def to_device(batch: dict) -> dict:
+        moved = {k: v.to(device) for k, v in batch.items()}
+        if "input_features" in moved:
+            moved["input_features"] = moved["input_features"].to(feature_dtype)
+        return moved
+
     shard = ray.train.get_dataset_shard(f"train_{rank}")
     val_shard = ray.train.get_dataset_shard(f"val_{rank}") if config.get("validation") else None
     pad = config["pad_token_id"]
@@ -206,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         skip = (step - epoch * steps_per_epoch) * accum  # micro-batches already done in this epoch
         micro = 0
         batches = shard.iter_torch_batches(
-            batch_size=train_cfg.micro_batch_size, collate_fn=lambda b: collate(b, pad), drop_last=True,
+            batch_size=train_cfg.micro_batch_size, collate_fn=collate_fn, drop_last=True,
             local_shuffle_buffer_size=4 * train_cfg.micro_batch_size, local_shuffle_seed=recipe.seed * 1000 + epoch,
         )
         for batch in batches:
@@ -215,7 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             micro += 1
             if micro <= skip:
                 continue
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = to_device(batch)
             if trainable.set_step is not None:
                 trainable.set_step(step)  # the global optimizer step this micro-batch's gradient goes into
             loss = engine.model(**trainable.forward_kwargs(batch)).loss
@@ -225,7 +244,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ranks_used.append(rank_record(rank, step, (micro - 1) % accum, used))
             boundary = engine.backward_step(loss, step)
             window_loss += float(loss.detach()) / accum
-            window_tokens += int(batch["attention_mask"].sum())
+            # text: prompt + target tokens; speech: transcript tokens (the audio is a fixed window)
+            window_tokens += int(batch["attention_mask"].sum() if "attention_mask" in batch
+                                 else (batch["labels"] != IGNORE_INDEX).sum())
             if not boundary:
                 continue
             step += 1
