@@ -6,12 +6,17 @@ subprocess, no network. We call the C API directly (`espeak_Initialize` in synch
 callback, `espeak_Synth` + `espeak_Synchronize`); 1.4 s of speech takes a few milliseconds.
 
 eSpeak keeps global state (one voice, one set of parameters, one callback per process), so the library
-is initialised once per process and every synthesis runs under a module-level lock.
+is initialised once per process and every synthesis runs under a module-level lock. Its random
+generators are reseeded on every call, but its wave generator keeps some state between calls that no
+API call resets: the same call can come out a few samples different depending on what was spoken
+before it in the process. Byte-reproducible audio therefore needs a fresh process and a fixed call
+order (flexi_workflows/audio/corpus.py does that).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from ctypes import POINTER, c_char_p, c_int, c_short, c_size_t, c_uint, c_void_p
 
@@ -74,7 +79,7 @@ def _load():
 
     callback = _CALLBACK(on_audio)  # kept referenced in _STATE: the library holds a raw pointer to it
     lib.espeak_SetSynthCallback(callback)
-    _STATE.update(lib=lib, libc=libc, rate=rate, callback=callback, chunks=chunks)
+    _STATE.update(lib=lib, libc=libc, data_path=str(data_path), rate=rate, callback=callback, chunks=chunks)
     return lib
 
 
@@ -95,7 +100,10 @@ class Espeak:
         """
         with _LOCK:
             lib = _load()
-            if lib.espeak_SetVoiceByName(voice.encode()) != EE_OK:
+            _, _, variant = voice.partition("+")
+            # eSpeak silently ignores an unknown "+variant"; check the variant file exists.
+            unknown_variant = variant and not os.path.isfile(os.path.join(_STATE["data_path"], "voices", "!v", variant))
+            if unknown_variant or lib.espeak_SetVoiceByName(voice.encode()) != EE_OK:
                 raise ConfigError(f"eSpeak voice {voice!r} is unknown (try 'en', 'en-us', 'en+f3', 'en+m3')")
             for name, param, value, lo, hi in (("rate", espeakRATE, rate, 80, 450),
                                                ("pitch", espeakPITCH, pitch, 0, 100),
