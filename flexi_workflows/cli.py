@@ -76,10 +76,16 @@ def cmd_params(args: argparse.Namespace) -> int:
     print(f"LoRA at r_max={report.r_max:<3} {report.lora_params:,}  ({report.lora_pct_of_base:.4f} % of base)")
     if report.scaling_params:
         print(f"learned γ params  {report.scaling_params:,}")
+    print(
+        f"trainable share   {report.trainable_pct_of_total:.4f} % of base+trainable "
+        f"({report.total_params:,}; PEFT's trainable%)"
+    )
     if report.mean_active_params is not None:
         print(
             f"mean active       {report.mean_active_params:,.0f}  (mean rank {report.mean_rank:.3f}; "
-            f"{100 * report.mean_active_params / report.lora_params:.2f} % of LoRA-{report.r_max})"
+            f"{100 * report.mean_active_params / report.lora_params:.2f} % of LoRA-{report.r_max}; "
+            f"{100 * report.mean_active_params / report.base_params:.4f} % of base; "
+            f"{report.active_pct_of_total(report.mean_active_params):.4f} % of base+trainable)"
         )
     return 0
 

@@ -4,6 +4,11 @@ A LoRA of rank r on a linear layer (in → out) has r·(in + out) parameters, so
 has `params_per_rank` = Σ(in + out) per unit of rank. Static methods report params at their rank;
 input-adaptive ones (Flexi-LoRA, DyLoRA+) report the *mean active* params over the inputs they saw,
 params_per_rank × mean rank (method-notes: Flexi (2,8) "504K" on LLaMA-3.2-1B ≈ mean rank 2.37).
+
+Shares come in two conventions: of the base model (`*_pct_of_base`), and of every parameter the
+adapted model holds, base + trainable (`*_pct_of_total`), which is what PEFT's
+`print_trainable_parameters` prints as "trainable%". docs/speech-params.md shows the second one
+reproducing the paper's Whisper shares (Table 4).
 """
 
 from __future__ import annotations
@@ -66,15 +71,33 @@ class ParamReport:
     mean_active_params: float | None = None
 
     @property
+    def total_params(self) -> int:
+        """Base + trainable: every parameter of the adapted model (PEFT's "all params")."""
+        return self.base_params + self.trainable_params
+
+    @property
     def lora_pct_of_base(self) -> float:
         return 100.0 * self.lora_params / self.base_params
+
+    @property
+    def trainable_pct_of_total(self) -> float:
+        """PEFT's "trainable%": trainable / (base + trainable)."""
+        return 100.0 * self.trainable_params / self.total_params
+
+    def active_pct_of_total(self, active: float) -> float:
+        """Share of `active` adapter params in the adapted model (which holds the adapter at r_max)."""
+        return 100.0 * active / self.total_params
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["active_params"] = {str(k): v for k, v in self.active_params.items()}
         d["lora_pct_of_base"] = self.lora_pct_of_base
+        d["total_params"] = self.total_params
+        d["trainable_pct_of_total"] = self.trainable_pct_of_total
+        d["active_pct_of_total"] = {str(k): self.active_pct_of_total(v) for k, v in self.active_params.items()}
         if self.mean_active_params is not None:
             d["mean_active_pct_of_base"] = 100.0 * self.mean_active_params / self.base_params
+            d["mean_active_pct_of_total"] = self.active_pct_of_total(self.mean_active_params)
             d["mean_active_pct_of_lora_max"] = 100.0 * self.mean_active_params / self.lora_params
         return d
 
