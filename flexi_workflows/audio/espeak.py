@@ -48,7 +48,8 @@ def _load():
         lib = ctypes.cdll.LoadLibrary(espeakng_loader.get_library_path())
         data_path = espeakng_loader.get_data_path()
     except (ImportError, OSError) as e:
-        raise DataError(f"eSpeak NG could not be loaded ({e}); install it with `pip install espeakng-loader`") from e
+        raise DataError(f"eSpeak NG could not be loaded ({e}); "
+                        "install it with `pip install espeakng-loader`") from e
     lib.espeak_Initialize.argtypes = [c_int, c_int, c_char_p, c_int]
     lib.espeak_Initialize.restype = c_int
     lib.espeak_SetSynthCallback.argtypes = [_CALLBACK]
@@ -102,7 +103,8 @@ class Espeak:
             lib = _load()
             _, _, variant = voice.partition("+")
             # eSpeak silently ignores an unknown "+variant"; check the variant file exists.
-            unknown_variant = variant and not os.path.isfile(os.path.join(_STATE["data_path"], "voices", "!v", variant))
+            variant_file = os.path.join(_STATE["data_path"], "voices", "!v", variant)
+            unknown_variant = variant and not os.path.isfile(variant_file)
             if unknown_variant or lib.espeak_SetVoiceByName(voice.encode()) != EE_OK:
                 raise ConfigError(f"eSpeak voice {voice!r} is unknown (try 'en', 'en-us', 'en+f3', 'en+m3')")
             for name, param, value, lo, hi in (("rate", espeakRATE, rate, 80, 450),
