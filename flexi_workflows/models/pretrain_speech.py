@@ -36,7 +36,7 @@ class SpeechPretrainSpec:
     ffn: int = 512
     window_seconds: int = 4
     vocab_size: int = 320
-    steps: int = 1200
+    steps: int = 800
     batch_size: int = 32
     lr: float = 2e-3
     seed: int = 0
