@@ -67,10 +67,9 @@ def pretrain_speech_model(path: Path, spec: SpeechPretrainSpec, cache_dir: str |
 
 
 def _rows(corpus: Path, split: str) -> list[dict]:
-    from flexi_workflows.recipes.schema import DataSource
-    from flexi_workflows.tasks.speech import SpeechTask
+    from flexi_workflows.tasks.speech import librispeech_root, load_librispeech_split
 
-    return SpeechTask().load(DataSource(name=f"spoken:{split}", path=str(corpus), split=split, selection="first"))
+    return load_librispeech_split(librispeech_root(Path(corpus), [split]), split, Path(corpus).name)
 
 
 def _train(spec: SpeechPretrainSpec, corpus: Path):
