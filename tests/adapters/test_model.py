@@ -149,3 +149,36 @@ def test_unload_restores_base_outputs():
     restored = flexi.unload()
     with torch.no_grad():
         torch.testing.assert_close(restored(input_ids=ids).logits, expect)
+
+
+def test_whisper_mixed_rank_batch_equals_each_utterance_alone_in_encoder_and_decoder(tiny_whisper):
+    """Per-utterance ranks reach the encoder's self-attention and the decoder's self- and cross-attention:
+    a batch of mixed ranks gives each utterance exactly what it gets alone at its rank."""
+    flexi = inject_flexi_lora(tiny_whisper, FlexiLoraConfig(r_max=8))
+    randomize_lora(flexi, std=0.3)
+    torch.manual_seed(1)
+    feats = torch.randn(3, 16, 40)
+    labels = torch.randint(3, 64, (3, 5))
+    ranks = [2, 8, 5]
+    with torch.no_grad():
+        mixed = flexi(input_features=feats, labels=labels, ranks=ranks)
+        for b, r in enumerate(ranks):
+            alone = flexi(input_features=feats[b : b + 1], labels=labels[b : b + 1], ranks=r)
+            torch.testing.assert_close(mixed.encoder_last_hidden_state[b], alone.encoder_last_hidden_state[0])
+            torch.testing.assert_close(mixed.logits[b], alone.logits[0])
+        # not vacuous: the rank changes both the encoder's output and the decoder's
+        other = flexi(input_features=feats[:1], labels=labels[:1], ranks=8)
+    assert not torch.allclose(other.encoder_last_hidden_state[0], mixed.encoder_last_hidden_state[0])
+    assert not torch.allclose(other.logits[0], mixed.logits[0])
+
+
+def test_whisper_beams_carry_their_utterances_rank(tiny_whisper):
+    flexi = inject_flexi_lora(tiny_whisper, FlexiLoraConfig(r_max=8))
+    randomize_lora(flexi, std=0.5)
+    torch.manual_seed(2)
+    feats = torch.randn(2, 16, 40)
+    kw = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False)
+    mixed = flexi.generate(input_features=feats, ranks=[1, 8], **kw)
+    for b, r in enumerate([1, 8]):
+        alone = flexi.generate(input_features=feats[b : b + 1], ranks=r, **kw)
+        assert torch.equal(mixed[2 * b : 2 * b + 2], alone)
