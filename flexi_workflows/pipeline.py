@@ -261,7 +261,7 @@ def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool 
             summary["router_holdout_accuracy"] = results[plan.route.name].metrics.get("holdout_accuracy")
         out = Path(summary_dir or recipe.output_dir)
         write_json_atomic(out / SUMMARY, summary)
-        pareto_plot(rows, out / "pareto.png", metric=f"{metric}_all")
+        pareto_plot(rows, out / "pareto.png", metric=f"{metric}_all", lower_is_better=lower_is_better(metric))
         if tracker is not None:
             tracker.log_artifacts(parent_id, out / SUMMARY)
             tracker.log_artifacts(parent_id, out / "pareto.png", "plots")

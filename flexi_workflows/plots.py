@@ -45,8 +45,9 @@ def rank_histogram_plot(histogram: dict[str, int], path: Path, title: str = "") 
     return Path(path)
 
 
-def pareto_plot(rows: Sequence[dict], path: Path, metric: str = "accuracy_all") -> Path:
-    """Accuracy against mean active parameters, one point per method."""
+def pareto_plot(rows: Sequence[dict], path: Path, metric: str = "accuracy_all", lower_is_better: bool = False) -> Path:
+    """The task metric against mean active parameters, one point per method (an error rate such as WER
+    says it is lower-is-better on its axis)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
@@ -56,8 +57,8 @@ def pareto_plot(rows: Sequence[dict], path: Path, metric: str = "accuracy_all") 
         ax.scatter([x], [100 * y], s=40)
         ax.annotate(row["method"], (x, 100 * y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("mean active parameters")
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_title("accuracy vs parameters")
+    ax.set_ylabel(f"{metric} (%)" + (" — lower is better" if lower_is_better else ""))
+    ax.set_title(f"{metric.split('_')[0]} vs parameters")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
