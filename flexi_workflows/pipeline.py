@@ -38,6 +38,7 @@ def prepare(recipe: Recipe) -> Recipe:
     from flexi_workflows.tasks import get_task
 
     task = get_task(recipe.task.name)
+    recipe = resolve_builtin_data(recipe)  # a built-in corpus is synthesized (once) so it can be read
     for source in [recipe.task.train, *recipe.task.eval]:
         task.load(source)  # parse everything now: a bad line fails here, not mid-pipeline
     check_resources(recipe)

@@ -13,7 +13,8 @@ LibriSpeech's 960 hours never pass through the driver as features.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

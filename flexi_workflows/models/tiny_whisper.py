@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
             "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
@@ -48,8 +48,13 @@ def tiny_whisper(tokenizer, *, d_model: int = 128, layers: int = 2, heads: int =
                  window_seconds: int = 4, max_target_positions: int = 64, seed: int = 0):
     """(model, processor): a WhisperForConditionalGeneration and its WhisperProcessor for a `window_seconds` window."""
     import torch
-    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
-                              WhisperForConditionalGeneration, WhisperProcessor)
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+    )
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
     eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
@@ -65,7 +70,7 @@ def tiny_whisper(tokenizer, *, d_model: int = 128, layers: int = 2, heads: int =
     model = WhisperForConditionalGeneration(config)
     model.generation_config = GenerationConfig(
         decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
-        no_timestamps_token_id=ids["<|notimestamps|>"], is_multilingual=False, max_length=max_target_positions,
+        no_timestamps_token_id=ids["<|notimestamps|>"], is_multilingual=False,
     )
     features = WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, n_fft=400,
                                        chunk_length=window_seconds)

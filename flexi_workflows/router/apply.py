@@ -9,8 +9,9 @@ utterance through the base model's conv stem (router/audio_pooling.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -16,8 +16,9 @@ checkpoint (a few MB of a 1.5 GB large-v3), as the text router reads only the em
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -135,7 +135,7 @@ def load_librispeech_split(root: Path, split: str, source_name: str) -> list[Row
                 raise DataError(f"{trans}:{lineno}: utterance {uid} has no audio file ({uid}.flac) in {chapter}")
             try:
                 info = sf.info(str(audio[uid]))
-            except Exception as exc:  # libsndfile's errors: not an audio file, truncated header
+            except RuntimeError as exc:  # libsndfile's errors (LibsndfileError): not an audio file, a truncated header
                 raise DataError(f"{audio[uid]}: cannot decode the audio ({str(exc).splitlines()[0][:160]})") from None
             if info.frames == 0:
                 raise DataError(f"{audio[uid]}: the audio file holds no samples")
@@ -158,12 +158,10 @@ def load_hub_split(name: str, split: str) -> list[Row]:
         raise DataError(f"{name}: split {split!r} is not a LibriSpeech split; one of {', '.join(HUB_SPLITS)}")
     config, hub_split = HUB_SPLITS[split]
     records = load_hub_dataset(name, config, hub_split)
-    try:  # encoded bytes, decoded on the workers (no torchcodec / ffmpeg needed)
-        from datasets import Audio
+    if "audio" in (getattr(records, "column_names", None) or []):  # encoded bytes, decoded on the workers
+        from datasets import Audio  # (no torchcodec / ffmpeg needed); without the column the first row fails
 
         records = records.cast_column("audio", Audio(decode=False))
-    except Exception:  # a dataset without an `audio` column fails on the first row below, with its name
-        pass
     rows = []
     for i, rec in enumerate(records):
         where = f"{name} ({split}) row {i}"
@@ -192,7 +190,7 @@ class SpeechTask(Task):
             rows = [r for s in splits for r in load_librispeech_split(root, s, source.label)]
         elif source.name and source.name.startswith(BUILTIN_PREFIX):
             raise DataError(f"{source.name}: built-in corpora are resolved to their folder before loading "
-                            f"(flexi run / flexi score do it; in code: pipeline.resolve_builtins)")
+                            f"(flexi run / flexi score do it; in code: pipeline.resolve_builtin_data)")
         else:
             rows = [r for s in splits for r in load_hub_split(source.name, s)]
         ids = [r["id"] for r in rows]

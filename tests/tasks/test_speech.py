@@ -87,7 +87,7 @@ def test_malformed_transcript_line_and_unknown_split(tmp_path):
 
 
 def test_audio_is_decoded_at_16k_and_features_are_whisper_log_mels(tmp_path):
-    from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer  # noqa: F401
+    from transformers import WhisperFeatureExtractor
 
     from flexi_workflows.audio.io import read_audio
     from flexi_workflows.data.speech import audio_features
@@ -140,3 +140,35 @@ def test_speech_recipe_thresholds_must_ascend():
         build(Recipe, base, source="recipe")
     base["scoring"]["thresholds"] = [0.1, 0.5]
     assert build(Recipe, base, source="recipe").scoring.thresholds == [0.1, 0.5]
+
+
+def test_hub_copy_rows_keep_encoded_audio_and_map_librispeech_split_names(tmp_path, monkeypatch):
+    """openslr/librispeech_asr for users with internet: its split names map to (config, split), the audio
+    stays encoded bytes (decoded on the workers), and a row without text names the dataset and row."""
+    import datasets
+
+    from flexi_workflows.tasks import hub
+
+    root = write_librispeech(tmp_path)
+    flac = (root / "test-clean" / "1089" / "134686" / "1089-134686-0000.flac").read_bytes()
+    asked = []
+
+    def fake_hub(name, config, split):
+        asked.append((name, config, split))
+        ds = datasets.Dataset.from_dict({"id": ["1089-134686-0000"], "text": ["HE HOPED"],
+                                         "audio": [{"bytes": flac, "path": None}]})
+        return ds.cast_column("audio", datasets.Audio(decode=False))
+
+    monkeypatch.setattr(hub, "load_hub_dataset", fake_hub)
+    rows = get_task("speech").load(DataSource(name="openslr/librispeech_asr", split="test-other"))
+    assert asked == [("openslr/librispeech_asr", "other", "test")]
+    assert rows[0]["audio"] == flac and rows[0]["group"] == "other" and rows[0]["answers"] == ["HE HOPED"]
+
+    def no_text(name, config, split):
+        return datasets.Dataset.from_dict({"id": ["x"], "text": [""], "audio": [{"bytes": flac, "path": None}]})
+
+    monkeypatch.setattr(hub, "load_hub_dataset", no_text)
+    with pytest.raises(DataError, match=r"openslr/librispeech_asr \(dev-clean\) row 0: empty `text`"):
+        get_task("speech").load(DataSource(name="openslr/librispeech_asr", split="dev-clean"))
+    with pytest.raises(DataError, match="not a LibriSpeech split"):
+        get_task("speech").load(DataSource(name="openslr/librispeech_asr", split="test"))
