@@ -56,12 +56,13 @@ def summarize(task_name: str, rows: list[Row], outputs: dict[str, dict]) -> tupl
         out = outputs[row["id"]]
         per_row.append({**task.metrics(out["prediction"], row), "rank": int(out["rank"]), "group": row.get("group", "")})
     metric_names = [m for m in (list(per_row[0]) if per_row else []) if m not in ("rank", "group")]
-    summary: dict[str, Any] = task.aggregate(per_row)  # means, or corpus-level rates (speech)
+    metric_rows = [{m: r[m] for m in metric_names} for r in per_row]
+    summary: dict[str, Any] = task.aggregate(metric_rows)  # means, or corpus-level rates (speech)
     summary["count"] = len(rows)
     groups = defaultdict(list)
-    for r in per_row:
+    for r, only_metrics in zip(per_row, metric_rows):
         if r["group"]:
-            groups[r["group"]].append(r)
+            groups[r["group"]].append(only_metrics)
     for name, members in sorted(groups.items()):
         for m, value in task.aggregate(members).items():
             summary[f"{m}_{name}"] = value
