@@ -135,6 +135,22 @@ def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None,
     return outputs
 
 
+def warn_over_window(recipe: Recipe, rows: list[Row], label: str) -> None:
+    """Speech: say how many evaluation utterances are longer than the model's window (their audio is cut
+    to it, so their transcripts lose words); evaluation keeps every item, as the benchmark defines it."""
+    seconds = [r.get("seconds") or 0.0 for r in rows if "audio" in r]
+    if not seconds:
+        return
+    from flexi_workflows.models.loading import load_processor
+
+    window = float(load_processor(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+                   .feature_extractor.chunk_length)
+    over = sum(s > window for s in seconds)
+    if over:
+        log.warning("eval on %s: %d of %d utterances are longer than the model's %g-second window; only their "
+                    "first %g s are transcribed", label, over, len(seconds), window, window)
+
+
 class EvalStage(Stage):
     """Evaluate one trained method (upstream: its train stage, and the stage its routing reads: the
     route stage, or the base evaluation for the oracle) or, with `method=None`, the base model itself."""
@@ -199,6 +215,7 @@ class EvalStage(Stage):
         (tmp / PREDICTIONS).mkdir()
         for source in recipe.task.eval:
             rows = task.load(source)
+            warn_over_window(recipe, rows, source.label)
             if route is not None:
                 ranks, _ = assign_ranks(recipe, method, rows, route, dataset=source.label)
                 rows = [{**r, "rank": int(k)} for r, k in zip(rows, ranks)]

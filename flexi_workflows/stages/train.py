@@ -85,8 +85,9 @@ def training_examples(recipe: Recipe, method: Method, routing_source: StageResul
 
     task = get_task(recipe.task.name)
     rows = task.load(recipe.task.train)
+    extra: dict[str, Any] = {}
     if task.modality == "speech":
-        examples, tokenizer = speech_examples(recipe, rows)
+        examples, tokenizer, rows, extra = speech_examples(recipe, rows)
     else:
         tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
         special = not getattr(tokenizer, "chat_template", None)
@@ -102,11 +103,14 @@ def training_examples(recipe: Recipe, method: Method, routing_source: StageResul
         for example, rank in zip(examples, ranks):
             example["rank"] = int(rank)
     return examples, {"routing": routing, "pad_token_id": tokenizer.pad_token_id, "rows": len(rows),
-                      "subsets": subset_counts(rows)}
+                      "subsets": subset_counts(rows), **extra}
 
 
-def speech_examples(recipe: Recipe, rows: list[dict]) -> tuple[list[dict[str, Any]], Any]:
-    """Decoder labels per utterance, the audio left encoded (workers make the features when they collate)."""
+def speech_examples(recipe: Recipe, rows: list[dict]) -> tuple[list[dict[str, Any]], Any, list[dict], dict]:
+    """(examples, tokenizer, the rows kept, what was left out): decoder labels per utterance, the audio left
+    encoded (workers make the features when they collate). Utterances longer than the model's window
+    (Whisper: 30 s) are left out, as Whisper fine-tuning recipes do: the features would cut their audio
+    while the transcript stays whole, teaching the model to invent the rest."""
     from flexi_workflows.data.speech import encode_labels, set_transcription_prefix
     from flexi_workflows.models.loading import load_config, load_processor
 
@@ -119,13 +123,19 @@ def speech_examples(recipe: Recipe, rows: list[dict]) -> tuple[list[dict[str, An
         generation = GenerationConfig.from_pretrained(model.name_or_path)
     except OSError:  # no generation_config.json: an English-only prefix
         generation = None
+    window = float(processor.feature_extractor.chunk_length)
+    too_long = [r["id"] for r in rows if (r.get("seconds") or 0.0) > window]
+    if too_long:
+        log.warning("train: %d of %d utterances are longer than the model's %g-second window and are left out "
+                    "(e.g. %s)", len(too_long), len(rows), window, ", ".join(too_long[:3]))
+        rows = [r for r in rows if (r.get("seconds") or 0.0) <= window]
     tokenizer = processor.tokenizer
     set_transcription_prefix(tokenizer, generation)
     start = config.decoder_start_token_id
     examples = [{"id": r["id"], "audio": r["audio"],
                  "labels": encode_labels(r["target"], tokenizer, max_target_tokens=recipe.task.max_target_tokens,
                                          decoder_start_token_id=start)} for r in rows]
-    return examples, tokenizer
+    return examples, tokenizer, rows, {"left_out_over_window": len(too_long)}
 
 
 def split_validation(examples: list[dict], rows: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -322,6 +332,7 @@ class TrainStage(Stage):
             "steps_per_epoch": steps_per_epoch,
             "rows": info["rows"],
             "subsets": info["subsets"],
+            **({"left_out_over_window": info["left_out_over_window"]} if "left_out_over_window" in info else {}),
             "loss_curve": metrics.get("loss_curve", []),
             "val_loss_curve": metrics.get("val_loss_curve", []),
             "validation_rows": len(validation),

@@ -117,3 +117,26 @@ def test_speech_pipeline_two_worker_zero2_mixed_ranks_reports_wer_cer_acc(tmp_pa
     for key in ("spoken.wer", "spoken.wer_clean", "spoken.wer_other", "spoken.cer_clean", "spoken.acc_other"):
         assert key in metrics, key
     assert metrics["spoken.wer"] == pytest.approx(flexi["wer_all"])
+
+
+def test_training_leaves_out_utterances_longer_than_the_window(tmp_path, spoken):
+    """A 5-second utterance does not fit the tiny Whisper's 4-second window: training leaves it out (its
+    features would end mid-sentence under a whole transcript) and says how many it left out."""
+    import numpy as np
+    import soundfile as sf
+
+    from flexi_workflows.methods import get_method
+    from flexi_workflows.stages.train import training_examples
+
+    _, model = spoken
+    folder = tmp_path / "ls" / "train-clean" / "7" / "70"
+    folder.mkdir(parents=True)
+    for i, seconds in enumerate((1.0, 5.0, 2.0)):
+        sf.write(folder / f"7-70-{i:04d}.flac", 0.1 * np.sin(np.arange(int(16000 * seconds)) / 9.0), 16000,
+                 subtype="PCM_16")
+    (folder / "7-70.trans.txt").write_text("7-70-0000 THE DOG\n7-70-0001 A VERY LONG ONE\n7-70-0002 THE CAT\n")
+    recipe = speech_recipe(tmp_path, tmp_path / "ls", model, method={"name": "lora", "rank": 2})
+    recipe.task.train.split = "train-clean"
+    examples, info = training_examples(recipe, get_method(recipe.method), None)
+    assert [e["id"] for e in examples] == ["7-70-0000", "7-70-0002"]
+    assert info["rows"] == 2 and info["left_out_over_window"] == 1
