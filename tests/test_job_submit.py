@@ -1,22 +1,18 @@
-"""`ray job submit` against a head node started by the test: a small recipe's run, then its sweep,
-each to SUCCEEDED, through the one entry point jobs/run.py."""
+"""`ray job submit` through scripts/local-cluster.sh, as the README shows it: a small recipe's run, then its
+sweep, each to SUCCEEDED through the one entry point jobs/run.py, tracked to the cluster's MLflow server."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT
 from tests.helpers import write_math_set
 
 pytestmark = pytest.mark.slow
@@ -24,6 +20,8 @@ BIN = Path(sys.executable).parent
 
 
 def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
+    """The README's local-cluster commands: start a head and an MLflow server from the project's environment,
+    submit a recipe (then its sweep) as Ray jobs, stop both — with no environment the README does not show."""
     train, evals = write_math_set(tmp_path / "train.jsonl", 32), write_math_set(tmp_path / "eval.jsonl", 6)
     recipe = {
         "name": "job", "output_dir": str(tmp_path / "out"),
@@ -37,70 +35,52 @@ def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
     }
     recipe_path = tmp_path / "job.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
+    # a newcomer's shell: no virtualenv on PATH, no Ray address, no auth mode
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "VIRTUAL_ENV")}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != BIN)
+    state = REPO_ROOT / ".local-cluster"
+    if (state / "env").exists():
+        pytest.skip("a local cluster from scripts/local-cluster.sh is already running in this checkout")
 
-    # as after `source .venv/bin/activate`: the job's `python` is the project's environment
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    # a short temp dir: Ray's unix sockets live under it and socket paths are limited to ~107 bytes
-    ray_tmp = Path(tempfile.mkdtemp(prefix="flexi-ray-", dir="/tmp"))
-    env.pop("RAY_ADDRESS", None)
-    gcs_port, dash_port = free_port(), free_port()
-    # every port of its own: the session's local cluster (other tests) holds Ray's default agent ports
-    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                     "metrics-export-port", "runtime-env-agent-port",
-                                                     "ray-client-server-port")]
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs_port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
-         f"--temp-dir={ray_tmp}", *ports],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash_port}"
+    def script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "scripts/local-cluster.sh", *args], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    started = script("start", timeout=300)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                                   capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
-            time.sleep(2)
-        else:
-            pytest.fail("the Ray head did not come up")
-        def submit_job(submission_id: str, *args: str) -> None:
-            for attempt in range(10):  # the head's job agent comes up a little after its dashboard
-                submit = subprocess.run(
-                    [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission_id,
-                     "--working-dir", str(REPO_ROOT), "--", "python", "jobs/run.py", *args],
-                    env=env, capture_output=True, text=True, timeout=600,
-                )
-                if "No available agent" not in submit.stderr + submit.stdout:
-                    break
-                time.sleep(3)
-            assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-            status = subprocess.run(
-                [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
-                 "print(C(sys.argv[1]).get_job_status(sys.argv[2]))", address, submission_id],
-                env=env, capture_output=True, text=True, timeout=120,
-            )
-            assert status.stdout.strip().endswith("SUCCEEDED"), status.stdout + status.stderr
-
-        submit_job("flexi-test-job", str(recipe_path))
+        uri = dict(line.split("=", 1) for line in (state / "env").read_text().split())["MLFLOW_URI"]
+        done = script("submit", str(recipe_path))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "succeeded" in done.stdout
         assert (tmp_path / "out" / "summary.json").is_file()
-        assert (tmp_path / "out" / "mlflow.db").is_file()
+        # tracked to the cluster's MLflow server, not to a sqlite file beside the driver
+        assert not (tmp_path / "out" / "mlflow.db").exists()
+        found = json.loads(subprocess.run(
+            [sys.executable, "-c", "import json, sys, urllib.request; print(urllib.request.urlopen(sys.argv[1] + "
+             "'/api/2.0/mlflow/experiments/get-by-name?experiment_name=flexi-workflows').read().decode())", uri],
+            capture_output=True, text=True, timeout=60).stdout)
+        assert found["experiment"]["name"] == "flexi-workflows"
 
-        # the same entry point runs the recipe's sweep: two trials over the seed, on the head's two CPUs
+        # the same entry point runs the recipe's sweep: two trials over the seed
         sweep = {**recipe, "name": "job-sweep", "output_dir": str(tmp_path / "sweep"),
                  "sweep": {"space": {"seed": [0, 1]}, "metric": "accuracy_all", "max_concurrent_trials": 2}}
         sweep_path = tmp_path / "job-sweep.yaml"
         sweep_path.write_text(yaml.safe_dump(sweep))
-        submit_job("flexi-test-sweep", "sweep", str(sweep_path))
-        state = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-        assert state["finished"] == 2 and state["failed"] == 0
+        done = script("submit", "sweep", str(sweep_path))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        state_json = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+        assert state_json["finished"] == 2 and state_json["failed"] == 0
         assert (tmp_path / "sweep" / "report" / "report.json").is_file()
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # stops this head only (its own process group), not other clusters
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        stopped = script("stop", timeout=180)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not (state / "env").exists()
+
+
+def test_job_entry_point_names_the_fix_when_the_clusters_python_lacks_the_project():
+    """A head started from a plain shell gives jobs the system Python: the entry point says so, first."""
+    done = subprocess.run([sys.executable, "-S", "jobs/run.py", "jobs/quickstart.yaml"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)  # -S: no site-packages, as a bare Python
+    assert done.returncode == 1
+    assert "lacks torch" in done.stderr and "scripts/local-cluster.sh start" in done.stderr

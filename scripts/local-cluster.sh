@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# A Ray cluster (one head) and an MLflow tracking server on 127.0.0.1, for running recipes as Ray jobs
+# exactly as on a real cluster — started from the project's environment, stopped by the ids recorded at
+# start (other Ray clusters on the machine are left alone).
+#
+#   bash scripts/local-cluster.sh start                       # head + MLflow server; prints their addresses
+#   bash scripts/local-cluster.sh submit jobs/quickstart.yaml [key.sub=value ...]
+#   bash scripts/local-cluster.sh submit sweep jobs/sweep-quickstart.yaml
+#   bash scripts/local-cluster.sh stop
+#
+# `submit` is `ray job submit --working-dir . -- python jobs/run.py ARGS tracking.tracking_uri=<the server>`
+# with token auth on (RAY_AUTH_MODE=token, Ray 2.60's default). The head is started with the project's
+# .venv/bin first on PATH: a job's entrypoint runs with the PATH of the process that started the head,
+# so its `python` is the project's (a head started from a plain shell gives jobs the system Python,
+# which has no torch). State (ports, process-group ids, logs, the MLflow store) lives in .local-cluster/.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+state="$root/.local-cluster"
+usage() { sed -n '5,9p' "$0" | sed 's/^# //' >&2; exit 2; }
+[ $# -ge 1 ] || usage
+command="$1"; shift
+
+free_port() { .venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
+  local deadline=$((SECONDS + $1)) what="$2"; shift 2
+  until "$@" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then echo "local-cluster: $what did not come up (logs in $state)" >&2; return 1; fi
+    sleep 1
+  done
+}
+
+case "$command" in
+  start)
+    bash scripts/setup.sh
+    if [ -f "$state/env" ]; then
+      echo "local-cluster: already started ($state/env); run 'bash scripts/local-cluster.sh stop' first" >&2; exit 1
+    fi
+    mkdir -p "$state"
+    export PATH="$root/.venv/bin:$PATH" RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token
+    ray_tmp="$(mktemp -d /tmp/flexi-ray-XXXXXX)"  # short: Ray's unix socket paths are limited to ~107 bytes
+    gcs=$(free_port); dash=$(free_port); mlflow_port=$(free_port)
+    # every port of its own, so another Ray cluster on this machine (Ray's defaults) is never in the way
+    setsid .venv/bin/ray start --head --block --num-cpus="${FLEXI_CLUSTER_CPUS:-$(nproc)}" --port="$gcs" \
+      --dashboard-host=127.0.0.1 --dashboard-port="$dash" --include-dashboard=true --temp-dir="$ray_tmp" \
+      --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)" \
+      --metrics-export-port="$(free_port)" --runtime-env-agent-port="$(free_port)" \
+      --ray-client-server-port="$(free_port)" >"$state/ray.log" 2>&1 &
+    ray_pid=$!
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid .venv/bin/mlflow server \
+      --backend-store-uri "sqlite:///$state/mlflow.db" --default-artifact-root "$state/mlartifacts" \
+      --host 127.0.0.1 --port "$mlflow_port" --workers 1 >"$state/mlflow.log" 2>&1 &
+    mlflow_pid=$!
+    cat >"$state/env" <<EOF
+RAY_PGID=$ray_pid
+MLFLOW_PGID=$mlflow_pid
+RAY_TMP=$ray_tmp
+RAY_DASHBOARD=http://127.0.0.1:$dash
+MLFLOW_URI=http://127.0.0.1:$mlflow_port
+EOF
+    if ! wait_for 120 "the Ray head" .venv/bin/ray job list --address "http://127.0.0.1:$dash" \
+       || ! wait_for 90 "the MLflow server" .venv/bin/python -c \
+            "import urllib.request, sys; urllib.request.urlopen(sys.argv[1] + '/health', timeout=2)" \
+            "http://127.0.0.1:$mlflow_port"; then
+      bash "$0" stop; exit 1
+    fi
+    echo "Ray head      http://127.0.0.1:$dash   (dashboard; token auth: RAY_AUTH_MODE=token)"
+    echo "MLflow server http://127.0.0.1:$mlflow_port"
+    ;;
+  submit)
+    [ $# -ge 1 ] || usage
+    [ -f "$state/env" ] || { echo "local-cluster: not started; run 'bash scripts/local-cluster.sh start'" >&2; exit 1; }
+    # shellcheck disable=SC1091
+    source "$state/env"
+    export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
+    for attempt in 1 2 3 4 5 6 7 8 9 10; do  # the head's job agent comes up a little after its dashboard
+      log="$(mktemp)"
+      set +e
+      .venv/bin/ray job submit --address "$RAY_DASHBOARD" --working-dir . -- \
+        python jobs/run.py "$@" "tracking.tracking_uri=$MLFLOW_URI" 2>&1 | tee "$log"
+      rc=${PIPESTATUS[0]}
+      set -e
+      if ! grep -q "No available agent" "$log"; then rm -f "$log"; exit "$rc"; fi
+      rm -f "$log"; sleep 3
+    done
+    exit 1
+    ;;
+  stop)
+    [ -f "$state/env" ] || { echo "local-cluster: nothing to stop" >&2; exit 0; }
+    # shellcheck disable=SC1091
+    source "$state/env"
+    for pgid in "$RAY_PGID" "$MLFLOW_PGID"; do kill -TERM -- "-$pgid" 2>/dev/null || true; done
+    for _ in $(seq 60); do
+      kill -0 -- "-$RAY_PGID" 2>/dev/null || kill -0 -- "-$MLFLOW_PGID" 2>/dev/null || break
+      sleep 1
+    done
+    for pgid in "$RAY_PGID" "$MLFLOW_PGID"; do kill -KILL -- "-$pgid" 2>/dev/null || true; done
+    rm -rf "$RAY_TMP"
+    rm -f "$state/env"
+    echo "stopped the local Ray head and MLflow server (store kept in $state)"
+    ;;
+  *) usage ;;
+esac
