@@ -62,6 +62,11 @@ class RankState:
         finally:
             self.ranks, self.uniform, self.expandable, self._cache = previous
 
+    def hold(self, ranks: torch.Tensor, uniform: int | None) -> None:
+        """Set the ranks until the next call, not just for one: under activation checkpointing the layers
+        run again during backward, after the forward call has returned, and must see the same ranks."""
+        self.ranks, self.uniform, self.expandable, self._cache = ranks, uniform, False, {}
+
     def ranks_for(self, n: int, device: torch.device) -> torch.Tensor:
         key = ("ranks", n, device)
         cached = self._cache.get(key)

@@ -17,7 +17,7 @@ from flexi_workflows.recipes.schema import DataSource, ModelConfig, Recipe
 RESULT_NEUTRAL = (
     "name", "output_dir", "model.cache_dir", "task.train.note", "task.eval.*.note",
     "scoring.num_actors", "scoring.cpus_per_actor", "scoring.gpus_per_actor",
-    "training.log_every", "training.checkpoint_every", "training.max_failures",
+    "training.log_every", "training.checkpoint_every", "training.max_failures", "training.gradient_checkpointing",
     "distribution.cpus_per_worker", "distribution.torch_threads",
     "evaluation.include_base", "evaluation.num_actors", "evaluation.cpus_per_actor", "evaluation.gpus_per_actor",
     "tracking.*", "ray.*", "sweep", "sweep.*",

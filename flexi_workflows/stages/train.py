@@ -40,7 +40,7 @@ ARTIFACT = "artifact"
 RANKS_USED = "ranks_used.json"  # methods on the nested adapter: the rank of every micro-batch on every worker
 LOSS_PLOT = "loss_curve.png"
 # result-neutral training keys (stages/inputs.py) plus those counted apart: lr (per method) and resume (by content)
-NEUTRAL_TRAINING = ("log_every", "checkpoint_every", "max_failures", "resume", "lr")
+NEUTRAL_TRAINING = ("log_every", "checkpoint_every", "max_failures", "resume", "lr", "gradient_checkpointing")
 
 
 def effective_lr(recipe: Recipe, method: MethodConfig) -> float:
@@ -328,6 +328,7 @@ class TrainStage(Stage):
         report = {
             "method": label,
             "steps": metrics.get("step"),
+            "gradient_checkpointing": metrics.get("gradient_checkpointing", False),
             "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch,
             "rows": info["rows"],

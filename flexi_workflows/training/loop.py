@@ -49,6 +49,14 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
     return fn
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' activation checkpointing, non-reentrant: it needs no input that requires grad, so a
+    frozen base under LoRA checkpoints as it is; the KV cache is off (it is for generation only)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+
+
 def rank_record(worker: int, step: int, micro_batch: int, ranks: torch.Tensor) -> dict[str, Any]:
     """One micro-batch's entry: its optimizer step (0-based) and index in it, the rank shared by the
     micro-batch (None when its rows used several, as Flexi's may) and rows per rank."""
@@ -119,6 +127,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     accum = train_cfg.gradient_accumulation_steps
 
     base = load_model(recipe.model.name_or_path, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code)
+    if train_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(base)
     # the same seed on every worker: a rank drawn per optimizer step (DyLoRA) must agree across workers
     trainable = method.build(base, seed=recipe.seed, total_steps=total_steps)
     params = [p for p in trainable.model.parameters() if p.requires_grad]
@@ -156,6 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def report(final: bool) -> None:
         metrics = {"step": step, "epoch": step / max(1, steps_per_epoch), "loss_curve": loss_curve,
                    "trainable_params": n_trainable, "resumed_from_step": resumed_from,
+                   "gradient_checkpointing": bool(getattr(base, "is_gradient_checkpointing", False)),
                    "lr": engine.scheduler.get_last_lr()[0], "val_loss_curve": val_curve}
         if val_curve and val_curve[-1][0] == step:
             metrics["val_loss"] = val_curve[-1][1]  # what a sweep's ASHA scheduler reads, once per epoch

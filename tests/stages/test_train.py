@@ -96,3 +96,14 @@ def test_failed_worker_resumes_from_last_checkpoint(tmp_path, tiny_model_dir, ra
     records = json.loads((out / RANKS_USED).read_text())
     assert [(r["step"], r["rank"]) for r in records] == [(step, 4) for step in range(16)], \
         "the rank record keeps what the checkpoint held and goes on from there, each micro-batch once"
+
+
+def test_gradient_checkpointing_trains_flexi_to_the_same_losses(tmp_path, tiny_model_dir, ray_local):
+    """Under Ray Train + ZeRO-2, with per-row ranks held through the backward recomputation."""
+    training = {"max_steps": 4, "lr": 0.01}
+    _, plain = _train(tmp_path / "plain", tiny_model_dir, training=training)
+    _, ckpt = _train(tmp_path / "ckpt", tiny_model_dir, training={**training, "gradient_checkpointing": True})
+    assert len(_losses(plain)) == 4
+    assert _losses(ckpt) == pytest.approx(_losses(plain), rel=1e-5, abs=1e-6)
+    assert json.loads((ckpt / REPORT).read_text())["gradient_checkpointing"] is True
+    assert json.loads((plain / REPORT).read_text())["gradient_checkpointing"] is False
