@@ -149,7 +149,7 @@ class FlexiLoraModel(nn.Module):
         batch_size, input_ids = self._batch_size(args, kwargs)
         ranks, uniform = self.resolve_ranks(ranks, batch_size, input_ids, kwargs.get("attention_mask"))
         self.last_ranks = ranks
-        if self.training and getattr(self.base_model, "is_gradient_checkpointing", False):
+        if self.training and getattr(self.base_model, "is_activation_checkpointing", False):
             self.rank_state.hold(ranks, uniform)  # backward recomputes the blocks with these ranks
             return self.base_model(*args, **kwargs)
         with self.rank_state.using(ranks, uniform):

@@ -52,7 +52,7 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
 def enable_gradient_checkpointing(model) -> None:
     """transformers' activation checkpointing, non-reentrant: it needs no input that requires grad, so a
     frozen base under LoRA checkpoints as it is; the KV cache is off (it is for generation only)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
 
@@ -166,7 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def report(final: bool) -> None:
         metrics = {"step": step, "epoch": step / max(1, steps_per_epoch), "loss_curve": loss_curve,
                    "trainable_params": n_trainable, "resumed_from_step": resumed_from,
-                   "gradient_checkpointing": bool(getattr(base, "is_gradient_checkpointing", False)),
+                   "gradient_checkpointing": bool(getattr(base, "is_activation_checkpointing", False)),
                    "lr": engine.scheduler.get_last_lr()[0], "val_loss_curve": val_curve}
         if val_curve and val_curve[-1][0] == step:
             metrics["val_loss"] = val_curve[-1][1]  # what a sweep's ASHA scheduler reads, once per epoch

@@ -24,7 +24,7 @@ def test_checkpointing_gives_the_same_loss_and_adapter_gradients_with_mixed_rank
     randomize_lora(plain, std=0.2)
     checkpointed = copy.deepcopy(plain)
     enable_gradient_checkpointing(checkpointed.base_model)
-    assert checkpointed.base_model.is_gradient_checkpointing and not plain.base_model.is_gradient_checkpointing
+    assert checkpointed.base_model.is_activation_checkpointing and not plain.base_model.is_activation_checkpointing
     ids = torch.randint(3, 96, (3, 12), generator=torch.Generator().manual_seed(0))
     ranks = [2, 8, 5]
     loss_a, grads_a = _loss_and_grads(plain, ids, ranks)
