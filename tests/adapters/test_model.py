@@ -182,3 +182,5 @@ def test_whisper_beams_carry_their_utterances_rank(tiny_whisper):
     for b, r in enumerate([1, 8]):
         alone = flexi.generate(input_features=feats[b : b + 1], ranks=r, **kw)
         assert torch.equal(mixed[2 * b : 2 * b + 2], alone)
+        # not vacuous: the other rank gives these beams other tokens
+        assert not torch.equal(flexi.generate(input_features=feats[b : b + 1], ranks=9 - r, **kw), alone)
