@@ -329,6 +329,7 @@ class TrainStage(Stage):
             "method": label,
             "steps": metrics.get("step"),
             "gradient_checkpointing": metrics.get("gradient_checkpointing", False),
+            "precision": metrics.get("precision"), "bf16_by": metrics.get("bf16_by"),
             "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch,
             "rows": info["rows"],

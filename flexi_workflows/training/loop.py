@@ -167,6 +167,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {"step": step, "epoch": step / max(1, steps_per_epoch), "loss_curve": loss_curve,
                    "trainable_params": n_trainable, "resumed_from_step": resumed_from,
                    "gradient_checkpointing": bool(getattr(base, "is_activation_checkpointing", False)),
+                   "precision": "bf16" if dist_cfg.bf16 else "fp32",
+                   "bf16_by": ("autocast" if dist_cfg.strategy == "ddp" else "deepspeed") if dist_cfg.bf16 else None,
                    "lr": engine.scheduler.get_last_lr()[0], "val_loss_curve": val_curve}
         if val_curve and val_curve[-1][0] == step:
             metrics["val_loss"] = val_curve[-1][1]  # what a sweep's ASHA scheduler reads, once per epoch
@@ -198,7 +200,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for batch in val_shard.iter_torch_batches(batch_size=train_cfg.micro_batch_size, collate_fn=collate_fn):
                 batch = to_device(batch)
                 n = len(batch["labels"])
-                total += torch.tensor([float(engine.model(**trainable.forward_kwargs(batch)).loss) * n, n],
+                with autocast():
+                    loss = engine.model(**trainable.forward_kwargs(batch)).loss
+                total += torch.tensor([float(loss) * n, n],
                                       dtype=torch.float64)
         if world > 1:
             dist.all_reduce(total)
@@ -217,6 +221,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         def collate_fn(b):
             return collate(b, pad)
+    # precision: bf16 under DeepSpeed is its bf16 engine (bf16 weights, fp32 master copy); under DDP it is
+    # torch.autocast, bf16 matmuls over fp32 weights (on CPU too), so the setting always does what it says
+    from contextlib import nullcontext
+
+    def autocast():
+        if dist_cfg.strategy == "ddp" and dist_cfg.bf16:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
     # DeepSpeed's bf16 casts the weights, not the inputs: audio features must match the conv stem's dtype
     feature_dtype = torch.bfloat16 if dist_cfg.strategy == "deepspeed" and dist_cfg.bf16 else torch.float32
 
@@ -248,7 +261,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch = to_device(batch)
             if trainable.set_step is not None:
                 trainable.set_step(step)  # the global optimizer step this micro-batch's gradient goes into
-            loss = engine.model(**trainable.forward_kwargs(batch)).loss
+            with autocast():
+                loss = engine.model(**trainable.forward_kwargs(batch)).loss
             if trainable.ranks_used is not None:
                 used = trainable.ranks_used()
                 if used is not None:

@@ -107,3 +107,19 @@ def test_gradient_checkpointing_trains_flexi_to_the_same_losses(tmp_path, tiny_m
     assert _losses(ckpt) == pytest.approx(_losses(plain), rel=1e-5, abs=1e-6)
     assert json.loads((ckpt / REPORT).read_text())["gradient_checkpointing"] is True
     assert json.loads((plain / REPORT).read_text())["gradient_checkpointing"] is False
+
+
+def test_bf16_under_ddp_is_autocast_not_silently_fp32(tmp_path, tiny_model_dir, ray_local):
+    """precision: bf16 with DDP runs the forward under bf16 autocast (on CPU too): the losses move off the
+    fp32 run's by bf16 rounding, stay close to them, and the report says how bf16 was applied."""
+    training = {"max_steps": 4, "lr": 0.01}
+    _, fp32 = _train(tmp_path / "fp32", tiny_model_dir, training=training,
+                     distribution={"strategy": "ddp", "precision": "fp32"})
+    _, bf16 = _train(tmp_path / "bf16", tiny_model_dir, training=training,
+                     distribution={"strategy": "ddp", "precision": "bf16"})
+    a, b = _losses(fp32), _losses(bf16)
+    assert b != a  # bf16 matmuls round differently: a run that ignored the setting would match exactly
+    assert b == pytest.approx(a, rel=0.05)
+    report = json.loads((bf16 / REPORT).read_text())
+    assert (report["precision"], report["bf16_by"]) == ("bf16", "autocast")
+    assert json.loads((fp32 / REPORT).read_text())["precision"] == "fp32"
