@@ -40,17 +40,23 @@ def encode_labels(text: str, tokenizer: Any, *, max_target_tokens: int, decoder_
     return ids
 
 
-def audio_features(processor: Any, audio: Sequence[Any], ids: Sequence[Any] | None = None) -> torch.Tensor:
-    """(batch, mels, frames) log-mel features of encoded utterances, each decoded at 16 kHz and padded
-    or cut to the feature extractor's window (Whisper: 30 s; the built-in tiny Whisper: 4 s)."""
+def features_and_frames(processor: Any, audio: Sequence[Any], ids: Sequence[Any] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """((batch, mels, frames) log-mel features, (batch,) real frames) of encoded utterances, each decoded
+    at 16 kHz and padded or cut to the feature extractor's window (Whisper: 30 s; the built-in tiny
+    Whisper: 4 s); frames beyond an utterance's real frame count are the window's padding."""
     from flexi_workflows.audio.io import SAMPLE_RATE, read_audio
 
     names = [str(i) for i in ids] if ids is not None else [None] * len(audio)
     waves = [read_audio(a if isinstance(a, (bytes, str)) else str(a), where=f"utterance {n}" if n else None)
              for a, n in zip(audio, names)]
-    fe = processor.feature_extractor
-    out = fe(waves, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-    return out["input_features"]
+    out = processor.feature_extractor(waves, sampling_rate=SAMPLE_RATE, return_tensors="pt", return_attention_mask=True)
+    return out["input_features"], out["attention_mask"].sum(1)
+
+
+def audio_features(processor: Any, audio: Sequence[Any], ids: Sequence[Any] | None = None) -> torch.Tensor:
+    """(batch, mels, frames) log-mel features of encoded utterances (see features_and_frames)."""
+    return features_and_frames(processor, audio, ids)[0]
 
 
 def collate_speech(batch: dict[str, Any] | Sequence[dict[str, Any]], processor: Any) -> dict[str, torch.Tensor]:

@@ -82,18 +82,14 @@ def load_conv_stem(ref: str | Path, *, trust_remote_code: bool = False) -> ConvS
 def pool_audio(audio: Sequence[Any], processor: Any, stem: ConvStem, *, ids: Sequence[Any] | None = None,
                batch_size: int = 32) -> torch.Tensor:
     """(len(audio), d_model) pooled stem outputs of encoded utterances (paths or bytes), in fp32."""
-    from flexi_workflows.audio.io import SAMPLE_RATE, read_audio
+    from flexi_workflows.data.speech import features_and_frames
 
-    fe = processor.feature_extractor
-    names = [str(i) for i in ids] if ids is not None else [None] * len(audio)
+    names = list(ids) if ids is not None else None
     out = []
     for start in range(0, len(audio), batch_size):
-        chunk = audio[start:start + batch_size]
-        waves = [read_audio(a if isinstance(a, (bytes, str)) else str(a), where=f"utterance {n}" if n else None)
-                 for a, n in zip(chunk, names[start:start + batch_size])]
-        enc = fe(waves, sampling_rate=SAMPLE_RATE, return_tensors="pt", return_attention_mask=True)
-        hidden = stem(enc["input_features"].float())  # (b, d, steps)
-        frames = enc["attention_mask"].sum(1)  # real frames per utterance (the rest is the window's padding)
+        features, frames = features_and_frames(processor, audio[start:start + batch_size],
+                                               names[start:start + batch_size] if names is not None else None)
+        hidden = stem(features.float())  # (b, d, steps)
         steps = torch.clamp((frames + 1) // 2, min=1)  # conv2's stride 2
         mask = (torch.arange(hidden.shape[-1])[None, :] < steps[:, None]).float()
         out.append((hidden * mask[:, None, :]).sum(-1) / mask.sum(-1, keepdim=True))

@@ -53,9 +53,9 @@ def oracle_classes(recipe: Recipe, rows: list[Row], source: StageResult, dataset
     else:
         from flexi_workflows.stages.evaluate import PREDICTIONS
 
-        metric = get_task(recipe.task.name).metric
-        table = pq.read_table(source.folder / PREDICTIONS / f"{dataset}.parquet", columns=["id", metric]).to_pydict()
         task = get_task(recipe.task.name)
+        metric = task.metric
+        table = pq.read_table(source.folder / PREDICTIONS / f"{dataset}.parquet", columns=["id", metric]).to_pydict()
         by_id = dict(zip(table["id"], assign_classes(table[metric], recipe.scoring.thresholds,
                                                      higher_is_better=task.higher_is_better).tolist()))
     missing = [r["id"] for r in rows if r["id"] not in by_id]
