@@ -542,6 +542,9 @@ LOWER_IS_BETTER_TASKS = ("speech",)  # tasks scored by an error rate: thresholds
 class Recipe:
     name: str = "experiment"
     output_dir: str = "outputs/experiment"
+    # where stage results, Ray Train checkpoints and the summary are kept: None = output_dir; a folder
+    # (e.g. a network mount every node sees) or an s3:// URI (storage.py). output_dir then holds only logs.
+    storage: str | None = None
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)

@@ -15,7 +15,7 @@ from typing import Any
 from flexi_workflows.recipes.schema import DataSource, ModelConfig, Recipe
 
 RESULT_NEUTRAL = (
-    "name", "output_dir", "model.cache_dir", "task.train.note", "task.eval.*.note",
+    "name", "output_dir", "storage", "model.cache_dir", "task.train.note", "task.eval.*.note",
     "scoring.num_actors", "scoring.cpus_per_actor", "scoring.gpus_per_actor",
     "training.log_every", "training.checkpoint_every", "training.max_failures", "training.gradient_checkpointing",
     "distribution.cpus_per_worker", "distribution.torch_threads",

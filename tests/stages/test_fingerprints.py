@@ -51,7 +51,7 @@ def leaves(obj, prefix: str = ""):
 # What this test holds result-neutral, stated here and not read from the code under test: marking a
 # result-affecting key neutral in stages/inputs.py (and dropping it from a fingerprint) must fail below.
 NEUTRAL = (
-    "name", "output_dir", "model.cache_dir", "task.train.note", "task.eval.*.note",
+    "name", "output_dir", "storage", "model.cache_dir", "task.train.note", "task.eval.*.note",
     "scoring.num_actors", "scoring.cpus_per_actor", "scoring.gpus_per_actor",
     "training.log_every", "training.checkpoint_every", "training.max_failures", "training.gradient_checkpointing",
     "distribution.cpus_per_worker", "distribution.torch_threads",
