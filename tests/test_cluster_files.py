@@ -45,10 +45,10 @@ def pinned_ray() -> str:
 
 def dockerfile() -> dict:
     text = DOCKERFILE.read_text()
-    return {"from": re.search(r"^FROM (\S+)", text, re.M).group(1),
-            "workdir": re.search(r"^WORKDIR (\S+)", text, re.M).group(1),
-            "path": re.search(r"^ENV PATH=(\S+)", text, re.M).group(1),
-            "runs": re.findall(r"^RUN (.+)$", text, re.M)}
+    return {"from": re.search(r"^FROM (\S+)", text, re.MULTILINE).group(1),
+            "workdir": re.search(r"^WORKDIR (\S+)", text, re.MULTILINE).group(1),
+            "path": re.search(r"^ENV PATH=(\S+)", text, re.MULTILINE).group(1),
+            "runs": re.findall(r"^RUN (.+)$", text, re.MULTILINE)}
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -134,7 +134,8 @@ def launcher_problems(config: dict) -> list[str]:
 
 @pytest.mark.parametrize("path", launchers(), ids=lambda p: p.name)
 def test_launcher_starts_ray_from_the_projects_environment(path):
-    assert launcher_problems(docs(path)[0]) == []
+    problems = launcher_problems(docs(path)[0])
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("break_it, complaint", [
@@ -168,7 +169,7 @@ def test_dockerfile_builds_on_the_pinned_ray_and_installs_with_setup_sh():
 
 def images() -> list[tuple[str, str]]:
     found = [(path.name, image) for path in YAML_FILES
-             for image in re.findall(r"^[ -]*(?:head_|worker_)?image:\s*(\S+)", path.read_text(), re.M)]
+             for image in re.findall(r"^[ -]*(?:head_|worker_)?image:\s*(\S+)", path.read_text(), re.MULTILINE)]
     found += [("Dockerfile (build tag)", tag) for tag in re.findall(r"docker build .*-t (\S+)", DOCKERFILE.read_text())]
     return found
 
@@ -307,7 +308,8 @@ def kuberay_cluster(spec: dict) -> Cluster:
         source = volumes[mount["name"]]
         mounts[posixpath.normpath(mount["mountPath"])] = (
             f"configmap:{source['configMap']['name']}" if "configMap" in source else mount["name"])
-    return Cluster(nodes, dockerfile()["workdir"], mounts)
+    # KubeRay runs `ray start` in the container's working folder: the image's checkout unless the pod says otherwise
+    return Cluster(nodes, head["containers"][0].get("workingDir", dockerfile()["workdir"]), mounts)
 
 
 def run_py_argv(command: str) -> list[str]:
@@ -335,7 +337,7 @@ def commented_commands(text: str) -> list[str]:
 
 
 def code_blocks(markdown: str) -> str:
-    return "\n".join(re.findall(r"^```[^\n]*\n(.*?)^```", markdown, re.M | re.S))
+    return "\n".join(re.findall(r"^```[^\n]*\n(.*?)^```", markdown, re.MULTILINE | re.DOTALL))
 
 
 def jobs() -> list[Job]:
@@ -467,7 +469,8 @@ def data_problems(job: Job) -> list[str]:
 @pytest.mark.parametrize("job", [j for j in JOBS if j.cluster], ids=lambda j: j.where)
 def test_jobs_data_files_are_on_the_head(job, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
-    assert data_problems(job) == [], job.where
+    problems = data_problems(job)
+    assert not problems, f"{job.where}: " + "; ".join(problems)
 
 
 def configmap_files(name: str) -> set[str]:
