@@ -127,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         curve = report["loss_curve"]
         loss = f"loss {curve[0][1]:.3f} → {curve[-1][1]:.3f}" if curve else ""
         print(f"trained {report['method']}: {report['steps']} steps, {report['trainable_params']:,} trainable params; "
-              f"{loss} → {result.folder}")
+              f"{loss} → {result.location}")
     return 0
 
 
@@ -152,7 +152,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"note: {args.recipe} has a sweep: section; `flexi run` runs the recipe once as written, "
               f"`flexi sweep {args.recipe}` runs its trials", file=sys.stderr)
     run_pipeline(recipe, recipe_path=args.recipe, force=args.force)
-    print(f"\nsummary → {(Path(recipe.output_dir) / 'summary.json').resolve()}")
+    from flexi_workflows.stages.base import recipe_storage
+
+    print(f"\nsummary → {recipe_storage(recipe).display('summary.json')}")
     return 0
 
 
@@ -180,7 +182,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     result = run_score(_load_recipe(args), force=args.force)
     stats = result.read_json(STATS)
     shares = ", ".join(f"{c['name']} {c['count']} ({100 * c['share']:.1f} %)" for c in stats["classes"])
-    print(f"scored {stats['total']} rows → {result.folder}; mean {stats['metric']} {stats['mean_score']:.3f}; {shares}")
+    print(f"scored {stats['total']} rows → {result.location}; mean {stats['metric']} {stats['mean_score']:.3f}; {shares}")
     return 0
 
 
@@ -190,7 +192,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     result = run_route(_load_recipe(args), force=args.force)
     hold = result.read_json(REPORT)["holdout"]
     recall = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in hold["per_class_recall"].items())
-    print(f"router → {result.folder}; held-out accuracy {hold['accuracy']:.3f} on {hold['size']} rows; recall: {recall}")
+    print(f"router → {result.location}; held-out accuracy {hold['accuracy']:.3f} on {hold['size']} rows; recall: {recall}")
     print(f"confusion (rows true, columns predicted): {hold['confusion_matrix']}")
     return 0
 

@@ -156,7 +156,10 @@ class MethodGenerator(BatchGenerator):
 
         super().__init__(model_ref, task_name, **kwargs)
         self.method = get_method(build(MethodConfig, method, source="method"))
-        self.model = self.method.load(self.model, artifact_dir, seed=seed).to(self.device).eval()
+        from flexi_workflows.storage import fetch
+
+        # the trained artifact lives in the run's storage: read in place, or downloaded once to this actor's node
+        self.model = self.method.load(self.model, fetch(artifact_dir), seed=seed).to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = self.prompts(batch)

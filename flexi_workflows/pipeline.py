@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from flexi_workflows.fsutil import write_json_atomic
 from flexi_workflows.metrics import lower_is_better
 from flexi_workflows.recipes.loader import flatten
 from flexi_workflows.recipes.schema import DataSource, Recipe
-from flexi_workflows.stages.base import Stage, StageResult
+from flexi_workflows.stages.base import Stage, StageResult, recipe_storage
+from flexi_workflows.storage import Storage, scratch_dir
 from flexi_workflows.stages.plan import Plan, plan_pipeline
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ SUMMARY = "summary.json"
 
 def prepare(recipe: Recipe) -> Recipe:
     """Resolve a built-in base model (building it once) and validate inputs before Ray starts."""
+    from flexi_workflows.ray_cluster import check_multi_node
     from flexi_workflows.stages.train import check_resources
     from flexi_workflows.tracking import check_tracking_uri, resolve_tracking_uri
 
@@ -43,8 +46,15 @@ def prepare(recipe: Recipe) -> Recipe:
         task.load(source)  # parse everything now: a bad line fails here, not mid-pipeline
     check_resources(recipe)
     recipe = absolute_paths(recipe)
-    if recipe.tracking.enabled:
-        check_tracking_uri(resolve_tracking_uri(recipe.tracking.tracking_uri, recipe.output_dir))
+    storage = recipe_storage(recipe)
+    try:
+        storage.check_writable()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{'storage' if recipe.storage else 'output_dir'}: {exc}") from None
+    uri = resolve_tracking_uri(recipe.tracking.tracking_uri, recipe.output_dir) if recipe.tracking.enabled else None
+    if uri:
+        check_tracking_uri(uri)
+    check_multi_node(recipe.ray, storage, uri)  # joining a cluster of several nodes: shared storage and tracking
     return resolve_model(recipe)
 
 
@@ -92,9 +102,26 @@ def resolve_model(recipe: Recipe) -> Recipe:
     recipe = resolve_builtin_data(recipe)
     if builtin_spec(recipe.model.name_or_path) is not None:
         folder = resolve_builtin(recipe.model.name_or_path, recipe.model.cache_dir)
-        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name_or_path=folder))
+        storage = recipe_storage(recipe)
+        if storage.remote:  # built here, read by workers and actors on every node: they fetch it from storage
+            folder = publish_model(storage, Path(folder))
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name_or_path=str(folder)))
     load_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
     return recipe
+
+
+def publish_model(storage: Storage, folder: Path) -> str:
+    """A locally built model folder copied to `<storage>/models/<name>` once (a marker object, written last,
+    says the copy is whole); its storage reference."""
+    rel = f"models/{folder.name}"
+    if not storage.exists(f"{rel}/{PUBLISHED}"):
+        storage.delete(rel)
+        storage.upload(folder, rel)
+        storage.write_bytes(f"{rel}/{PUBLISHED}", b"")
+    return storage.ref(rel)
+
+
+PUBLISHED = ".published"
 
 
 def describe_base_eval(folder: str, record: dict) -> str:
@@ -254,21 +281,24 @@ def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool 
         summary = {"recipe": recipe.name, "metric": metric, "lower_is_better": lower_is_better(metric), "rows": rows,
                    "dataset_notes": dataset_notes(rows),
                    "scored_class_shares": {c["name"]: c["share"] for c in score_stats["classes"]} if score_stats else None,
-                   "stages": {name: {"fingerprint": r.fingerprint, "folder": str(r.folder), "cached": r.cached,
+                   "stages": {name: {"fingerprint": r.fingerprint, "folder": r.location, "cached": r.cached,
                                      "seconds": r.manifest.get("seconds")} for name, r in results.items()}}
         if base_record:
             summary["base_model_eval"] = base_record
         if plan.needs_router:
             summary["router_holdout_accuracy"] = results[plan.route.name].metrics.get("holdout_accuracy")
-        out = Path(summary_dir or recipe.output_dir)
-        write_json_atomic(out / SUMMARY, summary)
-        pareto_plot(rows, out / "pareto.png", metric=f"{metric}_all", lower_is_better=lower_is_better(metric))
-        if tracker is not None:
-            tracker.log_artifacts(parent_id, out / SUMMARY)
-            tracker.log_artifacts(parent_id, out / "pareto.png", "plots")
-            if own_parent:  # a sweep trial's run gets its own method's metrics from the sweep instead
-                for r in rows:
-                    tracker.log_metrics(parent_id, {f"{r['method']}.{r['dataset']}.{k}": v for k, v in r.items()})
+        storage = Storage(summary_dir) if summary_dir else recipe_storage(recipe)
+        with (nullcontext(storage.local) if not storage.remote else scratch_dir("summary")) as out:
+            write_json_atomic(out / SUMMARY, summary)
+            pareto_plot(rows, out / "pareto.png", metric=f"{metric}_all", lower_is_better=lower_is_better(metric))
+            if storage.remote:
+                storage.upload(out, "")
+            if tracker is not None:
+                tracker.log_artifacts(parent_id, out / SUMMARY)
+                tracker.log_artifacts(parent_id, out / "pareto.png", "plots")
+                if own_parent:  # a sweep trial's run gets its own method's metrics from the sweep instead
+                    for r in rows:
+                        tracker.log_metrics(parent_id, {f"{r['method']}.{r['dataset']}.{k}": v for k, v in r.items()})
         if not quiet:
             print_table(rows, metric, score_stats)
         status = "FINISHED"

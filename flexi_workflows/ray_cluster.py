@@ -7,7 +7,8 @@ import os
 from flexi_workflows.recipes.schema import RayConfig
 
 # Variables Ray workers need: they are separate processes that import the project.
-_WORKER_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+_WORKER_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+               "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION", "FLEXI_STORAGE_CACHE")
 
 
 def ensure_ray(config: RayConfig | None = None) -> None:
@@ -31,3 +32,80 @@ def ensure_ray(config: RayConfig | None = None) -> None:
         # dashboard) whether a controller died — a sweep trial stopped by its scheduler, a killed
         # driver — and without it the dead run's placement group keeps its CPUs forever
         ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+
+
+def joined_nodes(config: RayConfig | None = None) -> list[str]:
+    """The alive nodes of the cluster a run joins (connecting if an address is given); [] when the run
+    would start its own one-machine cluster."""
+    import ray
+
+    config = config or RayConfig()
+    if not ray.is_initialized():
+        if not (config.address or os.environ.get("RAY_ADDRESS")):
+            return []
+        ensure_ray(config)
+    return [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+
+
+def check_multi_node(config: RayConfig, storage, tracking_uri: str | None) -> None:
+    """On a cluster of several nodes, what every worker and actor reads or writes must be reachable from
+    all of them: refused before any work when it is not, naming the fix."""
+    from flexi_workflows.errors import ConfigError
+
+    nodes = joined_nodes(config)
+    if len(nodes) < 2:
+        return
+    if tracking_uri and tracking_uri.startswith(("sqlite:", "file:")):
+        raise ConfigError(
+            f"tracking.tracking_uri: {tracking_uri} is a store on this machine's disk, but this cluster has "
+            f"{len(nodes)} nodes and training workers on the others log there too; start an MLflow tracking "
+            f"server every node can reach (e.g. `mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri "
+            f"sqlite:///mlflow.db` on the head, or your team's server) and set tracking.tracking_uri=http://HOST:5000")
+    if not storage.remote:
+        missing = nodes_missing(storage, nodes)
+        if missing:
+            raise ConfigError(
+                f"storage: {storage.display()} (output_dir, as `storage` is not set) is not visible from "
+                f"{len(missing)} of the cluster's {len(nodes)} nodes ({', '.join(n[:12] for n in missing)}); workers "
+                f"there write checkpoints and read adapters from it. Set storage=s3://BUCKET/PREFIX (any pyarrow "
+                f"filesystem URI) or a folder every node mounts")
+
+
+def nodes_missing(storage, nodes: list[str]) -> list[str]:
+    """The nodes on which a probe file written here under `storage` cannot be read back."""
+    import secrets
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = secrets.token_hex(8)
+    rel = f".flexi-probe-{token}"
+    storage.write_bytes(rel, token.encode())
+    path = str(storage.local / rel)
+
+    @ray.remote(num_cpus=0)
+    def sees(p: str, expected: str) -> bool:
+        try:
+            with open(p) as handle:
+                return handle.read() == expected
+        except OSError:
+            return False
+
+    try:
+        found = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(path, token)
+                         for n in nodes], timeout=120)
+    finally:
+        storage.delete(rel)
+    return [n for n, ok in zip(nodes, found) if not ok]
+
+
+
+def whole_actor_pools(dataset, seconds: int = 600):
+    """The dataset, set so that its actor pools wait until all their actors are up before taking work.
+
+    Ray Data starts an actor pool's work as soon as its first actor is up, so on a busy or multi-node
+    cluster `num_actors: 4` can quietly run on one actor (the others are still being placed when the
+    data runs out). A pool that cannot be placed within `seconds` (CPUs or GPUs the cluster does not
+    have) fails with Ray's error instead of waiting forever."""
+    dataset.context.wait_for_min_actors_s = seconds
+    return dataset

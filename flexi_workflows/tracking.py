@@ -127,7 +127,7 @@ class Tracker:
         artifacts (adapters, predictions, plots) are uploaded once, by the run that computed them, and a
         reused stage's run points at its folder (tag flexi.folder)."""
         self.set_tags(run_id, {"flexi.stage": result.kind, "flexi.cached": str(result.cached).lower(),
-                               "flexi.fingerprint": result.fingerprint, "flexi.folder": str(result.folder)})
+                               "flexi.fingerprint": result.fingerprint, "flexi.folder": result.location})
         if result.params:
             self.log_params(run_id, result.params)
         self.log_metrics(run_id, result.metrics)

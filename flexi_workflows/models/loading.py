@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from flexi_workflows.errors import ModelNotFoundError
+from flexi_workflows.storage import child, fetch, is_remote, remote_digest
 
 _SPEECH_SEQ2SEQ = {"whisper"}
 
@@ -24,8 +25,20 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.endswith(".json") or ref.count("/") > 1 or Path(ref).exists()
 
 
+def local_ref(ref: str | Path) -> str:
+    """A model folder in the run's storage (s3://...) downloaded once to this node; any other reference as is."""
+    if not is_remote(str(ref)):
+        return str(ref)
+    try:
+        return str(fetch(str(ref)))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"model {ref}: {exc}") from None
+
+
 def load_config(ref: str | Path, *, trust_remote_code: bool = False) -> PretrainedConfig:
-    """A transformers config from a `config.json` file, a local model folder or a hub name."""
+    """A transformers config from a `config.json` file, a local model folder, a folder in remote storage or a hub name."""
+    if is_remote(str(ref)):  # only its config.json, not the weights
+        ref = local_ref(child(str(ref), "config.json"))
     ref_str = str(ref)
     path = Path(ref_str).expanduser()
     if path.is_file():
@@ -76,6 +89,7 @@ def load_model(
     ref: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False
 ) -> nn.Module:
     """Pretrained weights (safetensors only) for a local folder or hub name."""
+    ref = local_ref(ref)
     config = load_config(ref, trust_remote_code=trust_remote_code)
     cls = model_class(config)
     return cls.from_pretrained(
@@ -87,6 +101,7 @@ def load_tokenizer(ref: str | Path, *, trust_remote_code: bool = False, padding_
     """The model's tokenizer, set up for batched generation (left padding, a pad token)."""
     from transformers import AutoTokenizer
 
+    ref = local_ref(ref)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -102,6 +117,8 @@ def model_fingerprint(ref: str | Path) -> dict:
     """What identifies a model for stage caching: a local folder's contents, or the hub name."""
     from flexi_workflows.fsutil import path_digest
 
+    if is_remote(str(ref)):
+        return {"remote": remote_digest(str(ref))}  # by listing (names, sizes, times): no download
     path = Path(str(ref)).expanduser()
     if path.exists():
         return {"digest": path_digest(path)}  # by content: moving the cache folder keeps every stage valid
@@ -112,6 +129,7 @@ def load_processor(ref: str | Path, *, trust_remote_code: bool = False):
     """A speech model's processor (feature extractor + tokenizer), e.g. Whisper's; its tokenizer gets a pad token."""
     from transformers import AutoProcessor
 
+    ref = local_ref(ref)
     try:
         processor = AutoProcessor.from_pretrained(str(ref), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -178,6 +178,14 @@ def evaluate_base(folder: str | Path, rows: int) -> dict:
 
 
 def read_base_eval(folder: str | Path) -> dict | None:
+    from flexi_workflows.storage import child, fetch, is_remote
+
+    if is_remote(str(folder)):
+        try:
+            path = fetch(child(str(folder), BASE_EVAL))
+        except FileNotFoundError:
+            return None
+        return json.loads(path.read_text())
     path = Path(folder) / BASE_EVAL
     return json.loads(path.read_text()) if path.is_file() else None
 

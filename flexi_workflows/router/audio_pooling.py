@@ -47,13 +47,13 @@ def load_conv_stem(ref: str | Path, *, trust_remote_code: bool = False) -> ConvS
     otherwise the model is loaded and its stem kept."""
     from safetensors import safe_open
 
-    from flexi_workflows.models.loading import load_config, load_model
+    from flexi_workflows.models.loading import local_ref, load_config, load_model
 
     config = load_config(ref, trust_remote_code=trust_remote_code)
     if not hasattr(config, "num_mel_bins"):
         raise ConfigError(f"{ref}: not a speech model with a convolutional stem (config {type(config).__name__})")
     stem = ConvStem(config.num_mel_bins, config.d_model)
-    folder = Path(str(ref)).expanduser()
+    folder = Path(local_ref(ref)).expanduser()
     names = [f"{c}.{p}" for c in ("conv1", "conv2") for p in ("weight", "bias")]
     if folder.is_dir():
         index = folder / "model.safetensors.index.json"

@@ -50,13 +50,13 @@ def load_input_embeddings(ref: str | Path, *, trust_remote_code: bool = False) -
 
     from safetensors import safe_open
 
-    from flexi_workflows.models.loading import build_on_meta, load_config, load_model
+    from flexi_workflows.models.loading import local_ref, build_on_meta, load_config, load_model
 
     config = load_config(ref, trust_remote_code=trust_remote_code)
     meta = build_on_meta(config)
     table = meta.get_input_embeddings().weight
     names = [n for n, p in meta.named_parameters(remove_duplicate=False) if p is table]
-    folder = Path(str(ref)).expanduser()
+    folder = Path(local_ref(ref)).expanduser()
     if folder.is_dir():
         index = folder / "model.safetensors.index.json"
         files = {}

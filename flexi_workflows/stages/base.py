@@ -9,6 +9,9 @@ compute the same thing — and then the second one waits on a file lock and reus
 result instead of computing it again. A finished folder is complete (written to a temp folder and
 renamed); a rerun with the same inputs reuses it. The manifest records the stage's metrics, params
 and artifact names, so a cached result is logged to MLflow exactly like a fresh one.
+
+The root is a `Storage` (storage.py): a local folder as drawn above, or an s3:// prefix where a stage
+computes into a local scratch folder and uploads it, manifest last.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, ClassVar, Iterator
 
 from flexi_workflows.errors import ConfigError
 from flexi_workflows.fsutil import atomic_dir, fingerprint
+from flexi_workflows.storage import Storage, lock_path, scratch_dir
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -46,13 +50,28 @@ class StageResult:
     kind: str
     label: str | None
     fingerprint: str
-    folder: Path
+    storage: Storage
+    rel: str  # the stage folder below the storage root
     manifest: dict
     cached: bool
 
     @property
     def name(self) -> str:
         return f"{self.kind}:{self.label}" if self.label else self.kind
+
+    @cached_property
+    def folder(self) -> Path:
+        """The stage folder on this machine (downloaded once into the node's cache for remote storage)."""
+        return self.storage.local_path(self.rel)
+
+    def ref(self, name: str = "") -> str:
+        """What a worker or actor on another node fetches (storage.fetch) to read `name` of this folder."""
+        return self.storage.ref(f"{self.rel}/{name}" if name else self.rel)
+
+    @property
+    def location(self) -> str:
+        """The folder's path or URI, for messages and MLflow tags."""
+        return self.storage.display(self.rel)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -86,8 +105,8 @@ class Stage:
     label: str | None = None
     upstream: list["Stage"]
 
-    def __init__(self, root: str | Path, upstream: list["Stage"] | None = None) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Storage | str | Path, upstream: list["Stage"] | None = None) -> None:
+        self.storage = root if isinstance(root, Storage) else Storage(root)
         self.upstream = list(upstream or [])
 
     @property
@@ -104,9 +123,21 @@ class Stage:
                             "upstream": {u.name: u.fingerprint for u in self.upstream}})
 
     @property
-    def folder(self) -> Path:
+    def rel(self) -> str:
+        """The stage folder below the storage root."""
         leaf = f"{self.label}-{self.fingerprint}" if self.label else self.fingerprint
-        return self.root / self.kind / leaf
+        return f"{self.kind}/{leaf}"
+
+    @property
+    def location(self) -> str:
+        return self.storage.display(self.rel)
+
+    @property
+    def folder(self) -> Path:
+        """The stage folder itself, for a local storage root (remote roots are read through `result().folder`)."""
+        if self.storage.remote:
+            raise ValueError(f"{self.location} is in remote storage; read it through the stage's result")
+        return self.storage.local / self.rel
 
     def check(self) -> None:
         """Cheap validation before any stage runs (bad input fails before expensive work)."""
@@ -118,34 +149,40 @@ class Stage:
     # -- results ------------------------------------------------------------------------------------
     def finished(self) -> StageResult | None:
         """The recorded result if this stage's folder is complete, else None."""
-        manifest = _read_manifest(self.folder)
+        manifest = _read_manifest(self.storage, self.rel)
         if manifest is None or manifest.get("fingerprint") != self.fingerprint:
             return None
-        if not all((self.folder / name).exists() for name in manifest.get("files", [])):
+        if not all(self.storage.exists(f"{self.rel}/{name}") for name in manifest.get("files", [])):
             return None
-        return StageResult(self.kind, self.label, self.fingerprint, self.folder, manifest, cached=True)
+        return StageResult(self.kind, self.label, self.fingerprint, self.storage, self.rel, manifest, cached=True)
 
     def result(self) -> StageResult:
         """The finished result, or a clear error naming the command that produces it."""
         done = self.finished()
         if done is None:
-            raise ConfigError(f"{self.folder}: no finished {self.name} stage for these inputs; "
+            raise ConfigError(f"{self.location}: no finished {self.name} stage for these inputs; "
                               f"run `flexi {self.kind}` (or `flexi run`) first")
         return done
 
 
-def _read_manifest(folder: Path) -> dict | None:
+def recipe_storage(recipe) -> Storage:
+    """The recipe's `storage` (an s3:// URI or a folder), else its output_dir."""
+    return Storage(recipe.storage or recipe.output_dir)
+
+
+def _read_manifest(storage: Storage, rel: str) -> dict | None:
     try:
-        return json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(storage.read_text(f"{rel}/{MANIFEST}"))
+    except (OSError, json.JSONDecodeError):  # pyarrow's FileNotFoundError is an OSError
         return None
 
 
 @contextmanager
 def stage_lock(stage: Stage) -> Iterator[None]:
     """An exclusive lock per stage folder: concurrent trials that need the same stage compute it once."""
-    stage.folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(stage.folder.parent / f".{stage.folder.name}.lock", "w") as handle:
+    path = lock_path(stage.storage, stage.rel)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -159,12 +196,13 @@ def run_stage(stage: Stage, *, force: bool = False, context: StageContext | None
         if not force:
             done = stage.finished()
             if done is not None:
-                log.info("%s: inputs unchanged, reusing %s", stage.name, stage.folder)
+                log.info("%s: inputs unchanged, reusing %s", stage.name, stage.location)
                 return done
         upstream = {u.name: u.result() for u in stage.upstream}
         context = dataclasses.replace(context or StageContext(), fresh=force)
         started = time.time()
-        with atomic_dir(stage.folder) as tmp:
+        storage = stage.storage
+        with (atomic_dir(storage.local / stage.rel) if not storage.remote else scratch_dir(stage.kind)) as tmp:
             out = stage.run(tmp, upstream, context)
             manifest = {
                 "stage": stage.kind, "label": stage.label, "fingerprint": stage.fingerprint,
@@ -172,5 +210,11 @@ def run_stage(stage: Stage, *, force: bool = False, context: StageContext | None
                 "files": list(stage.files), "metrics": out.metrics, "params": out.params, "artifacts": out.artifacts, "curves": out.curves,
                 "seconds": round(time.time() - started, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    return StageResult(stage.kind, stage.label, stage.fingerprint, stage.folder, manifest, cached=False)
+            blob = json.dumps(manifest, indent=2, default=str) + "\n"
+            if storage.remote:  # the files, then the manifest that declares the folder finished
+                storage.delete(stage.rel)
+                storage.upload(tmp, stage.rel)
+                storage.write_bytes(f"{stage.rel}/{MANIFEST}", blob.encode())
+            else:
+                (tmp / MANIFEST).write_text(blob)
+    return StageResult(stage.kind, stage.label, stage.fingerprint, storage, stage.rel, manifest, cached=False)

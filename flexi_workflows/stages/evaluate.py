@@ -27,7 +27,7 @@ from flexi_workflows.errors import ConfigError
 from flexi_workflows.methods import Accounting, Method, get_method
 from flexi_workflows.plots import rank_histogram_plot
 from flexi_workflows.recipes.schema import MethodConfig, Recipe
-from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, run_stage
+from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, recipe_storage, run_stage
 from flexi_workflows.stages.inputs import data_inputs, model_inputs, task_inputs
 from flexi_workflows.stages.train import ARTIFACT
 from flexi_workflows.tasks import Row, get_task
@@ -94,11 +94,13 @@ def eval_batches(n: int, batch_size: int, num_streams: int) -> tuple[np.ndarray,
     return batch, batch % num_streams, batch // num_streams
 
 
-def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None, artifact: Path | None) -> dict[str, dict]:
-    """Predictions, ranks used and each row's eval stream / place in it; method None evaluates the base model."""
+def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None, artifact: str | Path | None) -> dict[str, dict]:
+    """Predictions, ranks used and each row's eval stream / place in it; method None evaluates the base model.
+    `artifact` is a reference each actor fetches on its own node (storage.fetch): a path or a storage URI."""
     import ray
 
     from flexi_workflows.generation import BatchGenerator, MethodGenerator
+    from flexi_workflows.ray_cluster import whole_actor_pools
     from flexi_workflows.stages.score import model_columns
 
     cfg = recipe.evaluation
@@ -128,7 +130,7 @@ def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None,
     )
     where = {str(c["id"]): (c["eval_stream"], c["stream_position"]) for c in columns}
     outputs = {}
-    for r in ds.iter_rows():
+    for r in whole_actor_pools(ds).iter_rows():  # every actor asked for takes part, on whichever node
         key = str(r["id"])
         outputs[key] = {"prediction": str(r["prediction"]), "rank": int(r.get("rank", 0)),
                         "eval_stream": where[key][0], "stream_position": where[key][1]}
@@ -167,7 +169,7 @@ class EvalStage(Stage):
         if routing is not None and self.route is None:
             raise ConfigError(f"{self.method.label} routes by difficulty: it needs the "
                               f"{'route' if routing == 'learned' else 'base eval'} stage")
-        super().__init__(recipe.output_dir, [s for s in (train, self.route) if s is not None])
+        super().__init__(recipe_storage(recipe), [s for s in (train, self.route) if s is not None])
         self.recipe = recipe
         self.label = self.method.label if self.method is not None else BASE
 
@@ -200,7 +202,8 @@ class EvalStage(Stage):
 
         recipe, method = self.recipe, self.method
         task = get_task(recipe.task.name)
-        artifact = upstream[self.train.name].folder / ARTIFACT if self.train is not None else None
+        trained = upstream[self.train.name] if self.train is not None else None
+        artifact = trained.folder / ARTIFACT if trained is not None else None  # this machine's copy, for accounting
         route = upstream[self.route.name] if self.route is not None else None
         accounting = base_accounting(recipe, method.targets if method else None)
         params = {"base_params": accounting.base_params, "params_per_rank": accounting.params_per_rank,
@@ -219,7 +222,7 @@ class EvalStage(Stage):
             if route is not None:
                 ranks, _ = assign_ranks(recipe, method, rows, route, dataset=source.label)
                 rows = [{**r, "rank": int(k)} for r, k in zip(rows, ranks)]
-            outputs = generate_with_method(rows, recipe, method, artifact)
+            outputs = generate_with_method(rows, recipe, method, trained.ref(ARTIFACT) if trained is not None else None)
             summary, table, ranks_used = summarize(recipe.task.name, rows, outputs)
             if method is None:
                 summary["mean_active_params"] = 0

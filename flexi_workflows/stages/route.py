@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from flexi_workflows.recipes.schema import Recipe
-from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, run_stage
+from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, recipe_storage, run_stage
 from flexi_workflows.stages.inputs import task_inputs
 from flexi_workflows.stages.score import SCORED, ScoreStage
 from flexi_workflows.tasks import get_task
@@ -38,7 +38,7 @@ class RouteStage(Stage):
     files = [ROUTER_DIR, REPORT]
 
     def __init__(self, recipe: Recipe, score: ScoreStage) -> None:
-        super().__init__(recipe.output_dir, [score])
+        super().__init__(recipe_storage(recipe), [score])
         self.recipe = recipe
         self.score = score
 

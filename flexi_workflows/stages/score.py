@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from flexi_workflows.errors import ConfigError
 from flexi_workflows.recipes.schema import Recipe
 from flexi_workflows.scoring.difficulty import assign_classes, class_stats, sampled_classes, score_histogram
-from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, run_stage
+from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, recipe_storage, run_stage
 from flexi_workflows.stages.inputs import data_inputs, model_inputs, task_inputs
 from flexi_workflows.tasks import Row, get_task, metric_key, subset_of
 
@@ -66,6 +66,7 @@ def score_rows(rows: list[Row], recipe: Recipe) -> dict[str, dict]:
     import ray
 
     from flexi_workflows.generation import BatchGenerator
+    from flexi_workflows.ray_cluster import whole_actor_pools
 
     cfg = recipe.scoring
     columns = [model_columns(r) for r in rows]
@@ -94,7 +95,7 @@ def score_rows(rows: list[Row], recipe: Recipe) -> dict[str, dict]:
         num_gpus=cfg.gpus_per_actor,
     )
     outputs = {}
-    for r in ds.iter_rows():
+    for r in whole_actor_pools(ds).iter_rows():
         out = {"prompt": str(r["prompt"]), "prediction": str(r["prediction"])}
         if cfg.sampling:
             out["samples"] = json.loads(str(r["samples"]))
@@ -166,7 +167,7 @@ class ScoreStage(Stage):
     files = [SCORED, STATS]
 
     def __init__(self, recipe: Recipe) -> None:
-        super().__init__(recipe.output_dir)
+        super().__init__(recipe_storage(recipe))
         self.recipe = recipe
         self._rows: list[Row] | None = None
 

@@ -29,7 +29,7 @@ from flexi_workflows.errors import ConfigError
 from flexi_workflows.methods import Method, get_method
 from flexi_workflows.plots import loss_curve_plot
 from flexi_workflows.recipes.schema import MethodConfig, Recipe
-from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, run_stage
+from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, recipe_storage, run_stage
 from flexi_workflows.stages.inputs import data_inputs, model_inputs, task_inputs
 from flexi_workflows.tasks import get_task, metric_key, subset_counts
 
@@ -39,6 +39,7 @@ REPORT = "train_report.json"
 ARTIFACT = "artifact"
 RANKS_USED = "ranks_used.json"  # methods on the nested adapter: the rank of every micro-batch on every worker
 LOSS_PLOT = "loss_curve.png"
+RAY_RESULTS = "ray_results"  # Ray Train's storage_path below the run's storage root
 # result-neutral training keys (stages/inputs.py) plus those counted apart: lr (per method) and resume (by content)
 NEUTRAL_TRAINING = ("log_every", "checkpoint_every", "max_failures", "resume", "lr", "gradient_checkpointing")
 
@@ -53,12 +54,12 @@ def check_resources(recipe: Recipe) -> None:
     dist = recipe.distribution
     need_cpu = dist.num_workers * dist.cpus_per_worker
     need_gpu = dist.num_workers * dist.gpus_per_worker
-    if recipe.ray.address or os.environ.get("RAY_ADDRESS"):
-        import ray
+    import ray
 
+    if ray.is_initialized() or recipe.ray.address or os.environ.get("RAY_ADDRESS"):
         if not ray.is_initialized():
             return  # resources are checked once connected (ensure_ray) — a cluster may autoscale
-        have = ray.cluster_resources()
+        have = ray.cluster_resources()  # the cluster this process is connected to, all its nodes
         have_cpu, have_gpu = have.get("CPU", 0), have.get("GPU", 0)
     else:
         import torch
@@ -112,7 +113,7 @@ def speech_examples(recipe: Recipe, rows: list[dict]) -> tuple[list[dict[str, An
     (Whisper: 30 s) are left out, as Whisper fine-tuning recipes do: the features would cut their audio
     while the transcript stays whole, teaching the model to invent the rest."""
     from flexi_workflows.data.speech import encode_labels, set_transcription_prefix
-    from flexi_workflows.models.loading import load_config, load_processor
+    from flexi_workflows.models.loading import load_config, load_processor, local_ref
 
     model = recipe.model
     processor = load_processor(model.name_or_path, trust_remote_code=model.trust_remote_code)
@@ -120,7 +121,7 @@ def speech_examples(recipe: Recipe, rows: list[dict]) -> tuple[list[dict[str, An
     from transformers import GenerationConfig
 
     try:
-        generation = GenerationConfig.from_pretrained(model.name_or_path)
+        generation = GenerationConfig.from_pretrained(local_ref(model.name_or_path))
     except OSError:  # no generation_config.json: an English-only prefix
         generation = None
     window = float(processor.feature_extractor.chunk_length)
@@ -190,7 +191,7 @@ class TrainStage(Stage):
         if self.method.routing is not None and self.route is None:
             raise ConfigError(f"{self.method.label} routes by difficulty: it needs the "
                               f"{'route' if self.method.needs_router else 'score'} stage")
-        super().__init__(recipe.output_dir, [self.route] if self.route is not None else [])
+        super().__init__(recipe_storage(recipe), [self.route] if self.route is not None else [])
         self.recipe = recipe
         self.label = self.method.train_label
 
@@ -287,9 +288,10 @@ class TrainStage(Stage):
                 shards |= {f"val_{i}": shard for i, shard in enumerate(held.split(dist.num_workers, equal=True))}
         finally:
             data_context.enable_progress_bars = bars
-        storage = Path(recipe.output_dir).resolve() / "ray_results"
+        # checkpoints in the run's storage: workers on any node write there, a restarted worker group reads there
+        run_name = f"{label}-{self.fingerprint}"
         if context.fresh:  # --force: Ray Train would otherwise restore this run's last checkpoint
-            shutil.rmtree(storage / f"{label}-{self.fingerprint}", ignore_errors=True)
+            self.storage.delete(f"{RAY_RESULTS}/{run_name}")
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
@@ -310,8 +312,9 @@ class TrainStage(Stage):
                 resources_per_worker={"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})},
             ),
             run_config=RunConfig(
-                name=f"{label}-{self.fingerprint}",
-                storage_path=str(storage),
+                name=run_name,
+                storage_path=self.storage.path(RAY_RESULTS),
+                storage_filesystem=self.storage.fs if self.storage.remote else None,
                 failure_config=FailureConfig(max_failures=train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 # the test-only fault hook must reach worker processes that Ray starts later

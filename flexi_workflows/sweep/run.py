@@ -197,12 +197,12 @@ def shared_stages(recipes: list[Recipe]) -> list:
     """Stages that two or more trials would run, once each, in dependency order."""
     from flexi_workflows.stages.plan import plan_pipeline
 
-    seen: dict[Path, Any] = {}
-    count: dict[Path, int] = {}
+    seen: dict[str, Any] = {}
+    count: dict[str, int] = {}
     for recipe in recipes:
         for stage in plan_pipeline(recipe).stages():
-            seen.setdefault(stage.folder, stage)
-            count[stage.folder] = count.get(stage.folder, 0) + 1
+            seen.setdefault(stage.location, stage)
+            count[stage.location] = count.get(stage.location, 0) + 1
     order = {"score": 0, "route": 1, "train": 2, "eval": 3}
     shared = [stage for folder, stage in seen.items() if count[folder] > 1]
     return sorted(shared, key=lambda s: order[s.kind])

@@ -1,0 +1,108 @@
+"""A run on a two-node Ray cluster on this machine, with its storage on a real S3-compatible server.
+
+Ray's own test cluster (`ray.cluster_utils.Cluster`) starts two raylets with 2 CPUs each; a worker or
+actor asking for 2 CPUs fits one per node, so the training workers and the evaluation actors have to
+spread over both. Storage is SeaweedFS's S3 gateway on 127.0.0.1; MLflow is a tracking server process.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from flexi_workflows.errors import ConfigError
+from flexi_workflows.storage import Storage
+from tests.conftest import free_port
+from tests.helpers import small_recipe
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two_nodes(s3_server):
+    """Started after the S3 server: like a real cluster's nodes, they hold the storage credentials in their
+    environment (AWS_* variables; an instance role on a cloud), which workers and actors inherit."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():  # the session's one-node cluster: this module needs its own
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _recipe(tmp_path, model_dir, **sections):
+    return small_recipe(tmp_path, model_dir, method={"name": "lora", "rank": 4},
+                        distribution={"num_workers": 2, "cpus_per_worker": 2},
+                        evaluation={"num_actors": 2, "cpus_per_actor": 2, "batch_size": 6}, **sections)
+
+
+def test_a_sqlite_store_is_refused_on_a_multi_node_cluster(tmp_path, tiny_model_dir, two_nodes):
+    from flexi_workflows.pipeline import prepare
+
+    recipe = _recipe(tmp_path, tiny_model_dir, tracking={"enabled": True})
+    with pytest.raises(ConfigError, match=r"tracking.tracking_uri: sqlite:///.*2 nodes.*tracking.tracking_uri=http://"):
+        prepare(recipe)
+
+
+def _node_ids(actors, kind: str) -> set[str]:
+    return {a.node_id for a in actors if kind in (a.class_name or "")}
+
+
+def test_a_run_spreads_over_two_nodes_keeps_everything_in_s3_and_survives_a_worker_failure(
+        tmp_path, tiny_model_dir, two_nodes, s3_server, mlflow_server, monkeypatch):
+    from ray.util.state import list_actors
+
+    from flexi_workflows.pipeline import run_pipeline
+
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv("FLEXI_TEST_FAIL_AT_STEP", f"6:{marker}")
+    monkeypatch.setenv("FLEXI_STORAGE_CACHE", str(tmp_path / "node-cache"))
+    uri = s3_server.replace("s3://flexi-test", f"s3://flexi-test/{tmp_path.name}")
+    recipe = _recipe(tmp_path / "laptop", tiny_model_dir, storage=uri,
+                     training={"epochs": 2, "checkpoint_every": 4, "max_failures": 1},
+                     tracking={"enabled": True, "tracking_uri": mlflow_server, "experiment": "two-nodes"})
+    summary = run_pipeline(recipe, quiet=True)
+    assert marker.is_file(), "the injected worker failure fired"
+
+    storage = Storage(uri)
+    assert json.loads(storage.read_text("summary.json"))["rows"] == summary["rows"]
+    assert {r["method"] for r in summary["rows"]} == {"base", "lora-4"}
+    train = next(s for name, s in summary["stages"].items() if name.startswith("train"))
+    assert train["folder"].startswith("s3://flexi-test/")
+    report = json.loads(storage.read_text(train["folder"].split("flexi-test/", 1)[1].split("/", 1)[1] + "/train_report.json"))
+    assert report["steps"] == report["total_steps"] == 16
+    assert report["resumed_from_step"] == 4, "the restarted workers resumed from the step-4 checkpoint in S3"
+    assert report["checkpoint"].startswith(f"flexi-test/{tmp_path.name}/ray_results/")
+    assert storage.exists("ray_results")
+    # the driver's output folder: nothing of the run (the tracking store is the server)
+    out = tmp_path / "laptop" / "out"
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()], sorted(out.rglob("*"))
+
+    import ray
+
+    actors = list_actors(address=two_nodes.address, detail=True, limit=10_000, raise_on_missing_output=False)
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert _node_ids(actors, "RayTrainWorker") == nodes, "training workers on both nodes"
+    assert _node_ids(actors, "MapWorker") == nodes, "evaluation actors on both nodes"
+
+    # rank 0 (on whichever node) logged its per-step curves to the tracking server
+    def rest(path, body):
+        req = urllib.request.Request(mlflow_server + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(req).read())
+
+    exp = json.loads(urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name?experiment_name=two-nodes").read())
+    runs = rest("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment"]["experiment_id"]],
+                                                 "filter": "tags.`flexi.stage` = 'train'"})["runs"]
+    assert len(runs) == 1
+    history = json.loads(urllib.request.urlopen(
+        f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?run_id={runs[0]['info']['run_id']}&metric_key=tokens_per_s").read())
+    assert len(history["metrics"]) >= 16, "every step's throughput, logged by the training worker"
