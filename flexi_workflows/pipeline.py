@@ -45,7 +45,11 @@ def prepare(recipe: Recipe) -> Recipe:
     recipe = absolute_paths(recipe)
     if recipe.tracking.enabled:
         check_tracking_uri(resolve_tracking_uri(recipe.tracking.tracking_uri, recipe.output_dir))
-    return resolve_model(recipe)
+    recipe = resolve_model(recipe)
+    from flexi_workflows.memory import warn_if_over
+
+    warn_if_over(recipe)  # a warning, never an error: only when the GPUs' memory is known (memory.py)
+    return recipe
 
 
 def absolute_paths(recipe: Recipe, root: str | Path | None = None) -> Recipe:
