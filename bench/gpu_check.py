@@ -210,7 +210,9 @@ def main(argv=None) -> dict:
                     "errors": {}}
     if not args.cpu:
         if not torch.cuda.is_available():
-            raise SystemExit("no CUDA device (torch.cuda.is_available() is False); --cpu runs the tiny CPU check")
+            raise SystemExit(f"no usable CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none; "
+                             f"if the driver runs an older CUDA (nvidia-smi's header), rerun with FLEXI_TORCH_VERSION "
+                             f"or FLEXI_TORCH_PIP_ARGS naming a matching build; --cpu runs the tiny CPU check")
         props = torch.cuda.get_device_properties(0)
         result["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1)}
 

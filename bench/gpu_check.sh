@@ -14,16 +14,18 @@
 #                                       # (FLEXI_PYTHON, default .venv/bin/python), nothing installed
 #
 # Setup: scripts/setup.sh with FLEXI_TORCH=cuda (torch from the package index, not a local CPU wheel);
-# FLEXI_TORCH_PIP_ARGS passes pip arguments for that install, e.g. an index of wheels for the driver's CUDA.
+# FLEXI_TORCH_VERSION / FLEXI_TORCH_PIP_ARGS pick another torch build for that install, e.g. one for an older
+# driver's CUDA (the JSON's driver_cuda says which the driver runs).
 # A second run reuses .venv (the setup stamp) and so has nearly the whole budget for the checks.
 set -uo pipefail
+{  # read whole before it runs: editing or checking out the file mid-run cannot change what runs
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 dry=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) dry=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set /{/^set /!p}' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg (--dry-run, --help)" >&2; exit 2 ;;
   esac
 done
@@ -99,6 +101,8 @@ train = last_json(logs / "train.json") or {}
 adapter = last_json(logs / "adapter.log")
 out = {
     "gpu_check": "dry-run (CPU, tiny model)" if dry == "1" else "gpu",
+    "driver_cuda": next((l.split("CUDA Version:")[1].split()[0] for l in (tail(logs / "nvidia-smi.txt", 40) or [])
+                         if "CUDA Version:" in l), None),
     "gpu": train.get("gpu") or ((logs / "nvidia-smi.txt").read_text().splitlines()[0] if (logs / "nvidia-smi.txt").exists() else None),
     "torch": train.get("torch"), "torch_cuda": train.get("torch_cuda"),
     "setup": {"status": status(setup_rc), "seconds": int(setup_s)},
@@ -119,3 +123,5 @@ if adapter_rc not in ("0", "skipped"):
     out["errors"]["adapter"] = tail(logs / "adapter.log")
 print(json.dumps(out))
 EOF
+exit
+}
