@@ -444,7 +444,8 @@ def plan_recipe(recipe, *, gpu_memory: float | None = None, gpu_memory_source: s
         plans.append(MethodPlan(label, trainable, total, states, activations, ds))
     actors = []
     for name, cfg, samples in (("scoring", recipe.scoring, recipe.scoring.num_samples), ("evaluation", recipe.evaluation, 1)):
-        parts = generation_bytes(dims, batch_size=cfg.batch_size * samples, prompt_tokens=task.max_prompt_tokens,
+        prompt = task.max_prompt_tokens if not dims.encoder_layers else 4  # speech: a few decoder prefix tokens
+        parts = generation_bytes(dims, batch_size=cfg.batch_size * samples, prompt_tokens=prompt,
                                  new_tokens=cfg.max_new_tokens, dtype=recipe.model.dtype)
         actors.append(ActorPlan(name, cfg.num_actors, cfg.gpus_per_actor, parts))
     return Plan(recipe.model.name_or_path, source, dims, dist.strategy, dist.zero_stage, dist.num_workers,
@@ -466,7 +467,8 @@ def format_plan(plan: Plan) -> str:
                  f"gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}"
                  + (f", CPU offload of {' and '.join(offload)}" if offload else ""))
     width = max(14, *(len(m.label) + 2 for m in plan.methods))
-    head = f"{'per GPU (training worker)':<34}" + "".join(f"{m.label:>{width}}" for m in plan.methods)
+    where = "per GPU (training worker)" if plan.gpus_per_worker > 0 else "per training worker (on CPU)"
+    head = f"{where:<34}" + "".join(f"{m.label:>{width}}" for m in plan.methods)
     lines += ["", head, "-" * len(head)]
 
     def row(name: str, values) -> None:
@@ -478,7 +480,7 @@ def format_plan(plan: Plan) -> str:
     row("  optimizer (master + Adam)", [gib(m.states.optimizer) for m in plan.methods])
     row("model states", [gib(m.states.total) for m in plan.methods])
     row("activations (rough)", [gib(m.activations) for m in plan.methods])
-    row("total per GPU", [gib(m.total) for m in plan.methods])
+    row("total per GPU" if plan.gpus_per_worker > 0 else "total per worker", [gib(m.total) for m in plan.methods])
     if any(m.states.cpu_offload for m in plan.methods):
         row("offloaded to CPU, per worker", [gib(m.states.cpu_offload) for m in plan.methods])
     if any(m.deepspeed_gpu_bytes is not None for m in plan.methods):
@@ -490,7 +492,9 @@ def format_plan(plan: Plan) -> str:
         gpus.append(f"{a.stage} {a.num_actors} × {a.gpus_per_actor:g} GPU (~{gib(a.total)} per actor: weights "
                     f"{gib(a.parts['weights'])}, KV cache {gib(a.parts['kv_cache'])})")
     lines.append("GPUs         " + "; ".join(gpus))
-    if plan.gpu_memory:
+    if plan.gpus_per_worker <= 0 and all(a.gpus_per_actor <= 0 for a in plan.actors):
+        lines.append("GPU memory   not needed: the recipe asks for no GPUs (the figures are CPU memory)")
+    elif plan.gpu_memory:
         lines.append(f"GPU memory   {gib(plan.gpu_memory)} ({plan.gpu_memory_source})")
         tight = plan.tight()
         if tight:

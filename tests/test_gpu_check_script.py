@@ -16,15 +16,15 @@ def test_scripts_parse():
 
 
 def test_gpu_check_options():
-    bad = subprocess.run(["bash", "bench/gpu_check.sh", "--bogus"], cwd=REPO_ROOT, capture_output=True, text=True)
+    bad = subprocess.run(["bash", "bench/gpu_check.sh", "--bogus"], check=False, cwd=REPO_ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--dry-run" in bad.stderr
-    usage = subprocess.run(["bash", "bench/gpu_check.sh", "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
+    usage = subprocess.run(["bash", "bench/gpu_check.sh", "--help"], check=False, cwd=REPO_ROOT, capture_output=True, text=True)
     assert usage.returncode == 0 and "ONE JSON line" in usage.stdout
-    py = subprocess.run([sys.executable, "bench/gpu_check.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
+    py = subprocess.run([sys.executable, "bench/gpu_check.py", "--help"], check=False, cwd=REPO_ROOT, capture_output=True, text=True)
     assert py.returncode == 0 and "--cpu" in py.stdout
 
 
 def test_setup_refuses_unknown_torch_kind():
-    run = subprocess.run(["bash", "scripts/setup.sh"], cwd=REPO_ROOT, capture_output=True, text=True,
+    run = subprocess.run(["bash", "scripts/setup.sh"], check=False, cwd=REPO_ROOT, capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "FLEXI_TORCH": "rocm"})
     assert run.returncode == 2 and "FLEXI_TORCH must be cpu or cuda" in run.stderr
