@@ -197,6 +197,28 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from flexi_workflows.memory import GiB, detect_gpu_memory, format_plan, plan_recipe
+    from flexi_workflows.models.pretrain import builtin_spec, resolve_builtin
+    from flexi_workflows.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if builtin_spec(recipe.model.name_or_path) is not None:  # built on first use, as `flexi run` would
+        folder = resolve_builtin(recipe.model.name_or_path, recipe.model.cache_dir)
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name_or_path=folder))
+    if args.gpu_memory_gib is not None:
+        if args.gpu_memory_gib <= 0:
+            raise ConfigError(f"--gpu-memory-gib must be > 0, got {args.gpu_memory_gib}")
+        memory, source = args.gpu_memory_gib * GiB, "--gpu-memory-gib"
+    else:
+        memory, source = detect_gpu_memory()
+    plan = plan_recipe(recipe, gpu_memory=memory, gpu_memory_source=source, methods=_methods(recipe, args.method))
+    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
+    return 1 if plan.warnings() else 0
+
+
 def _add_stage(sub, name: str, func, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("recipe", metavar="RECIPE", help="YAML recipe")
@@ -231,6 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "train", cmd_train, "fine-tune the recipe's methods on Ray Train (DeepSpeed ZeRO or DDP)")
     _add_stage(sub, "eval", cmd_eval, "evaluate the trained methods on the recipe's eval sets (Ray Data)")
     _add_stage(sub, "run", cmd_run, "the whole pipeline: score → route → train → evaluate, skipping finished stages")
+    p = sub.add_parser(
+        "plan", help="per-GPU memory of the recipe's training and generation, estimated before anything runs",
+        description="Model states (params / grads / optimizer, partitioned by the ZeRO stage), a rough activation "
+                    "estimate and the generation actors' memory, per GPU, for each method of RECIPE; warns (exit "
+                    "status 1) when an estimate exceeds the GPU memory. The model needs only its config.json.")
+    p.add_argument("recipe", metavar="RECIPE", help="YAML recipe")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    p.add_argument("--gpu-memory-gib", type=float, help="memory of one GPU in GiB (default: this machine's CUDA "
+                   "device, or FLEXI_GPU_MEMORY_GIB; with neither the fit is not checked)")
+    p.add_argument("--method", help="only this method label, e.g. flexi-2-8 or full")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("sweep", help="a Ray Tune sweep over the recipe's `sweep:` search space",
                        description="Run (or resume) the trials of the recipe's `sweep:` section on Ray Tune; stages "
                                    "that trials share run once. Writes <output_dir>/sweep.json, trials/ and report/.")

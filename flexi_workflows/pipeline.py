@@ -55,7 +55,11 @@ def prepare(recipe: Recipe) -> Recipe:
     if uri:
         check_tracking_uri(uri)
     check_multi_node(recipe.ray, storage, uri)  # joining a cluster of several nodes: shared storage and tracking
-    return resolve_model(recipe)
+    recipe = resolve_model(recipe)
+    from flexi_workflows.memory import warn_if_over
+
+    warn_if_over(recipe)  # a warning, never an error: only when the GPUs' memory is known (memory.py)
+    return recipe
 
 
 def absolute_paths(recipe: Recipe, root: str | Path | None = None) -> Recipe:

@@ -19,7 +19,7 @@ LAYERS = {
     "models": 3, "report_plots": 3,
     "router": 4, "ray_cluster": 4,
     "methods": 5,
-    "generation": 6, "training": 6,
+    "generation": 6, "training": 6, "memory": 6,
     "stages": 7, "tracking": 7,
     "pipeline": 8, "report": 8,
     "sweep": 9,

@@ -143,8 +143,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         engine = DDPEngine(trainable, optimizer, scheduler, accumulation=accum, max_grad_norm=train_cfg.max_grad_norm,
                            device=device)
 
+    # GPU memory: the peak while the model is built and handed to the engine, then the training peak alone
+    # (what `flexi plan` estimates; bench/gpu_check.sh compares them)
+    setup_peak = None
+    if device.type == "cuda":
+        setup_peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     step = 0
     loss_curve: list[list[float]] = []
+    throughput: list[list[float]] = []  # per log window: [step, seconds per step, tokens per second (all workers)]
     val_curve: list[list[float]] = []
     ranks_used: list[dict] = []  # this worker's record: one entry per micro-batch
     checkpoint = ray.train.get_checkpoint()
@@ -169,7 +176,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "gradient_checkpointing": bool(getattr(base, "is_activation_checkpointing", False)),
                    "precision": "bf16" if dist_cfg.bf16 else "fp32",
                    "bf16_by": ("autocast" if dist_cfg.strategy == "ddp" else "deepspeed") if dist_cfg.bf16 else None,
-                   "lr": engine.scheduler.get_last_lr()[0], "val_loss_curve": val_curve}
+                   "lr": engine.scheduler.get_last_lr()[0], "val_loss_curve": val_curve, "throughput": throughput}
+        if device.type == "cuda":
+            metrics |= {"peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device),
+                        "setup_peak_gpu_memory_bytes": setup_peak}
         if val_curve and val_curve[-1][0] == step:
             metrics["val_loss"] = val_curve[-1][1]  # what a sweep's ASHA scheduler reads, once per epoch
         with tempfile.TemporaryDirectory() as tmp:
@@ -286,6 +296,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 lr = engine.scheduler.get_last_lr()[0]
                 loss_curve.append([step, mean_loss])
                 tokens_per_s = float(stats[1]) / max(elapsed, 1e-9)
+                throughput.append([step, elapsed / max(1, n_steps), tokens_per_s])
                 curves.log(step, loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s)
                 if rank == 0:
                     print(f"[{method.label}] step {step}/{total_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  "
