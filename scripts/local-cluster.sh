@@ -74,11 +74,27 @@ EOF
     # shellcheck disable=SC1091
     source "$state/env"
     export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
+    # The job runs in Ray's copy of the working directory, which Ray deletes later: a relative output_dir
+    # is made absolute here, so results land in this checkout exactly where `flexi run` puts them (and a
+    # job after a `flexi run` of the same recipe reuses its finished stages).
+    out="$(.venv/bin/python - "$@" <<'PY'
+import sys
+from pathlib import Path
+from flexi_workflows.recipes import load_recipe
+args = sys.argv[1:]
+if args and args[0] in ("run", "sweep"):
+    args = args[1:]
+recipe = load_recipe(args[0], args[1:])
+print("" if Path(recipe.output_dir).is_absolute() else Path(recipe.output_dir).resolve())
+PY
+)" || exit 2
+    extra=()
+    [ -n "$out" ] && extra=("output_dir=$out")
     for attempt in 1 2 3 4 5 6 7 8 9 10; do  # the head's job agent comes up a little after its dashboard
       log="$(mktemp)"
       set +e
       .venv/bin/ray job submit --address "$RAY_DASHBOARD" --working-dir . -- \
-        python jobs/run.py "$@" "tracking.tracking_uri=$MLFLOW_URI" 2>&1 | tee "$log"
+        python jobs/run.py "$@" "${extra[@]}" "tracking.tracking_uri=$MLFLOW_URI" 2>&1 | tee "$log"
       rc=${PIPESTATUS[0]}
       set -e
       if ! grep -q "No available agent" "$log"; then rm -f "$log"; exit "$rc"; fi

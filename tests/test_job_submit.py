@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,11 @@ def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
     """The README's local-cluster commands: start a head and an MLflow server from the project's environment,
     submit a recipe (then its sweep) as Ray jobs, stop both — with no environment the README does not show."""
     train, evals = write_math_set(tmp_path / "train.jsonl", 32), write_math_set(tmp_path / "eval.jsonl", 6)
+    # relative, as in the shipped recipes: the job runs in Ray's temporary copy of the checkout, and the
+    # script makes it absolute so the results land in this checkout
+    out_rel = f"outputs/test-job-{tmp_path.name}"
     recipe = {
-        "name": "job", "output_dir": str(tmp_path / "out"),
+        "name": "job", "output_dir": out_rel,
         "model": {"name_or_path": str(tiny_model_dir)},
         "task": {"name": "math", "train": {"path": str(train)}, "eval": [{"name": "mini", "path": str(evals)}]},
         "method": {"name": "lora", "rank": 2},
@@ -53,9 +57,9 @@ def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
         done = script("submit", str(recipe_path))
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "succeeded" in done.stdout
-        assert (tmp_path / "out" / "summary.json").is_file()
+        assert (REPO_ROOT / out_rel / "summary.json").is_file()
         # tracked to the cluster's MLflow server, not to a sqlite file beside the driver
-        assert not (tmp_path / "out" / "mlflow.db").exists()
+        assert not (REPO_ROOT / out_rel / "mlflow.db").exists()
         found = json.loads(subprocess.run(
             [sys.executable, "-c", "import json, sys, urllib.request; print(urllib.request.urlopen(sys.argv[1] + "
              "'/api/2.0/mlflow/experiments/get-by-name?experiment_name=flexi-workflows').read().decode())", uri],
@@ -63,6 +67,7 @@ def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
         assert found["experiment"]["name"] == "flexi-workflows"
 
         # the same entry point runs the recipe's sweep: two trials over the seed
+        shutil.rmtree(REPO_ROOT / out_rel, ignore_errors=True)
         sweep = {**recipe, "name": "job-sweep", "output_dir": str(tmp_path / "sweep"),
                  "sweep": {"space": {"seed": [0, 1]}, "metric": "accuracy_all", "max_concurrent_trials": 2}}
         sweep_path = tmp_path / "job-sweep.yaml"

@@ -208,6 +208,22 @@ def shared_stages(recipes: list[Recipe]) -> list:
     return sorted(shared, key=lambda s: order[s.kind])
 
 
+def check_sweep_dir_shared(recipe: Recipe, sweep_dir: Path) -> None:
+    """Trials run on any node and write their records and summaries under the sweep's output_dir, and
+    Tune keeps its experiment state there: on a cluster of several nodes it must be a folder every node
+    mounts (stage results can be in `storage`, e.g. s3://, but the sweep's own records are files)."""
+    from flexi_workflows.ray_cluster import joined_nodes, nodes_missing
+    from flexi_workflows.storage import Storage
+
+    nodes = joined_nodes(recipe.ray)
+    if len(nodes) > 1:
+        missing = nodes_missing(Storage(sweep_dir), nodes)
+        if missing:
+            raise ConfigError(f"output_dir: {sweep_dir} is not visible from {len(missing)} of the cluster's "
+                              f"{len(nodes)} nodes; a sweep's trials write their records there from any node, so "
+                              f"on a multi-node cluster a sweep's output_dir must be a folder every node mounts")
+
+
 def run_sweep(recipe: Recipe, *, recipe_path: str | None = None) -> dict:
     """Run (or resume) the sweep described by the recipe's `sweep:` section; returns sweep.json's contents."""
     from ray import tune
@@ -231,6 +247,7 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None) -> dict:
     for plan in plans:
         check_plan(plan)
     sweep_dir = Path(recipe.output_dir).resolve()
+    check_sweep_dir_shared(recipe, sweep_dir)
     # the same trials computing the same stages is the same sweep, whatever the resources or tracking
     sweep_fp = fingerprint({"trials": [[t.trial_id, [s.fingerprint for s in p.stages()]] for t, p in zip(trials, plans)],
                             **settings})
