@@ -140,8 +140,10 @@ def deepspeed_config_for(recipe: Recipe) -> dict[str, Any]:
 def partitioned_build(ds_config: dict[str, Any]) -> Iterator[None]:
     """ZeRO-3: models built or loaded inside come out already partitioned (transformers' DeepSpeed integration:
     from_pretrained runs under deepspeed.zero.Init and rank 0 alone copies the checkpoint's values in,
-    one module at a time), so no worker ever holds the whole model. The global HF DeepSpeed config lives only
-    for the block: later calls (save_pretrained, generate) must not think they run under ZeRO-3."""
+    one module at a time), so no worker ever holds the whole model as parameters, on CPU or GPU. What remains
+    (transformers 5.24): rank 0 reads the checkpoint's tensors into CPU memory while it copies them in (the
+    other ranks read shapes only), freed when loading ends. The global HF DeepSpeed config lives only for
+    the block: later calls (save_pretrained, generate) must not think they run under ZeRO-3."""
     import deepspeed
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 

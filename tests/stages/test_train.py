@@ -152,6 +152,11 @@ def test_zero3_partitioned_build_resumes_after_a_failure_and_exports_the_adapter
     assert report["partitioned_build"] is True
     assert report["steps"] == report["total_steps"] == 8 and report["resumed_from_step"] == 4
     assert [s for s, _ in report["loss_curve"]] == list(range(1, 9))
+    # the restored partitions (adapter, optimizer, schedule) continue exactly where the uninterrupted run goes
+    monkeypatch.delenv("FLEXI_TEST_FAIL_AT_STEP")
+    _, straight = _train(tmp_path / "straight", tiny_model_dir, method={"name": "lora", "rank": 4},
+                         distribution={"num_workers": 2, "zero_stage": 3}, training={"epochs": 1})
+    assert _losses(out) == pytest.approx(_losses(straight), rel=1e-5, abs=1e-6)
     from flexi_workflows.adapters.checkpoint import load_adapter
 
     adapter = load_adapter(load_model(tiny_model_dir), out / "artifact" / "adapter")
