@@ -3,21 +3,25 @@
 Both offer the same four things the loop needs — `backward_step` (returns True at an optimizer
 step), `save` / `load` (the full training state through a Ray Train checkpoint folder) and `export`
 (the method's artifact, written by rank 0) — so the loop in loop.py never asks which one it has.
+
+The DeepSpeed config is built here from the recipe (deepspeed_config_for) on the driver, merged under
+distribution.deepspeed_config's file; under ZeRO-3 the model is loaded already partitioned
+(partitioned_build) and exported by gathering only what the artifact holds.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from flexi_workflows.errors import ConfigError
 from flexi_workflows.methods import Method, Trainable
 from flexi_workflows.recipes.schema import Recipe
-
 
 # where each key the recipe sets in the DeepSpeed config comes from (the conflict messages name it)
 RECIPE_KEYS = {

@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent('''
 def test_deepspeed_bf16_is_bf16_with_one_adamw_step_per_step_except_without_zero(tiny_model_dir, tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_model_dir)], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_model_dir)], env=env, capture_output=True, check=False,
                           text=True, timeout=600, cwd=tmp_path)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
