@@ -414,9 +414,9 @@ def plan_recipe(recipe, *, gpu_memory: float | None = None, gpu_memory_source: s
     keys, unless given here."""
     dist, train, task = recipe.distribution, recipe.training, recipe.task
     if offload_optimizer is None:
-        offload_optimizer = bool(getattr(dist, "offload_optimizer", False))
+        offload_optimizer = getattr(dist, "offload_optimizer", "none") == "cpu"
     if offload_params is None:
-        offload_params = bool(getattr(dist, "offload_params", False))
+        offload_params = getattr(dist, "offload_params", "none") == "cpu"
     config, source = find_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
     dims = model_dims(config)
     bf16 = dist.bf16

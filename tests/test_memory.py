@@ -111,6 +111,11 @@ def test_adapters_by_hand(tmp_path, dims):
     assert z3.grads == 6 * T / 8 and z3.optimizer == 12 * T / 8
     ddp = plan_recipe(load_recipe(path, ["distribution.strategy=ddp", "distribution.precision=fp32"])).methods[0].states
     assert (ddp.params, ddp.grads, ddp.optimizer) == (4 * (P + T), 8 * T, 8 * T)  # fp32, DDP buckets, Adam
+    # the recipe's offload keys reach the plan: the optimizer states leave the GPU
+    off = plan_recipe(load_recipe(path, ["distribution.zero_stage=3", "distribution.num_workers=8",
+                                         "distribution.offload_optimizer=cpu"]))
+    assert off.offload_optimizer and not off.offload_params
+    assert off.methods[0].states.optimizer == 0 < off.methods[0].states.cpu_offload
 
 
 def test_gradient_checkpointing_keeps_block_inputs_only(dims):

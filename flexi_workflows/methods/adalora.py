@@ -58,7 +58,7 @@ class AdaLoraMethod(Method):
         model = get_peft_model(base, config)
         return Trainable(model, after_backward=model.base_model.update_and_allocate)
 
-    def export(self, model, path: Path) -> None:
+    def export(self, model, path: Path, state_dict: dict | None = None) -> None:
         path.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(path / "adalora"))
         info = {"name": self.name, "label": self.label, "active_params": adalora_active_params(model)}

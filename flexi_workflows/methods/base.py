@@ -101,7 +101,13 @@ class Method:
     def build(self, base, *, seed: int, total_steps: int) -> Trainable:
         raise NotImplementedError
 
-    def export(self, model, path: Path) -> None:
+    # the artifact is the whole model (full fine-tuning); else it reads only the trained parameters, all a
+    # ZeRO-3 export has to gather
+    exports_whole_model: bool = False
+
+    def export(self, model, path: Path, state_dict: dict | None = None) -> None:
+        """Write the artifact; `state_dict`, when given, holds the model's full values (its parameters are
+        ZeRO-3 partitions)."""
         raise NotImplementedError
 
     def load(self, base, path: Path, *, seed: int = 0):

@@ -22,9 +22,11 @@ class FullMethod(Method):
             p.requires_grad_(True)
         return Trainable(base)
 
-    def export(self, model, path: Path) -> None:
+    exports_whole_model = True
+
+    def export(self, model, path: Path, state_dict: dict | None = None) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(path / "model"), safe_serialization=True)
+        model.save_pretrained(str(path / "model"), state_dict=state_dict, safe_serialization=True)
         (path / METHOD_FILE).write_text(json.dumps({"name": self.name, "label": self.label}) + "\n")
 
     def load(self, base, path: Path, *, seed: int = 0):

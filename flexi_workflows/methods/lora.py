@@ -49,7 +49,7 @@ class NestedLoraMethod(Method):
         return Trainable(model, uses_row_ranks=self.routing is not None, set_step=model.set_step,
                          ranks_used=lambda: model.last_ranks)
 
-    def export(self, model, path: Path) -> None:
+    def export(self, model, path: Path, state_dict: dict | None = None) -> None:
         from flexi_workflows.adapters.checkpoint import save_adapter
 
         path.mkdir(parents=True, exist_ok=True)

@@ -419,7 +419,12 @@ class TrainingConfig:
 
 @dataclass
 class DistributionConfig:
-    """How Ray Train runs the fine-tuning: DeepSpeed ZeRO (stage 0-3) or plain DDP."""
+    """How Ray Train runs the fine-tuning: DeepSpeed ZeRO (stage 0-3) or plain DDP.
+
+    offload_optimizer / offload_params: ZeRO-Offload of the optimizer state (stage ≥ 1) / of the
+    parameters (stage 3) to CPU memory. deepspeed_config: a DeepSpeed JSON file merged under the values
+    the recipe sets (training/engines.py); a key both set differently is an error, not a silent choice.
+    """
 
     num_workers: int = 1
     cpus_per_worker: float = 1.0
@@ -428,12 +433,36 @@ class DistributionConfig:
     zero_stage: int = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     torch_threads: int | None = None
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_params: Literal["none", "cpu"] = "none"
+    deepspeed_config: str | None = None
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"distribution.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.num_workers < 1:
             raise ConfigError(f"distribution.num_workers must be ≥ 1, got {self.num_workers}")
+        for key in ("offload_optimizer", "offload_params", "deepspeed_config"):
+            value = getattr(self, key)
+            if self.strategy == "ddp" and value not in (None, "none"):
+                raise ConfigError(f"distribution.{key}={value} is a DeepSpeed setting; distribution.strategy is ddp "
+                                  f"(use strategy: deepspeed)")
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise ConfigError(f"distribution.offload_params={self.offload_params} needs distribution.zero_stage=3 "
+                              f"(only ZeRO-3 partitions the parameters), got zero_stage={self.zero_stage}")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ConfigError(f"distribution.offload_optimizer={self.offload_optimizer} needs distribution.zero_stage "
+                              f"1, 2 or 3 (ZeRO-Offload moves the partitioned optimizer state), got zero_stage=0")
+        if self.strategy == "deepspeed" and self.zero_stage == 0 and self.bf16:
+            # measured with DeepSpeed 0.19.8: without ZeRO, bf16 wraps the torch AdamW in FP16_UnfusedOptimizer,
+            # whose constructor runs one optimizer step on zero gradients: AdamW's step count starts at 1 (the
+            # first update is 0.74 × lr, bias correction off for the first steps) and weight decay is applied
+            # once before training. ZeRO 1-3 and DDP's autocast do not do this.
+            why = "precision=bf16" if self.precision == "bf16" else "precision=auto (bf16 on GPU)"
+            raise ConfigError(
+                f"distribution.zero_stage=0 with {why}: DeepSpeed's bf16 path without ZeRO runs a dummy AdamW step "
+                f"at start (wrong bias correction, one extra weight decay), so it would not train as bf16 does "
+                f"elsewhere; use zero_stage 1-3, strategy: ddp (bf16 autocast) or precision: fp32")
 
     @property
     def use_gpu(self) -> bool:

@@ -208,6 +208,10 @@ class TrainStage(Stage):
                              "bf16": dist.bf16},
             "seed": recipe.seed,
         }
+        if dist.deepspeed_config:  # by content, not by where the file lies: any key of it may change the result
+            from flexi_workflows.training.engines import read_deepspeed_file
+
+            inputs["distribution"]["deepspeed_config"] = read_deepspeed_file(dist.deepspeed_config)
         if recipe.training.resume and Path(recipe.training.resume).exists():
             from flexi_workflows.fsutil import path_digest
 
@@ -222,6 +226,10 @@ class TrainStage(Stage):
             raise ConfigError("task.train is not set: the train stage needs a training set")
         load_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
         check_resources(recipe)
+        if recipe.distribution.strategy == "deepspeed":  # the deepspeed_config file: readable, no conflicts
+            from flexi_workflows.training.engines import deepspeed_config_for
+
+            deepspeed_config_for(recipe)
         if recipe.training.resume and not Path(recipe.training.resume).is_dir():
             raise ConfigError(f"training.resume: {recipe.training.resume} is not a checkpoint folder")
 
@@ -239,6 +247,7 @@ class TrainStage(Stage):
 
         from flexi_workflows.ray_cluster import ensure_ray
         from flexi_workflows.recipes.loader import to_dict
+        from flexi_workflows.training.engines import deepspeed_config_for
         from flexi_workflows.training.loop import EXPORT_DIR, FAIL_HOOK_ENV, RANKS_FILE, train_loop_per_worker
 
         if context.report_to_tune:
@@ -305,6 +314,8 @@ class TrainStage(Stage):
                 "run_id": context.run_id,
                 "validation": bool(validation),
                 "modality": get_task(recipe.task.name).modality,
+                # built here, where the recipe's files are: a worker on another node never reads them
+                "deepspeed_config": deepspeed_config_for(recipe) if dist.strategy == "deepspeed" else None,
             },
             scaling_config=ScalingConfig(
                 num_workers=dist.num_workers,
@@ -333,6 +344,10 @@ class TrainStage(Stage):
             "steps": metrics.get("step"),
             "gradient_checkpointing": metrics.get("gradient_checkpointing", False),
             "precision": metrics.get("precision"), "bf16_by": metrics.get("bf16_by"),
+            # ZeRO-3 builds the model partitioned: the base model's elements each worker held right after loading
+            "partitioned_build": metrics.get("partitioned_build", False),
+            "param_elements_total": metrics.get("param_elements_total"),
+            "param_elements_held_by_worker": metrics.get("param_elements_held_by_worker"),
             "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch,
             "rows": info["rows"],

@@ -3,32 +3,200 @@
 Both offer the same four things the loop needs — `backward_step` (returns True at an optimizer
 step), `save` / `load` (the full training state through a Ray Train checkpoint folder) and `export`
 (the method's artifact, written by rank 0) — so the loop in loop.py never asks which one it has.
+
+The DeepSpeed config is built here from the recipe (deepspeed_config_for) on the driver, merged under
+distribution.deepspeed_config's file; under ZeRO-3 the model is loaded already partitioned
+(partitioned_build) and exported by gathering only what the artifact holds.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from flexi_workflows.errors import ConfigError
 from flexi_workflows.methods import Method, Trainable
+from flexi_workflows.recipes.schema import Recipe
+
+# where each key the recipe sets in the DeepSpeed config comes from (the conflict messages name it)
+RECIPE_KEYS = {
+    "train_micro_batch_size_per_gpu": "training.micro_batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "train_batch_size": "training.micro_batch_size × gradient_accumulation_steps × distribution.num_workers",
+    "gradient_clipping": "training.max_grad_norm",
+    "zero_optimization.stage": "distribution.zero_stage",
+    "zero_optimization.offload_optimizer.device": "distribution.offload_optimizer",
+    "zero_optimization.offload_param.device": "distribution.offload_params",
+    "bf16.enabled": "distribution.precision",
+    "fp16.enabled": "distribution.precision (auto, fp32 or bf16; no fp16)",
+    # a torch AdamW: DeepSpeed's own CPU/fused Adam compile C++ ops at first use (minutes on CPU); ZeRO-Offload
+    # runs the torch optimizer on the CPU copy (measured: same losses as without offload)
+    "zero_allow_untested_optimizer": "flexi-workflows (it passes DeepSpeed a torch AdamW)",
+    "zero_force_ds_cpu_optimizer": "flexi-workflows (it passes DeepSpeed a torch AdamW)",
+}
+# what a deepspeed_config file may change without conflict: logging only
+DEFAULTS = {"steps_per_print": 1 << 30, "wall_clock_breakdown": False}
+# sections the recipe owns as a whole: the optimizer and schedule are built from training.*
+OWNED = {"optimizer": "training.lr, training.weight_decay (a torch AdamW)",
+         "scheduler": "training.schedule, training.warmup_ratio"}
 
 
 def deepspeed_config(*, micro_batch_size: int, accumulation: int, max_grad_norm: float, zero_stage: int,
-                     bf16: bool) -> dict[str, Any]:
+                     bf16: bool, num_workers: int = 1, offload_optimizer: str = "none",
+                     offload_params: str = "none") -> dict[str, Any]:
+    """The DeepSpeed config the recipe's own values make (every key of it is in RECIPE_KEYS or DEFAULTS)."""
+    zero: dict[str, Any] = {"stage": zero_stage, "offload_optimizer": {"device": offload_optimizer}}
+    if zero_stage == 3:
+        zero["offload_param"] = {"device": offload_params}
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch_size * accumulation * num_workers,
         "gradient_clipping": max_grad_norm,
-        "zero_optimization": {"stage": zero_stage},
-        # a torch AdamW: DeepSpeed's own CPU/fused Adam compile C++ ops at first use (minutes on CPU)
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": bf16},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
+        "fp16": {"enabled": False},
+        **DEFAULTS,
     }
+
+
+def read_deepspeed_file(path: str | Path) -> dict[str, Any]:
+    """A DeepSpeed JSON config file; a missing file or invalid JSON is a ConfigError naming it."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"distribution.deepspeed_config: {file} is not a file")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"distribution.deepspeed_config: {file} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"distribution.deepspeed_config: {file} cannot be read ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"distribution.deepspeed_config: {file} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def merge_deepspeed_config(file_config: dict[str, Any], own: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """`own` (the recipe's config) over the file's: keys only in the file pass through, a key both set
+    to different values is a ConfigError naming the file, the key, both values and the recipe key.
+    "auto" (the Hugging Face Trainer's placeholder) takes the recipe's value where the recipe sets one."""
+    for section, owner in OWNED.items():
+        if section in file_config:
+            raise ConfigError(f"{source}: `{section}` is set by the recipe ({owner}); remove it from the file")
+
+    def merge(file_part: dict, own_part: dict, prefix: str) -> dict:
+        out = dict(file_part)
+        for key, value in own_part.items():
+            dotted = prefix + key
+            if key not in file_part:
+                out[key] = value
+            elif isinstance(value, dict):
+                if not isinstance(file_part[key], dict):
+                    raise ConfigError(f"{source}: `{dotted}` must be an object (the recipe sets {dotted}.*), "
+                                      f"got {file_part[key]!r}")
+                out[key] = merge(file_part[key], value, dotted + ".")
+            elif file_part[key] == "auto" or dotted in DEFAULTS:
+                out[key] = file_part[key] if dotted in DEFAULTS else value
+            elif file_part[key] != value or isinstance(file_part[key], bool) != isinstance(value, bool):
+                raise ConfigError(f"{source}: `{dotted}` is {file_part[key]!r} in the file but {value!r} from the "
+                                  f"recipe ({RECIPE_KEYS.get(dotted, 'flexi-workflows')}); remove it from the file "
+                                  f"or set the recipe key to match")
+        return out
+
+    merged = merge(file_config, own, "")
+    auto = [k for k, v in _leaves(merged) if v == "auto"]
+    if auto:
+        raise ConfigError(f"{source}: {', '.join(auto)} = \"auto\": flexi-workflows fills \"auto\" only for the keys "
+                          f"the recipe sets ({', '.join(sorted(RECIPE_KEYS))}); give a value")
+    return merged
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def deepspeed_config_for(recipe: Recipe) -> dict[str, Any]:
+    """The DeepSpeed config of a recipe: its own values merged over distribution.deepspeed_config's file.
+    Built on the driver; workers get the result, so the file need not exist on their nodes."""
+    train, dist = recipe.training, recipe.distribution
+    own = deepspeed_config(micro_batch_size=train.micro_batch_size, accumulation=train.gradient_accumulation_steps,
+                           max_grad_norm=train.max_grad_norm, zero_stage=dist.zero_stage, bf16=dist.bf16,
+                           num_workers=dist.num_workers, offload_optimizer=dist.offload_optimizer,
+                           offload_params=dist.offload_params)
+    if not dist.deepspeed_config:
+        return own
+    return merge_deepspeed_config(read_deepspeed_file(dist.deepspeed_config), own,
+                                  source=f"distribution.deepspeed_config {dist.deepspeed_config}")
+
+
+@contextmanager
+def partitioned_build(ds_config: dict[str, Any]) -> Iterator[None]:
+    """ZeRO-3: models built or loaded inside come out already partitioned (transformers' DeepSpeed integration:
+    from_pretrained runs under deepspeed.zero.Init and rank 0 alone copies the checkpoint's values in,
+    one module at a time), so no worker ever holds the whole model as parameters, on CPU or GPU. What remains
+    (transformers 5.24): rank 0 reads the checkpoint's tensors into CPU memory while it copies them in (the
+    other ranks read shapes only), freed when loading ends. The global HF DeepSpeed config lives only for
+    the block: later calls (save_pretrained, generate) must not think they run under ZeRO-3."""
+    import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    # zero.Init reads the world size from DeepSpeed's comm layer when it parses the config, before it starts
+    # that layer itself: start it first (it adopts Ray Train's process group, as deepspeed.initialize does)
+    deepspeed.init_distributed()
+    handle = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference: hold it for the block
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del handle
+
+
+def param_elements(model: torch.nn.Module) -> tuple[int, int]:
+    """(elements this worker holds, elements of the whole model): under ZeRO-3 a parameter's local
+    storage is its partition `ds_tensor` and `ds_numel` its full size."""
+    held = total = 0
+    for p in model.parameters():
+        held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        total += p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+    return held, total
+
+
+def gathered_state_dict(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
+    """The full state dict on rank 0 (None elsewhere), gathered one module at a time as DeepSpeed's own
+    consolidation does: a rank holds one module's full weights at a time, and rank 0 keeps a CPU copy of
+    each (writing the whole model needs it once). Every rank calls it."""
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}  # tied weights: one ZeRO parameter under two names
+
+    def visit(module: torch.nn.Module, prefix: str) -> None:
+        own = list(module.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
+            if rank == 0:
+                for name, p in module.named_parameters(recurse=False):
+                    key = id(p)
+                    state[prefix + name] = state[seen[key]] if key in seen else p.detach().cpu().clone()
+                    seen.setdefault(key, prefix + name)
+                for name, buf in module.named_buffers(recurse=False):
+                    if buf is not None and name not in module._non_persistent_buffers_set:
+                        state[prefix + name] = buf.detach().cpu().clone()
+        for name, child in module.named_children():
+            visit(child, f"{prefix}{name}.")
+
+    visit(model, "")
+    return state if rank == 0 else None
 
 
 class DeepSpeedEngine:
@@ -36,6 +204,14 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.trainable = trainable
+        params = list(trainable.model.parameters())
+        if config.get("bf16", {}).get("enabled") and any(hasattr(p, "ds_id") for p in params):
+            # DeepSpeed casts a model's parameters to bf16 unless it was built under zero.Init, whose
+            # parameters already are; those created after the build (the adapters) are cast here, so a
+            # partitioned ZeRO-3 build trains what ZeRO-2 and an unpartitioned ZeRO-3 build train
+            for p in params:
+                if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != torch.bfloat16:
+                    p.data = p.data.to(torch.bfloat16)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=trainable.model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         self.model = self.engine
@@ -59,13 +235,25 @@ class DeepSpeedEngine:
         return int(client["step"])
 
     def export(self, path: Path, method: Method, rank: int) -> None:
-        """Rank 0 writes the trained artifact; under ZeRO-3 every rank first joins the gather."""
+        """Rank 0 writes the trained artifact. Under ZeRO-3 every rank joins the gather of what the export
+        reads: the trained parameters (an adapter), or, for a method that exports the whole model, a state
+        dict gathered module by module onto rank 0 — never the whole model on every rank at once."""
         import deepspeed
 
-        params = [p for p in self.trainable.model.parameters() if hasattr(p, "ds_id")]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+        model = self.trainable.model
+        if not any(hasattr(p, "ds_id") for p in model.parameters()):
             if rank == 0:
-                method.export(self.trainable.model, path)
+                method.export(model, path)
+            return
+        if method.exports_whole_model:
+            state = gathered_state_dict(model, rank)
+            if rank == 0:
+                method.export(model, path, state_dict=state)
+            return
+        params = [p for p in model.parameters() if p.requires_grad and hasattr(p, "ds_id")]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if rank == 0:
+                method.export(model, path)
 
 
 class DDPEngine:

@@ -1,9 +1,10 @@
 """The Ray Train worker loop: one recipe, any method, DeepSpeed ZeRO 0-3 or DDP, CPU or GPU.
 
 Each worker:
-  1. loads the base model and applies the method (methods/);
-  2. wraps it in a DeepSpeed engine (torch AdamW, ZeRO stage from the recipe, bf16 on GPU) or DDP
-     (training/engines.py);
+  1. loads the base model — under ZeRO-3 already partitioned, each worker holding only its share — and
+     applies the method (methods/);
+  2. wraps it in a DeepSpeed engine (torch AdamW, the DeepSpeed config the driver built from the recipe and
+     distribution.deepspeed_config, bf16 on GPU) or DDP (training/engines.py);
   3. restores adapter, optimizer, scheduler and step from Ray Train's checkpoint if there is one
      (a restarted worker group after a failure, or `training.resume`);
   4. trains on its own deterministic shard, the loss on answer tokens only, Flexi ranks arriving
@@ -104,6 +105,8 @@ class _MlflowCurves:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    from contextlib import nullcontext
+
     import ray.train
     import torch.distributed as dist
 
@@ -112,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from flexi_workflows.models.loading import load_model
     from flexi_workflows.recipes.loader import build
     from flexi_workflows.recipes.schema import MethodConfig, Recipe
-    from flexi_workflows.training.engines import DDPEngine, DeepSpeedEngine, deepspeed_config
+    from flexi_workflows.training.engines import DDPEngine, DeepSpeedEngine, param_elements, partitioned_build
 
     # -- setup: recipe, devices, model + method, optimizer, engine, resumed state ------------------
     recipe: Recipe = build(Recipe, config["recipe"], source="recipe (worker copy)")
@@ -126,7 +129,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_cfg, dist_cfg = recipe.training, recipe.distribution
     accum = train_cfg.gradient_accumulation_steps
 
-    base = load_model(recipe.model.name_or_path, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code)
+    if dist_cfg.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"distribution.precision resolves to bf16 but {torch.cuda.get_device_name(device)} has "
+                           f"no bf16 support; set distribution.precision: fp32")
+    # the DeepSpeed config, built and checked on the driver (training/engines.py deepspeed_config_for)
+    ds_config = config["deepspeed_config"] if dist_cfg.strategy == "deepspeed" else None
+    # ZeRO-3: the model is loaded already partitioned, no worker ever holds all of it (engines.partitioned_build)
+    partitioned = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
+    with partitioned_build(ds_config) if partitioned else nullcontext():
+        base = load_model(recipe.model.name_or_path, dtype=torch.float32,
+                          trust_remote_code=recipe.model.trust_remote_code)
+    held, total_elements = param_elements(base)  # this worker's share of the base model, right after the build
+    held_by_worker = [held]
+    if world > 1 and dist.is_initialized():
+        held_by_worker = [None] * world
+        dist.all_gather_object(held_by_worker, held)
     if train_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(base)
     # the same seed on every worker: a rank drawn per optimizer step (DyLoRA) must agree across workers
@@ -135,10 +152,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, train_cfg.warmup_ratio, train_cfg.schedule))
-    if dist_cfg.strategy == "deepspeed":
-        engine = DeepSpeedEngine(trainable, optimizer, scheduler, deepspeed_config(
-            micro_batch_size=train_cfg.micro_batch_size, accumulation=accum, max_grad_norm=train_cfg.max_grad_norm,
-            zero_stage=dist_cfg.zero_stage, bf16=dist_cfg.bf16))
+    if ds_config is not None:
+        engine = DeepSpeedEngine(trainable, optimizer, scheduler, ds_config)
     else:
         engine = DDPEngine(trainable, optimizer, scheduler, accumulation=accum, max_grad_norm=train_cfg.max_grad_norm,
                            device=device)
@@ -176,7 +191,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "gradient_checkpointing": bool(getattr(base, "is_activation_checkpointing", False)),
                    "precision": "bf16" if dist_cfg.bf16 else "fp32",
                    "bf16_by": ("autocast" if dist_cfg.strategy == "ddp" else "deepspeed") if dist_cfg.bf16 else None,
-                   "lr": engine.scheduler.get_last_lr()[0], "val_loss_curve": val_curve, "throughput": throughput}
+                   "lr": engine.scheduler.get_last_lr()[0], "val_loss_curve": val_curve, "throughput": throughput,
+                   "partitioned_build": partitioned, "param_elements_total": total_elements,
+                   "param_elements_held_by_worker": held_by_worker}
         if device.type == "cuda":
             metrics |= {"peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device),
                         "setup_peak_gpu_memory_bytes": setup_peak}
@@ -231,10 +248,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         def collate_fn(b):
             return collate(b, pad)
-    # precision: bf16 under DeepSpeed is its bf16 engine (bf16 weights, fp32 master copy); under DDP it is
-    # torch.autocast, bf16 matmuls over fp32 weights (on CPU too), so the setting always does what it says
-    from contextlib import nullcontext
-
+    # precision: bf16 under DeepSpeed is its bf16 engine (bf16 weights, fp32 master copy; ZeRO-0 with bf16 is
+    # refused at recipe load: recipes/schema.py); under DDP it is torch.autocast, bf16 matmuls over fp32
+    # weights (on CPU too), so the setting always does what it says
     def autocast():
         if dist_cfg.strategy == "ddp" and dist_cfg.bf16:
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

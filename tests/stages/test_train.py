@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from flexi_workflows.models.loading import load_model
 from flexi_workflows.stages.evaluate import METRICS, run_eval
 from flexi_workflows.stages.train import RANKS_USED, REPORT, run_train
 from tests.helpers import score_and_route, small_recipe
@@ -38,8 +40,19 @@ def test_zero2_and_zero3_train_flexi_identically_on_two_workers(tmp_path, tiny_m
     z2, z3 = _losses(out2), _losses(out3)
     assert len(z2) == 24  # 64 rows / 2 workers / micro-batch 4 = 8 steps per epoch, 3 epochs
     _assert_learns(z2)
-    assert z2 == pytest.approx(z3, rel=1e-4, abs=1e-4)
-    report = json.loads((out2 / REPORT).read_text())
+    assert z2 == pytest.approx(z3, rel=1e-4, abs=1e-4)  # ZeRO-3 builds the model partitioned, trains the same
+    # ZeRO-3 loads the model already partitioned: right after the build each worker holds half of the base
+    # model (each parameter split in two, the odd element padding it); ZeRO-2 holds all of it on every worker
+    r3 = json.loads((out3 / REPORT).read_text())
+    total, held = r3["param_elements_total"], r3["param_elements_held_by_worker"]
+    model = load_model(tiny_model_dir)
+    n_params = len(list(model.parameters()))
+    assert total == sum(p.numel() for p in model.parameters())
+    assert r3["partitioned_build"] is True and len(held) == 2
+    assert all(total / 2 <= h <= total / 2 + n_params for h in held), (held, total)
+    r2 = json.loads((out2 / REPORT).read_text())
+    assert r2["partitioned_build"] is False and r2["param_elements_held_by_worker"] == [total, total]
+    report = r2
     assert report["routing"]["rank_shares"]["2"] > 0 and report["routing"]["rank_shares"]["8"] > 0
     assert (out2 / "artifact" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -123,3 +136,45 @@ def test_bf16_under_ddp_is_autocast_not_silently_fp32(tmp_path, tiny_model_dir, 
     report = json.loads((bf16 / REPORT).read_text())
     assert (report["precision"], report["bf16_by"]) == ("bf16", "autocast")
     assert json.loads((fp32 / REPORT).read_text())["precision"] == "fp32"
+
+
+def test_zero3_partitioned_build_resumes_after_a_failure_and_exports_the_adapter(tmp_path, tiny_model_dir, ray_local,
+                                                                                monkeypatch):
+    """Checkpoints of a partitioned ZeRO-3 run (every worker's partition) restore a restarted worker group."""
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv("FLEXI_TEST_FAIL_AT_STEP", f"6:{marker}")
+    recipe = small_recipe(tmp_path, tiny_model_dir, method={"name": "lora", "rank": 4},
+                          distribution={"num_workers": 2, "zero_stage": 3},
+                          training={"epochs": 1, "checkpoint_every": 4, "max_failures": 1})
+    out = run_train(recipe, recipe.method).folder
+    assert marker.is_file(), "the injected failure fired"
+    report = json.loads((out / REPORT).read_text())
+    assert report["partitioned_build"] is True
+    assert report["steps"] == report["total_steps"] == 8 and report["resumed_from_step"] == 4
+    assert [s for s, _ in report["loss_curve"]] == list(range(1, 9))
+    # the restored partitions (adapter, optimizer, schedule) continue exactly where the uninterrupted run goes
+    monkeypatch.delenv("FLEXI_TEST_FAIL_AT_STEP")
+    _, straight = _train(tmp_path / "straight", tiny_model_dir, method={"name": "lora", "rank": 4},
+                         distribution={"num_workers": 2, "zero_stage": 3}, training={"epochs": 1})
+    assert _losses(out) == pytest.approx(_losses(straight), rel=1e-5, abs=1e-6)
+    from flexi_workflows.adapters.checkpoint import load_adapter
+
+    adapter = load_adapter(load_model(tiny_model_dir), out / "artifact" / "adapter")
+    assert any(float(layer.lora_B.abs().sum()) > 0 for _, layer in adapter.flexi_layers()), "the adapter trained"
+
+
+def test_zero3_full_fine_tuning_with_cpu_offload_trains_as_without_and_exports_the_whole_model(
+        tmp_path, tiny_model_dir, ray_local):
+    """Offload moves optimizer state and parameters to CPU memory, not the update: the same losses. The whole
+    model is gathered module by module onto rank 0 for the export."""
+    dist = {"num_workers": 2, "zero_stage": 3}
+    method, training = {"name": "full", "lr": 1e-3}, {"max_steps": 3}
+    _, plain = _train(tmp_path / "plain", tiny_model_dir, method=method, training=training, distribution=dist)
+    _, offload = _train(tmp_path / "offload", tiny_model_dir, method=method, training=training,
+                        distribution={**dist, "offload_optimizer": "cpu", "offload_params": "cpu"})
+    assert len(_losses(plain)) == 3 and _losses(offload) == pytest.approx(_losses(plain), rel=1e-6, abs=1e-7)
+    base = dict(load_model(tiny_model_dir).named_parameters())
+    trained = dict(load_model(offload / "artifact" / "model").named_parameters())
+    assert set(trained) == set(base)
+    assert all(trained[n].shape == base[n].shape for n in base)
+    assert any(not torch.equal(trained[n], base[n]) for n in base), "the exported weights are the trained ones"
