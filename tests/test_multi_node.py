@@ -27,7 +27,8 @@ def two_nodes(s3_server):
     import ray
     from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():  # the session's one-node cluster: this module needs its own
+    had_session_cluster = ray.is_initialized()
+    if had_session_cluster:  # the session's one-node cluster (conftest.ray_local): this module needs its own
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
@@ -37,6 +38,9 @@ def two_nodes(s3_server):
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+    if had_session_cluster:  # back as conftest.ray_local left it, for the tests after this module
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=free_port(), log_to_driver=False)
 
 
 def _recipe(tmp_path, model_dir, **sections):
