@@ -200,7 +200,8 @@ class Storage:
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on a file on this machine (processes on one node serialize on it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -249,7 +250,7 @@ def fetch(ref: str | Path) -> Path:
     key = hashlib.sha256(repr((display(str(ref)), listing)).encode()).hexdigest()[:20]
     name = Path(path.rstrip("/")).name or "root"
     target = cache_root() / key / name
-    with _file_lock(cache_root() / f".{key}.lock"):
+    with file_lock(cache_root() / f".{key}.lock"):
         if target.exists():
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_root()))

@@ -17,7 +17,6 @@ computes into a local scratch folder and uploads it, manifest last.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import logging
 import time
@@ -29,7 +28,7 @@ from typing import Any, ClassVar, Iterator
 
 from flexi_workflows.errors import ConfigError
 from flexi_workflows.fsutil import atomic_dir, fingerprint
-from flexi_workflows.storage import Storage, lock_path, scratch_dir
+from flexi_workflows.storage import Storage, file_lock, lock_path, scratch_dir
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -180,14 +179,8 @@ def _read_manifest(storage: Storage, rel: str) -> dict | None:
 @contextmanager
 def stage_lock(stage: Stage) -> Iterator[None]:
     """An exclusive lock per stage folder: concurrent trials that need the same stage compute it once."""
-    path = lock_path(stage.storage, stage.rel)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(lock_path(stage.storage, stage.rel)):
+        yield
 
 
 def run_stage(stage: Stage, *, force: bool = False, context: StageContext | None = None) -> StageResult:
