@@ -145,6 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     step = 0
     loss_curve: list[list[float]] = []
+    step_time_curve: list[list[float]] = []  # [step, mean seconds per optimizer step over the log window]
     val_curve: list[list[float]] = []
     ranks_used: list[dict] = []  # this worker's record: one entry per micro-batch
     checkpoint = ray.train.get_checkpoint()
@@ -169,7 +170,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "gradient_checkpointing": bool(getattr(base, "is_activation_checkpointing", False)),
                    "precision": "bf16" if dist_cfg.bf16 else "fp32",
                    "bf16_by": ("autocast" if dist_cfg.strategy == "ddp" else "deepspeed") if dist_cfg.bf16 else None,
-                   "lr": engine.scheduler.get_last_lr()[0], "val_loss_curve": val_curve}
+                   "lr": engine.scheduler.get_last_lr()[0], "val_loss_curve": val_curve,
+                   "step_time_curve": step_time_curve}
         if val_curve and val_curve[-1][0] == step:
             metrics["val_loss"] = val_curve[-1][1]  # what a sweep's ASHA scheduler reads, once per epoch
         with tempfile.TemporaryDirectory() as tmp:
@@ -285,6 +287,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 elapsed = time.perf_counter() - window_start
                 lr = engine.scheduler.get_last_lr()[0]
                 loss_curve.append([step, mean_loss])
+                step_time_curve.append([step, elapsed / max(1, n_steps)])
                 tokens_per_s = float(stats[1]) / max(elapsed, 1e-9)
                 curves.log(step, loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s)
                 if rank == 0:
