@@ -7,8 +7,21 @@ Both timings include loading the model once. The table shows where the fixed cos
 the last line is one JSON object with rows_per_s_ray, rows_per_s_plain and ratio (Ray / plain) at
 the largest size, plus every size's figures and `amortised_at` (the first size with ratio ≥ 0.9).
 
+Scale-out and fixed cost, on the same rows (the largest size), `--repeat` times, interleaved:
+  actors_speedup    the stage's own `score_rows` with 1 actor × 1 CPU over 2 actors × 1 CPU, end to end
+                    (actor start-up and model load counted, as a user pays them); the goal on a 2-core
+                    machine is ≥ 1.8. `actors_speedup_steady` leaves each side's fixed cost out (its time
+                    minus a one-batch run's time, per batch beyond the first).
+  ray_fixed_cost_s  Ray Data's start-up cost: a trivial pipeline of the same shape (the rows in
+                    batch-sized blocks, map_batches over a 1-actor pool that returns its batch) minus the
+                    same work in a plain loop (≈ 0); the median over repeats, the first pipeline of the
+                    session (which also starts Ray Data's own helper actors) reported apart. Goal ≤ 3 s.
+Medians and best over repeats are printed; the machine's load average is in the JSON, since other
+processes on 2 shared cores move every figure.
+
     python bench/scoring.py --quick     # under two minutes on 2 CPU cores
     python bench/scoring.py             # sizes up to the whole GSM8K train set (7,473 rows)
+    python bench/scoring.py --quick --repeat 3 --sizes 512   # the scale-out figures only, repeated
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -68,6 +82,79 @@ def ray_stage(rows, recipe: Recipe) -> tuple[float, dict]:
     return time.perf_counter() - started, {k: v["prediction"] for k, v in out.items()}
 
 
+class _Identity:
+    """The cheapest actor a pipeline can have: what is left is Ray Data's own cost."""
+
+    def __call__(self, batch):
+        return batch
+
+
+def trivial_pipeline(rows, batch_size: int) -> float:
+    import ray
+
+    from flexi_workflows.stages.score import model_columns
+
+    started = time.perf_counter()
+    columns = [model_columns(r) for r in rows]
+    ds = ray.data.from_items(columns, override_num_blocks=max(1, -(-len(columns) // batch_size)))
+    ds = ds.map_batches(_Identity, batch_size=batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+    n = sum(1 for _ in ds.iter_rows())
+    assert n == len(rows)
+    return time.perf_counter() - started
+
+
+def trivial_plain(rows, batch_size: int) -> float:
+    import numpy as np
+
+    from flexi_workflows.stages.score import model_columns
+
+    started = time.perf_counter()
+    columns = [model_columns(r) for r in rows]
+    f = _Identity()
+    n = 0
+    for start in range(0, len(columns), batch_size):
+        chunk = columns[start:start + batch_size]
+        n += len(f({k: np.asarray([c[k] for c in chunk]) for k in chunk[0]})["id"])
+    assert n == len(rows)
+    return time.perf_counter() - started
+
+
+def scale_out(all_rows, recipe: Recipe, n: int, repeat: int) -> dict:
+    """1 actor vs 2 actors on the same rows, and Ray Data's fixed cost, interleaved `repeat` times."""
+    import dataclasses
+
+    def with_actors(k: int) -> Recipe:
+        return dataclasses.replace(recipe, scoring=dataclasses.replace(recipe.scoring, num_actors=k, cpus_per_actor=1))
+
+    rows, bs = all_rows[:n], recipe.scoring.batch_size
+    first = trivial_pipeline(rows, bs) - trivial_plain(rows, bs)
+    runs: dict[str, list[float]] = {"one": [], "two": [], "one_batch_1": [], "one_batch_2": [], "fixed": []}
+    for _ in range(repeat):
+        runs["fixed"].append(trivial_pipeline(rows, bs) - trivial_plain(rows, bs))
+        runs["one_batch_1"].append(ray_stage(rows[:bs], with_actors(1))[0])
+        runs["one"].append(ray_stage(rows, with_actors(1))[0])
+        runs["two"].append(ray_stage(rows, with_actors(2))[0])
+        runs["one_batch_2"].append(ray_stage(rows[:2 * bs], with_actors(2))[0])
+        print(f"  scale-out round: 1 actor {runs['one'][-1]:.1f} s, 2 actors {runs['two'][-1]:.1f} s, "
+              f"trivial pipeline {runs['fixed'][-1]:.2f} s", flush=True)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    batches = -(-n // bs)
+    # each side's time beyond its one-batch-per-actor run: the steady part of the work
+    steady_one = (med["one"] - med["one_batch_1"]) / max(1, batches - 1)
+    steady_two = (med["two"] - med["one_batch_2"]) / max(1, batches - 2)
+    return {
+        "rows": n, "repeat": repeat,
+        "one_actor_s": round(med["one"], 2), "two_actors_s": round(med["two"], 2),
+        "one_actor_s_all": [round(x, 2) for x in runs["one"]], "two_actors_s_all": [round(x, 2) for x in runs["two"]],
+        "actors_speedup": round(med["one"] / med["two"], 3),
+        "actors_speedup_best": round(min(runs["one"]) / min(runs["two"]), 3),
+        "actors_speedup_steady": round(steady_one / steady_two, 3) if steady_two > 0 else None,
+        "ray_fixed_cost_s": round(med["fixed"], 2), "ray_fixed_cost_first_s": round(first, 2),
+        "ray_fixed_cost_s_all": [round(x, 2) for x in runs["fixed"]],
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -77,6 +164,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--hidden", type=int, default=192)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (the actor has 1 CPU)")
+    parser.add_argument("--repeat", type=int, default=None, help="rounds of the scale-out figures (default 3; quick 1)")
+    parser.add_argument("--scale-rows", type=int, default=None, help="rows for the scale-out figures (default: the largest size)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("128,1024" if args.quick else "256,1024,4096,7473")).split(",")]
 
@@ -94,8 +183,11 @@ def main(argv=None) -> dict:
             "scoring": {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "num_actors": 1,
                         "cpus_per_actor": args.threads},
         })
+        started = time.perf_counter()
         ray.init(address="local", num_cpus=max(2, args.threads + 1), include_dashboard=False, log_to_driver=False)
+        ray_init_s = time.perf_counter() - started
         ray.data.DataContext.get_current().enable_progress_bars = False
+        scale = scale_out(all_rows, recipe, args.scale_rows or sizes[-1], args.repeat or (1 if args.quick else 3))
         results = []
         for n in sizes:
             rows = all_rows[:n]
@@ -115,8 +207,15 @@ def main(argv=None) -> dict:
               f"{r['rows_per_s_ray']:>12.1f}{r['ratio']:>7.3f}{r['identical_predictions']:>12.2f}")
     amortised = next((r["rows"] for r in results if r["ratio"] >= 0.9), None)
     last = results[-1]
+    print(f"scale-out on {scale['rows']} rows, {scale['repeat']} round(s): 1 actor × 1 CPU {scale['one_actor_s']} s, "
+          f"2 actors × 1 CPU {scale['two_actors_s']} s → speedup {scale['actors_speedup']} (best {scale['actors_speedup_best']}, "
+          f"steady part {scale['actors_speedup_steady']}); Ray Data fixed cost {scale['ray_fixed_cost_s']} s "
+          f"(first pipeline {scale['ray_fixed_cost_first_s']} s; ray.init {ray_init_s:.1f} s)")
+    load = os.getloadavg()
     summary = {"rows_per_s_ray": last["rows_per_s_ray"], "rows_per_s_plain": last["rows_per_s_plain"],
-               "ratio": last["ratio"], "rows": last["rows"], "amortised_at": amortised, "sizes": results}
+               "ratio": last["ratio"], "rows": last["rows"], "amortised_at": amortised, "sizes": results,
+               "actors_speedup": scale["actors_speedup"], "ray_fixed_cost_s": scale["ray_fixed_cost_s"],
+               "scale_out": scale, "ray_init_s": round(ray_init_s, 1), "load_average": [round(x, 2) for x in load]}
     print(json.dumps(summary))
     return summary
 

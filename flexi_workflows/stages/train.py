@@ -355,6 +355,9 @@ class TrainStage(Stage):
             **({"left_out_over_window": info["left_out_over_window"]} if "left_out_over_window" in info else {}),
             "loss_curve": metrics.get("loss_curve", []),
             "val_loss_curve": metrics.get("val_loss_curve", []),
+            # seconds per optimizer step per log window, timed in the rank-0 worker (the first window
+            # includes the data iterator's start; bench/train_overhead.py reads the rest)
+            "throughput": metrics.get("throughput", []),  # per log window: [step, s/step, tokens/s], timed by rank 0
             "validation_rows": len(validation),
             "trainable_params": metrics.get("trainable_params"),
             "lr": effective_lr(recipe, self.method.config),
