@@ -35,7 +35,7 @@ CACHE_ENV = "FLEXI_STORAGE_CACHE"
 
 def is_remote(ref: str | Path | None) -> bool:
     """A filesystem URI (s3://, gs://, hdfs://, ...) rather than a local path."""
-    if ref is None or isinstance(ref, Path):
+    if ref is None or isinstance(ref, Path) or "://" not in str(ref):  # `builtin:arith-tiny` is a name, not a URI
         return False
     scheme = urlsplit(str(ref)).scheme
     return len(scheme) > 1 and scheme != "file"  # a Windows drive letter is one character
@@ -185,12 +185,14 @@ class Storage:
 
     def check_writable(self) -> None:
         """Write and remove a probe object: a wrong endpoint, bucket or credential fails here, before any work."""
+        if not self.remote:  # nothing is created before work starts: the nearest existing folder must be writable
+            existing = next(p for p in (self.local, *self.local.parents) if p.exists())
+            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+                raise OSError(f"storage {self.display()}: cannot write there ({existing} is not a writable folder)")
+            return
         probe = f".flexi-probe-{os.getpid()}"
         try:
-            if not self.remote:
-                self.local.mkdir(parents=True, exist_ok=True)
-            else:
-                self.fs.create_dir(self.root, recursive=True)
+            self.fs.create_dir(self.root, recursive=True)
             self.write_bytes(probe, b"ok")
             if self.read_bytes(probe) != b"ok":
                 raise OSError("a probe object read back different bytes (a proxy rewriting objects?)")

@@ -171,6 +171,7 @@ def s3_server(tmp_path_factory):
                                             "filer.port.grpc", "s3", "s3.port.grpc")}
     args = [str(weed), "server", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", "-master.telemetry=false",
             "-master.volumeSizeLimitMB=64", "-volume.max=20",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra listeners on fixed default ports: off
             *(f"-{name}={port}" if name.endswith("grpc") else f"-{name}.port={port}" for name, port in ports.items())]
     saved = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(S3_ENV)

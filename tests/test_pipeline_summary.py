@@ -7,6 +7,7 @@ import json
 from flexi_workflows.pipeline import dataset_notes, print_table, summary_rows
 from flexi_workflows.stages.base import StageResult
 from flexi_workflows.stages.plan import plan_pipeline
+from flexi_workflows.storage import Storage
 from tests.conftest import SHARED
 from tests.helpers import small_recipe
 
@@ -19,7 +20,8 @@ def _recorded(stage, folder, datasets: dict[str, int]) -> StageResult:
                "datasets": {name: {"accuracy": 0.5, "count": count, "mean_active_params": 10}
                             for name, count in datasets.items()}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
-    return StageResult(stage.kind, stage.label, stage.fingerprint, folder, {"metrics": {}}, cached=True)
+    return StageResult(stage.kind, stage.label, stage.fingerprint, Storage(folder.parent), folder.name, {"metrics": {}},
+                       cached=True)
 
 
 def test_summary_rows_carry_the_note_of_a_set_that_is_not_the_papers_split(tmp_path, tiny_model_dir, capsys):

@@ -11,6 +11,7 @@ from flexi_workflows.storage import Storage, display, fetch, is_remote, remote_d
 
 def test_references_tell_local_paths_from_uris_and_hide_the_query(tmp_path):
     assert not is_remote("/data/x") and not is_remote("runs/x") and not is_remote("C:/x") and not is_remote(None)
+    assert not is_remote("builtin:arith-tiny") and not is_remote("meta-llama/Llama-3.2-1B") and not is_remote("file:///x")
     assert is_remote("s3://b/p") and is_remote("gs://b/p")
     uri = "s3://bucket/pre?endpoint_override=127.0.0.1:9000&scheme=http"
     assert display(uri) == "s3://bucket/pre"
