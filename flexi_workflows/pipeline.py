@@ -114,6 +114,9 @@ def resolve_model(recipe: Recipe) -> Recipe:
     return recipe
 
 
+PUBLISHED = ".published"  # written last into a model folder copied to storage: the copy is whole
+
+
 def publish_model(storage: Storage, folder: Path) -> str:
     """A locally built model folder copied to `<storage>/models/<name>` once (a marker object, written last,
     says the copy is whole); its storage reference."""
@@ -123,9 +126,6 @@ def publish_model(storage: Storage, folder: Path) -> str:
         storage.upload(folder, rel)
         storage.write_bytes(f"{rel}/{PUBLISHED}", b"")
     return storage.ref(rel)
-
-
-PUBLISHED = ".published"
 
 
 def describe_base_eval(folder: str, record: dict) -> str:
