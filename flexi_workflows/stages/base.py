@@ -85,7 +85,8 @@ class StageResult:
         return [self.folder / name for name in self.manifest.get("artifacts", [])]
 
     def read_json(self, name: str) -> Any:
-        return json.loads((self.folder / name).read_text())
+        """One recorded file, read straight from storage (no download of the whole folder)."""
+        return json.loads(self.storage.read_text(f"{self.rel}/{name}"))
 
 
 @dataclass
