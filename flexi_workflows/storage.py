@@ -93,12 +93,6 @@ class Storage:
     def __reduce__(self):  # workers and actors rebuild the filesystem from the URI
         return (Storage, (self.uri,))
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Storage) and other.uri == self.uri
-
-    def __hash__(self) -> int:
-        return hash(self.uri)
-
     def __repr__(self) -> str:
         return f"Storage({display(self.uri)!r})"
 

@@ -67,7 +67,6 @@ def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
         assert found["experiment"]["name"] == "flexi-workflows"
 
         # the same entry point runs the recipe's sweep: two trials over the seed
-        shutil.rmtree(REPO_ROOT / out_rel, ignore_errors=True)
         sweep = {**recipe, "name": "job-sweep", "output_dir": str(tmp_path / "sweep"),
                  "sweep": {"space": {"seed": [0, 1]}, "metric": "accuracy_all", "max_concurrent_trials": 2}}
         sweep_path = tmp_path / "job-sweep.yaml"
@@ -78,6 +77,7 @@ def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
         assert state_json["finished"] == 2 and state_json["failed"] == 0
         assert (tmp_path / "sweep" / "report" / "report.json").is_file()
     finally:
+        shutil.rmtree(REPO_ROOT / out_rel, ignore_errors=True)  # the job's results in this checkout's outputs/
         stopped = script("stop", timeout=180)
     assert stopped.returncode == 0, stopped.stderr
     assert not (state / "env").exists()
