@@ -103,7 +103,7 @@ def train(folder: Path, args, zero_stage: int, vocab: int) -> tuple[dict, Path]:
     from ray.train.torch import TorchTrainer
 
     from flexi_workflows.memory import plan_recipe
-    from flexi_workflows.recipes.loader import to_dict
+    from flexi_workflows.stages.train import worker_config
     from flexi_workflows.training.loop import EXPORT_DIR, train_loop_per_worker
 
     recipe = recipe_for(folder, args, zero_stage)
@@ -118,9 +118,9 @@ def train(folder: Path, args, zero_stage: int, vocab: int) -> tuple[dict, Path]:
     started = time.perf_counter()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"recipe": to_dict(recipe), "method": to_dict(recipe.method), "lr": recipe.training.lr,
-                           "total_steps": args.steps, "steps_per_epoch": args.steps, "pad_token_id": 0,
-                           "tracking_uri": None, "run_id": None, "validation": False, "modality": "text"},
+        # the train stage's own worker inputs (stages.train.worker_config), so the check cannot drift from it
+        train_loop_config=worker_config(recipe, recipe.method, total_steps=args.steps, steps_per_epoch=args.steps,
+                                        pad_token_id=0, tracking_uri=None, run_id=None, validation=False),
         scaling_config=ScalingConfig(num_workers=1, use_gpu=not args.cpu,
                                      resources_per_worker={"CPU": args.cpus, **({} if args.cpu else {"GPU": 1})}),
         run_config=RunConfig(name=f"zero{zero_stage}", storage_path=str(args.work / "ray_results"),

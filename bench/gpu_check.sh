@@ -13,6 +13,9 @@
 #   bash bench/gpu_check.sh --dry-run   # anywhere: every part tiny on CPU with an existing venv
 #                                       # (FLEXI_PYTHON, default .venv/bin/python), nothing installed
 #
+#   FLEXI_PYTHON=python3 bash bench/gpu_check.sh   # on a GPU machine whose python3 already has the packages
+#                                       # (e.g. an image's CUDA torch plus the rest on PYTHONPATH): no setup
+#
 # Setup: scripts/setup.sh with FLEXI_TORCH=cuda (torch from the package index, not a local CPU wheel);
 # FLEXI_TORCH_VERSION / FLEXI_TORCH_PIP_ARGS pick another torch build for that install, e.g. one for an older
 # driver's CUDA (the JSON's driver_cuda says which the driver runs).
@@ -46,9 +49,15 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$logs/nvidia-smi.txt" 2>&1 \
     || echo "nvidia-smi failed" >>"$logs/nvidia-smi.txt"
   nvidia-smi >>"$logs/nvidia-smi.txt" 2>&1 || true  # the header names the highest CUDA version the driver runs
-  FLEXI_TORCH=cuda timeout -k 10 "$(limit 360 60)" bash scripts/setup.sh >"$logs/setup.log" 2>&1
-  setup_rc=$?
-  py="$root/.venv/bin/python"
+  if [ -n "${FLEXI_PYTHON:-}" ]; then  # an interpreter that already has the project's packages: no setup
+    py="$(command -v "$FLEXI_PYTHON" || echo "$FLEXI_PYTHON")"
+    "$py" -c "import torch, ray, deepspeed, transformers, peft; print('python', torch.__version__, ray.__version__, deepspeed.__version__, transformers.__version__, peft.__version__)" >"$logs/setup.log" 2>&1
+    setup_rc=$?
+  else
+    FLEXI_TORCH=cuda timeout -k 10 "$(limit 360 60)" bash scripts/setup.sh >"$logs/setup.log" 2>&1
+    setup_rc=$?
+    py="$root/.venv/bin/python"
+  fi
   train_args=()
   # LLaMA-3.2-1B's width and vocabulary, 8 layers: the adapter bench builds its model on CPU in fp32
   adapter_args=(--device cuda --dtype bfloat16 --quick --hidden 2048 --layers 8 --vocab 128256 --seq 512 --batch 8

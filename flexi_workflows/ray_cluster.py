@@ -31,7 +31,9 @@ def ensure_ray(config: RayConfig | None = None) -> None:
         # with its dashboard: Ray Train's PlacementGroupCleaner asks the state API (served by the
         # dashboard) whether a controller died — a sweep trial stopped by its scheduler, a killed
         # driver — and without it the dead run's placement group keeps its CPUs forever
-        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        # include_dashboard=None: Ray starts its dashboard (bound to 127.0.0.1) when ray[default] is installed, as
+        # the project installs it, and runs without one on a minimal Ray (an image's own packages) instead of failing
+        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=None, dashboard_host="127.0.0.1", **kwargs)
 
 
 def joined_nodes(config: RayConfig | None = None) -> list[str]:

@@ -180,6 +180,30 @@ def _steps_by_rank(per_step: dict[int, set]) -> dict[str, int]:
     return {str(k): counts[k] for k in sorted(counts)}
 
 
+def worker_config(recipe: Recipe, method: MethodConfig, *, total_steps: int, steps_per_epoch: int, pad_token_id: int,
+                  tracking_uri: str | None, run_id: str | None, validation: bool) -> dict[str, Any]:
+    """Everything `train_loop_per_worker` reads, as plain data: a worker on another node gets it in the
+    TorchTrainer's config and reads no file of the driver's. Shared with bench/gpu_check.py, so the GPU
+    check runs the same worker loop with the same inputs as this stage."""
+    from flexi_workflows.recipes.loader import to_dict
+    from flexi_workflows.training.engines import deepspeed_config_for
+
+    return {
+        "recipe": to_dict(recipe),
+        "method": to_dict(method),
+        "lr": effective_lr(recipe, method),
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "pad_token_id": pad_token_id,
+        "tracking_uri": tracking_uri,
+        "run_id": run_id,
+        "validation": validation,
+        "modality": get_task(recipe.task.name).modality,
+        # built here, where the recipe's files are: a worker on another node never reads them
+        "deepspeed_config": deepspeed_config_for(recipe) if recipe.distribution.strategy == "deepspeed" else None,
+    }
+
+
 class TrainStage(Stage):
     kind = "train"
     files = [ARTIFACT, REPORT]
@@ -246,8 +270,6 @@ class TrainStage(Stage):
         from ray.train.torch import TorchTrainer
 
         from flexi_workflows.ray_cluster import ensure_ray
-        from flexi_workflows.recipes.loader import to_dict
-        from flexi_workflows.training.engines import deepspeed_config_for
         from flexi_workflows.training.loop import EXPORT_DIR, FAIL_HOOK_ENV, RANKS_FILE, train_loop_per_worker
 
         if context.report_to_tune:
@@ -303,20 +325,10 @@ class TrainStage(Stage):
             self.storage.delete(f"{RAY_RESULTS}/{run_name}")
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={
-                "recipe": to_dict(recipe),
-                "method": to_dict(self.method.config),
-                "lr": effective_lr(recipe, self.method.config),
-                "total_steps": total_steps,
-                "steps_per_epoch": steps_per_epoch,
-                "pad_token_id": info["pad_token_id"],
-                "tracking_uri": context.tracking_uri,
-                "run_id": context.run_id,
-                "validation": bool(validation),
-                "modality": get_task(recipe.task.name).modality,
-                # built here, where the recipe's files are: a worker on another node never reads them
-                "deepspeed_config": deepspeed_config_for(recipe) if dist.strategy == "deepspeed" else None,
-            },
+            train_loop_config=worker_config(
+                recipe, self.method.config, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                pad_token_id=info["pad_token_id"], tracking_uri=context.tracking_uri, run_id=context.run_id,
+                validation=bool(validation)),
             scaling_config=ScalingConfig(
                 num_workers=dist.num_workers,
                 use_gpu=dist.use_gpu,
