@@ -198,21 +198,99 @@ def task_fingerprint() -> dict:
             "splits": {name: arith.SPLITS[name] for name in ("pretrain", "test")}, "version": arith.GENERATOR_VERSION}
 
 
+# Built-in models as built on this project's 2-core CPU machines, shipped so that a first run (and CI)
+# skips the 3-6 minute build. A copy is used only when its folder name — the built-in's name and the
+# fingerprint of its spec and data — matches the current code; otherwise the model is built as before.
+# The base_eval.json record is not shipped: it is measured on first use, on the machine that runs it.
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "builtin_models"
+SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "processor_config.json", "pretrain.json")
+
+
+def builtin_folder_name(ref: str, cache_dir: str | Path) -> str:
+    """`<name>-<fingerprint of spec and data>`: the cache folder and the shipped copy's name."""
+    from flexi_workflows.fsutil import fingerprint
+    from flexi_workflows.models.pretrain_speech import SpeechPretrainSpec, speech_fingerprint
+
+    spec = builtin_spec(ref)
+    speech = isinstance(spec, SpeechPretrainSpec)
+    key = speech_fingerprint(spec, cache_dir) if speech else {"spec": asdict(spec), "task": task_fingerprint()}
+    return f"{ref[len(BUILTIN_PREFIX):]}-{fingerprint(key)}"
+
+
+def install_shipped(shipped: Path, folder: Path, spec, cache_dir: str | Path) -> Path:
+    """Copy a shipped built-in into the cache (atomically) and record its test figures on this machine."""
+    import shutil
+
+    from flexi_workflows.fsutil import atomic_dir
+    from flexi_workflows.models.pretrain_speech import SpeechPretrainSpec, evaluate_speech_base
+
+    with atomic_dir(folder) as tmp:
+        for name in SHIPPED_FILES:
+            if (shipped / name).is_file():
+                shutil.copy2(shipped / name, tmp / name)
+        with deterministic_torch(spec.threads):
+            if isinstance(spec, SpeechPretrainSpec):
+                from flexi_workflows.audio.corpus import resolve_builtin_corpus
+
+                corpus = resolve_builtin_corpus(spec.corpus, cache_dir)
+                record = evaluate_speech_base(tmp, corpus, spec.eval_splits)
+            else:
+                record = evaluate_base(tmp, spec.eval_rows)
+        (tmp / BASE_EVAL).write_text(json.dumps(record, indent=2) + "\n")
+    return folder
+
+
 def resolve_builtin(ref: str, cache_dir: str | Path) -> str:
-    """A built-in reference → its cached model folder (built on first use); other refs unchanged."""
+    """A built-in reference → its cached model folder (the shipped copy, else built on first use);
+    other refs unchanged."""
     spec = builtin_spec(ref)
     if spec is None:
         return ref
-    from flexi_workflows.fsutil import fingerprint
-    from flexi_workflows.models.pretrain_speech import SpeechPretrainSpec, pretrain_speech_model, speech_fingerprint
+    from flexi_workflows.models.pretrain_speech import SpeechPretrainSpec, pretrain_speech_model
 
-    speech = isinstance(spec, SpeechPretrainSpec)
-    key = speech_fingerprint(spec, cache_dir) if speech else {"spec": asdict(spec), "task": task_fingerprint()}
-    folder = Path(cache_dir).expanduser() / f"{ref[len(BUILTIN_PREFIX):]}-{fingerprint(key)}"
+    name = builtin_folder_name(ref, cache_dir)
+    folder = Path(cache_dir).expanduser() / name
     if not (folder / "model.safetensors").is_file():
-        log.info("building %s (first run only) into %s", ref, folder)
-        if speech:
-            pretrain_speech_model(folder, spec, cache_dir)
+        if (SHIPPED / name / "model.safetensors").is_file():
+            log.info("installing the shipped %s into %s (measuring its test figures here)", ref, folder)
+            install_shipped(SHIPPED / name, folder, spec, cache_dir)
         else:
-            pretrain_arith_model(folder, spec)
+            log.info("building %s (first run only) into %s", ref, folder)
+            if isinstance(spec, SpeechPretrainSpec):
+                pretrain_speech_model(folder, spec, cache_dir)
+            else:
+                pretrain_arith_model(folder, spec)
     return str(folder)
+
+
+def ship_builtins(cache_dir: str | Path = "~/.cache/flexi-workflows") -> list[Path]:
+    """Copy every built-in (built in `cache_dir` when needed) into the package's shipped folder and drop
+    stale copies: run `python -m flexi_workflows.models.pretrain` after changing a spec or a generator,
+    then commit flexi_workflows/assets/builtin_models."""
+    import shutil
+
+    from flexi_workflows.fsutil import atomic_dir
+
+    names = []
+    for key in BUILTINS:
+        ref = BUILTIN_PREFIX + key
+        name = builtin_folder_name(ref, cache_dir)
+        names.append(name)
+        if (SHIPPED / name / "model.safetensors").is_file():
+            continue  # current
+        built = Path(resolve_builtin(ref, cache_dir))  # no shipped copy of this name: built here
+        with atomic_dir(SHIPPED / name) as tmp:
+            for file in SHIPPED_FILES:
+                if (built / file).is_file():
+                    shutil.copy2(built / file, tmp / file)
+    for old in SHIPPED.iterdir():
+        if old.is_dir() and old.name not in names:
+            shutil.rmtree(old)
+    return [SHIPPED / n for n in names]
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    for shipped in ship_builtins():
+        print(shipped)

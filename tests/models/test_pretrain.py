@@ -51,6 +51,39 @@ def test_a_changed_task_generator_is_a_new_model_folder(tmp_path, monkeypatch):
     assert resolve_builtin("builtin:arith-small", tmp_path) != first
 
 
+def test_shipped_builtins_are_current():
+    """The shipped copies are the built-ins the code describes: a changed spec or generator without
+    `python -m flexi_workflows.models.pretrain` would silently send every first run into a long build."""
+    from flexi_workflows.models.pretrain import BUILTIN_PREFIX, SHIPPED, SHIPPED_FILES, builtin_folder_name
+
+    expected = {builtin_folder_name(BUILTIN_PREFIX + name, "~/.cache/flexi-workflows") for name in BUILTINS}
+    assert {d.name for d in SHIPPED.iterdir() if d.is_dir()} == expected
+    for name in expected:
+        files = {f.name for f in (SHIPPED / name).iterdir()}
+        assert "model.safetensors" in files and BASE_EVAL not in files and files <= set(SHIPPED_FILES), name
+
+
+def test_a_shipped_copy_is_installed_not_built(tmp_path, monkeypatch):
+    """First use copies the shipped weights and measures the test record on this machine: the same
+    record a build here writes, without the build."""
+    from flexi_workflows.models import pretrain
+
+    built = pretrain_arith_model(tmp_path / "built", BRIEF)
+    monkeypatch.setitem(BUILTINS, "arith-small", BRIEF)
+    shipped = tmp_path / "shipped"
+    name = pretrain.builtin_folder_name("builtin:arith-small", tmp_path / "cache")
+    (shipped / name).mkdir(parents=True)
+    for file in built.iterdir():
+        if file.name != BASE_EVAL:
+            (shipped / name / file.name).write_bytes(file.read_bytes())
+    monkeypatch.setattr(pretrain, "SHIPPED", shipped)
+    monkeypatch.setattr(pretrain, "pretrain_arith_model", lambda *a: pytest.fail("built instead of installed"))
+    folder = Path(resolve_builtin("builtin:arith-small", tmp_path / "cache"))
+    assert folder.parent == tmp_path / "cache" and folder.name == name
+    for file in ("model.safetensors", "tokenizer.json", BASE_EVAL):
+        assert (folder / file).read_bytes() == (built / file).read_bytes(), file
+
+
 @pytest.mark.slow
 def test_recorded_accuracy_matches_the_pipelines_base_evaluation(tmp_path, monkeypatch, ray_local):
     """The folder's base_eval.json is what the pipeline's own (Ray Data) base evaluation measures."""
