@@ -25,6 +25,7 @@ from typing import Any, TypeVar, Union
 import yaml
 
 from flexi_workflows.errors import ConfigError, FlexiError
+from flexi_workflows.recipes.bounds import bound_for, check_number
 
 T = TypeVar("T")
 
@@ -148,9 +149,11 @@ def _type_name(tp: Any) -> str:
 
 
 def _where(ctx: dict, path: str) -> str:
-    override = ctx["overrides"].get(path)
-    if override:
-        return f"override {override!r}"
+    parts = path.split(".")
+    for n in range(len(parts), 0, -1):  # the override that set this key, or a section holding it
+        override = ctx["overrides"].get(".".join(parts[:n]))
+        if override:
+            return f"override {override!r}"
     line = ctx["lines"].get(path)
     return f"{ctx['source']}:{line}" if line else ctx["source"]
 
@@ -233,6 +236,7 @@ def _build(cls: type[T], data: dict, prefix: str, ctx: dict) -> T:
             valid = ", ".join(sorted(fields))
             raise ConfigError(f"{_where(ctx, path)}: unknown key {path!r}{more} (valid here: {valid})")
         kwargs[key] = _convert(value, hints[key], path, ctx)
+        _check_range(kwargs[key], cls, key, path, ctx)
     try:
         return cls(**kwargs)
     except FlexiError as exc:
@@ -242,6 +246,16 @@ def _build(cls: type[T], data: dict, prefix: str, ctx: dict) -> T:
     except TypeError as exc:
         missing = str(exc).split("argument", 1)[-1].strip(": ")
         raise ConfigError(f"{ctx['source']}: section {prefix or '(top level)'} is missing {missing}") from None
+
+
+def _check_range(value: Any, cls: type, key: str, path: str, ctx: dict) -> None:
+    """Every number against its field's bound (recipes/bounds.py); lists item by item; floats finite."""
+    bound = bound_for(cls, key)
+    for i, item in (enumerate(value) if isinstance(value, list) else [(None, value)]):
+        need = check_number(item, bound)
+        if need:
+            where = path if i is None else f"{path}.{i}"
+            raise ConfigError(f"{_where(ctx, path)}: {where} must be {need}, got {item!r}")
 
 
 def build(cls: type[T], data: dict[str, Any], *, source: str = "recipe", overrides: list[str] | None = None) -> T:
