@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -57,12 +58,16 @@ class DataSource:
             raise ConfigError(f"data source seed must be ≥ 0, got {self.seed}")
         if self.subsets is not None and (not self.subsets or len(set(self.subsets)) != len(self.subsets)):
             raise ConfigError(f"data source subsets must list distinct subset names, got {self.subsets}")
+        if self.name and (self.name.startswith("/") or {".", ".."} & set(self.name.split("/"))):
+            raise ConfigError(f"data source name {self.name!r} is not a dataset name (a hub id like org/name or "
+                              f"builtin:...); a local file goes in `path`")
 
     @property
     def label(self) -> str:
-        if self.name:
-            return self.name.removeprefix("builtin:")
-        return Path(self.path).stem.removesuffix(".jsonl")
+        """The name results are filed under (a predictions file, a summary column): one safe file name,
+        so a hub id's `/` becomes `__` and nothing in it can reach outside the stage folder."""
+        raw = self.name.removeprefix("builtin:").replace("/", "__") if self.name else Path(self.path).stem.removesuffix(".jsonl")
+        return re.sub(r"[^A-Za-z0-9._+-]", "_", raw).lstrip(".") or "data"
 
     @property
     def stops_at_limit(self) -> bool:
@@ -115,6 +120,13 @@ class TaskConfig:
             parse_date_string(self.date_string)
         except ValueError as exc:
             raise ConfigError(f"task.date_string: {exc} (day, English month abbreviation, year)") from None
+        seen: dict[str, int] = {}
+        for i, source in enumerate(self.eval):  # results are filed by label: a repeated one would drop a set
+            if source.label in seen:
+                raise ConfigError(f"task.eval.{i} and task.eval.{seen[source.label]} are both labelled "
+                                  f"{source.label!r}, and results are filed by label: evaluate each set once, "
+                                  f"or give one file another name")
+            seen[source.label] = i
 
 
 @dataclass

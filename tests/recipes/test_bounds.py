@@ -101,3 +101,24 @@ def test_yaml_1_1_float_spellings_are_numbers(tmp_path):
     path.write_text(RECIPE)
     assert load_recipe(path).training.lr == 1e-4
     assert load_recipe(path, ["training.lr=3E-5", "router.lr=5e-3"]).training.lr == 3e-5
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("  eval:\n    - {name: '../../../x'}\n", "'../../../x' is not a dataset name"),
+    ("  eval:\n    - {path: a/test.jsonl}\n    - {path: b/test.jsonl}\n",
+     "task.eval.1 and task.eval.0 are both labelled 'test'"),
+    ("  eval:\n    - {name: gsm8k, split: test}\n    - {name: gsm8k, split: train}\n",
+     "task.eval.1 and task.eval.0 are both labelled 'gsm8k'"),
+])
+def test_eval_sets_are_filed_under_distinct_safe_labels(tmp_path, extra, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.replace("  train: {path: data/train.jsonl}\n", "  train: {path: data/train.jsonl}\n" + extra))
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(path)
+
+
+def test_a_hub_id_becomes_one_file_name():
+    assert schema.DataSource(name="openslr/librispeech_asr").label == "openslr__librispeech_asr"
+    assert schema.DataSource(name="builtin:spoken-tiny").label == "spoken-tiny"
+    assert schema.DataSource(path="/data/my set.v2.jsonl").label == "my_set.v2"
+    assert schema.DataSource(path="/data/.hidden.jsonl").label == "hidden"
