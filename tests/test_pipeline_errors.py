@@ -18,6 +18,8 @@ from tests.helpers import small_recipe
         ("training.epochs=two", "training.epochs must be an integer"),
         ("distribution.num_workers=8", "needs 8 CPUs but only"),
         ("distribution.gpus_per_worker=1", "GPUs but 0 are available"),
+        ("scoring.gpus_per_actor=1", "scoring.num_actors=1 × gpus_per_actor=1 needs 1 GPUs but 0 are available"),
+        ("evaluation.num_actors=3", "evaluation.num_actors=3 × cpus_per_actor=1 needs 3 CPUs but only 2"),
         ("task.train.path=/no/such/train.jsonl", "no such file"),
         ("tracking.tracking_uri=http://127.0.0.1:9", "cannot be reached"),
         ("traning.epochs=2", "did you mean 'training'"),

@@ -50,10 +50,8 @@ def effective_lr(recipe: Recipe, method: MethodConfig) -> float:
 
 
 def check_resources(recipe: Recipe) -> None:
-    """More workers than this machine (or the named cluster) can hold is an error before any work."""
-    dist = recipe.distribution
-    need_cpu = dist.num_workers * dist.cpus_per_worker
-    need_gpu = dist.num_workers * dist.gpus_per_worker
+    """Training workers or an actor pool that this machine (or the named cluster) cannot hold is an error
+    before any work: Ray would otherwise wait for them forever (a GPU asked for on a CPU machine)."""
     import ray
 
     if ray.is_initialized() or recipe.ray.address or os.environ.get("RAY_ADDRESS"):
@@ -66,16 +64,22 @@ def check_resources(recipe: Recipe) -> None:
 
         have_cpu = recipe.ray.num_cpus or os.cpu_count() or 1
         have_gpu = torch.cuda.device_count()
-    if need_cpu > have_cpu:
-        raise ConfigError(
-            f"distribution.num_workers={dist.num_workers} × cpus_per_worker={dist.cpus_per_worker} needs "
-            f"{need_cpu:g} CPUs but only {have_cpu:g} are available"
-        )
-    if need_gpu > have_gpu:
-        raise ConfigError(
-            f"distribution.num_workers={dist.num_workers} × gpus_per_worker={dist.gpus_per_worker} needs "
-            f"{need_gpu:g} GPUs but {have_gpu:g} are available"
-        )
+    dist, score, evaluation = recipe.distribution, recipe.scoring, recipe.evaluation
+    groups = [
+        ("distribution", "num_workers", dist.num_workers, "cpus_per_worker", dist.cpus_per_worker,
+         "gpus_per_worker", dist.gpus_per_worker),
+        ("scoring", "num_actors", score.num_actors, "cpus_per_actor", score.cpus_per_actor,
+         "gpus_per_actor", score.gpus_per_actor),
+        ("evaluation", "num_actors", evaluation.num_actors, "cpus_per_actor", evaluation.cpus_per_actor,
+         "gpus_per_actor", evaluation.gpus_per_actor),
+    ]
+    for section, count_key, count, cpu_key, cpus, gpu_key, gpus in groups:
+        if count * cpus > have_cpu:
+            raise ConfigError(f"{section}.{count_key}={count} × {cpu_key}={cpus:g} needs {count * cpus:g} CPUs "
+                              f"but only {have_cpu:g} are available")
+        if count * gpus > have_gpu:
+            raise ConfigError(f"{section}.{count_key}={count} × {gpu_key}={gpus:g} needs {count * gpus:g} GPUs "
+                              f"but {have_gpu:g} are available")
 
 
 def training_examples(recipe: Recipe, method: Method, routing_source: StageResult | None) -> tuple[list[dict[str, Any]], dict]:
@@ -201,6 +205,9 @@ def worker_config(recipe: Recipe, method: MethodConfig, *, total_steps: int, ste
         "modality": get_task(recipe.task.name).modality,
         # built here, where the recipe's files are: a worker on another node never reads them
         "deepspeed_config": deepspeed_config_for(recipe) if recipe.distribution.strategy == "deepspeed" else None,
+        # training.resume: Ray Train V2 has no resume_from_checkpoint; the loop starts from this folder
+        # (a path or a storage URI) when the run has no checkpoint of its own yet
+        "resume": recipe.training.resume,
     }
 
 
@@ -260,7 +267,6 @@ class TrainStage(Stage):
     def run(self, tmp: Path, upstream: dict[str, StageResult], context: StageContext) -> StageOutput:
         import ray
         from ray.train import (
-            Checkpoint,
             CheckpointConfig,
             DataConfig,
             FailureConfig,
@@ -347,7 +353,6 @@ class TrainStage(Stage):
             ),
             datasets=shards,
             dataset_config=DataConfig(datasets_to_split=[]),
-            resume_from_checkpoint=Checkpoint.from_directory(train.resume) if train.resume else None,
         )
         result = trainer.fit()
         metrics = dict(result.metrics or {})
