@@ -20,7 +20,7 @@ from flexi_workflows.fsutil import write_json_atomic
 from flexi_workflows.metrics import lower_is_better
 from flexi_workflows.recipes.loader import flatten
 from flexi_workflows.recipes.schema import DataSource, Recipe
-from flexi_workflows.stages.base import Stage, StageResult, recipe_storage
+from flexi_workflows.stages.base import Stage, StageResult, exclusive_run, recipe_storage
 from flexi_workflows.storage import Storage, scratch_dir
 from flexi_workflows.stages.plan import Plan, plan_pipeline
 
@@ -255,14 +255,25 @@ def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool 
                  parent_id: str | None = None, summary_dir: str | Path | None = None, quiet: bool = False,
                  report_to_tune: str | None = None) -> dict:
     """The whole recipe. A sweep trial passes its own tracker, parent run, summary folder and the
-    stage whose per-epoch reports go to Tune."""
+    stage whose per-epoch reports go to Tune. A run of its own holds output_dir's run lock: a second
+    `flexi run` on the same folder is refused, naming the first."""
+    recipe = prepare(recipe)
+    if summary_dir is None and report_to_tune is None:  # a run of its own (sweep trials share stage folders)
+        with exclusive_run(recipe_storage(recipe), "storage" if recipe.storage else "output_dir"):
+            return _run_prepared(recipe, recipe_path=recipe_path, force=force, tracker=tracker, parent_id=parent_id,
+                                 summary_dir=summary_dir, quiet=quiet, report_to_tune=report_to_tune)
+    return _run_prepared(recipe, recipe_path=recipe_path, force=force, tracker=tracker, parent_id=parent_id,
+                         summary_dir=summary_dir, quiet=quiet, report_to_tune=report_to_tune)
+
+
+def _run_prepared(recipe: Recipe, *, recipe_path: str | None, force: bool, tracker, parent_id: str | None,
+                  summary_dir: str | Path | None, quiet: bool, report_to_tune: str | None) -> dict:
     from flexi_workflows.models.pretrain import read_base_eval
     from flexi_workflows.plots import pareto_plot
     from flexi_workflows.ray_cluster import ensure_ray
     from flexi_workflows.stages.score import STATS
     from flexi_workflows.tracking import Tracker, resolve_tracking_uri
 
-    recipe = prepare(recipe)
     plan = plan_pipeline(recipe)
     stages = check_plan(plan)
     base_record = read_base_eval(recipe.model.name_or_path)

@@ -45,3 +45,42 @@ def test_cli_reports_bad_recipe_without_traceback(tmp_path, tiny_model_dir, caps
     assert main(["train", str(good), "--method", "nope"]) == 2
     err = capsys.readouterr().err
     assert "--method 'nope' is not in this recipe; it has: lora-4" in err
+
+
+def test_a_second_run_on_one_output_dir_is_refused_naming_the_first(tmp_path, tiny_model_dir):
+    from flexi_workflows.pipeline import prepare
+    from flexi_workflows.stages.base import exclusive_run, recipe_storage
+
+    recipe = small_recipe(tmp_path, tiny_model_dir)
+    with exclusive_run(recipe_storage(prepare(recipe))):
+        with pytest.raises(FlexiError, match=r"out is in use by `.*` \(pid \d+ on .+, since .+\); wait for that run"):
+            run_pipeline(recipe)
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from flexi_workflows.stages.base import exclusive_run
+    from flexi_workflows.storage import Storage
+    from tests.conftest import REPO_ROOT
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from flexi_workflows.stages.base import exclusive_run; "
+        "from flexi_workflows.storage import Storage\n"
+        f"with exclusive_run(Storage({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(120)")],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FlexiError, match="is in use by"):
+            with exclusive_run(Storage(tmp_path)):
+                pass
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    deadline = time.time() + 10
+    with exclusive_run(Storage(tmp_path)):  # the kernel dropped the dead holder's lock
+        assert time.time() < deadline

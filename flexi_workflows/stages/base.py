@@ -184,6 +184,43 @@ def stage_lock(stage: Stage) -> Iterator[None]:
         yield
 
 
+class FolderInUse(ConfigError):
+    """Another process holds a folder's run lock."""
+
+
+@contextmanager
+def exclusive_run(storage: Storage, what: str = "output_dir") -> Iterator[None]:
+    """Hold the run lock of a storage root for the duration, or fail at once naming who holds it.
+
+    Two runs writing one folder would each redo or overwrite the other's stages (and race to create its
+    MLflow store); the second is refused with the holder's pid, host, start and command. The lock is an
+    flock (beside the stage folders of a local root, in this node's cache for a remote one): the kernel
+    drops it when its process dies, so a killed run never leaves a stale lock."""
+    import fcntl
+    import os
+    import socket
+    import sys
+
+    path = lock_path(storage, "run")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 — held open for the duration
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise FolderInUse(f"{storage.display('')} is in use by {holder}; wait for that run to end or give this "
+                              f"one another {what}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"`{' '.join(sys.argv)[:200]}` (pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the flock
+
 def run_stage(stage: Stage, *, force: bool = False, context: StageContext | None = None) -> StageResult:
     """Reuse the stage's finished folder, or compute it (its upstream stages must be finished)."""
     with stage_lock(stage):
