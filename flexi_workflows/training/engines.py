@@ -199,6 +199,53 @@ def gathered_state_dict(model: torch.nn.Module, rank: int) -> dict[str, torch.Te
     return state if rank == 0 else None
 
 
+# What a DeepSpeed checkpoint legitimately holds besides tensors and plain containers (read off
+# torch.serialization.get_unsafe_globals_in_checkpoint for ZeRO 0-3, fp32 and bf16, DeepSpeed 0.19.8)
+DEEPSPEED_CHECKPOINT_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint file holds objects that only unpickling arbitrary code could restore."""
+
+
+def load_weights_only(path: str | Path, map_location: Any = None, allowed: tuple[str, ...] = ()) -> Any:
+    """torch.load that restores tensors, plain containers and the named classes, and nothing else.
+
+    Checkpoints live under the run's output folder (ray_results), which anyone who can write there
+    could replace; torch's full unpickler would run whatever such a file names. Refusing is cheap: the
+    files this project writes load under these rules, so a refusal means the file is not ours."""
+    import importlib
+    import pickle
+
+    classes = []
+    for dotted in allowed:
+        module, _, name = dotted.rpartition(".")
+        classes.append(getattr(importlib.import_module(module), name))
+    try:
+        with torch.serialization.safe_globals(classes):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path) if Path(path).is_file() else []
+        raise UnsafeCheckpointError(
+            f"checkpoint file {path} holds objects beyond tensors ({', '.join(found) or exc}); it is not a "
+            f"checkpoint flexi-workflows wrote, and loading it would run code. Delete the checkpoint folder "
+            f"(or rerun with --force) to train from the start.") from None
+
+
+def weights_only_checkpoints(engine) -> None:
+    """Route every DeepSpeed checkpoint read of this engine (model, optimizer and scheduler states, all
+    through engine.checkpoint_engine.load) through load_weights_only."""
+    def load(path: str, map_location: Any = None) -> Any:
+        return load_weights_only(path, map_location, DEEPSPEED_CHECKPOINT_GLOBALS)
+
+    engine.checkpoint_engine.load = load
+
+
 class DeepSpeedEngine:
     def __init__(self, trainable: Trainable, optimizer, scheduler, config: dict[str, Any]) -> None:
         import deepspeed
@@ -214,6 +261,7 @@ class DeepSpeedEngine:
                     p.data = p.data.to(torch.bfloat16)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=trainable.model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        weights_only_checkpoints(self.engine)
         self.model = self.engine
 
     def backward_step(self, loss: torch.Tensor, step: int) -> bool:
@@ -289,7 +337,7 @@ class DDPEngine:
                     "scheduler": self.scheduler.state_dict(), "step": step}, path / "ddp_state.pt")
 
     def load(self, path: Path) -> int:
-        state = torch.load(path / "ddp_state.pt", map_location="cpu", weights_only=False)
+        state = load_weights_only(path / "ddp_state.pt", map_location="cpu")
         named = dict(self.trainable.model.named_parameters())
         with torch.no_grad():
             for name, value in state["model"].items():
