@@ -170,6 +170,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_curve: list[list[float]] = []
     ranks_used: list[dict] = []  # this worker's record: one entry per micro-batch
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume"):  # training.resume: a checkpoint of another run
+        checkpoint = ray.train.Checkpoint(config["resume"])
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             step = engine.load(Path(ckpt_dir))
