@@ -51,15 +51,43 @@ def prepare(recipe: Recipe) -> Recipe:
         storage.check_writable()
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{'storage' if recipe.storage else 'output_dir'}: {exc}") from None
+    recipe = resolve_model(recipe)
+    check_model(recipe)
+    # last: a sqlite tracking store is created by its check
     uri = resolve_tracking_uri(recipe.tracking.tracking_uri, recipe.output_dir) if recipe.tracking.enabled else None
     if uri:
         check_tracking_uri(uri)
     check_multi_node(recipe.ray, storage, uri)  # joining a cluster of several nodes: shared storage and tracking
-    recipe = resolve_model(recipe)
     from flexi_workflows.memory import warn_if_over
 
     warn_if_over(recipe)  # a warning, never an error: only when the GPUs' memory is known (memory.py)
     return recipe
+
+
+def check_model(recipe: Recipe) -> None:
+    """The base model's tokenizer (or speech processor) loads and every adapter method's targets name
+    linear layers it has — on the meta device, in seconds, instead of after scoring has run."""
+    from flexi_workflows.adapters.model import find_target_linears, resolve_targets
+    from flexi_workflows.errors import TargetModuleError
+    from flexi_workflows.methods import get_method
+    from flexi_workflows.models.loading import build_on_meta, load_config, load_processor, load_tokenizer
+    from flexi_workflows.tasks import get_task
+
+    ref, remote_code = recipe.model.name_or_path, recipe.model.trust_remote_code
+    if get_task(recipe.task.name).modality == "speech":
+        load_processor(ref, trust_remote_code=remote_code)
+    else:
+        load_tokenizer(ref, trust_remote_code=remote_code)
+    model = None
+    for config in recipe.methods:
+        targets = getattr(config, "targets", None)
+        if config.name == "full":
+            continue
+        model = model if model is not None else build_on_meta(load_config(ref, trust_remote_code=remote_code))
+        try:
+            find_target_linears(model, resolve_targets(model, targets))
+        except TargetModuleError as exc:
+            raise ConfigError(f"method {get_method(config).label}: targets: {exc}") from None
 
 
 def absolute_paths(recipe: Recipe, root: str | Path | None = None) -> Recipe:

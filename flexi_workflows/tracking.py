@@ -10,6 +10,7 @@ works instead, and a server that cannot be reached is reported before any stage 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -39,8 +40,18 @@ def check_tracking_uri(uri: str, key: str = "tracking.tracking_uri") -> None:
     elif uri.startswith("file:") or "://" not in uri:
         raise ConfigError(f"{key} {uri}: MLflow 3 refuses file stores by default; use sqlite:///PATH/mlflow.db "
                           f"or a server URL")
-    elif uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    elif uri.startswith("sqlite:///"):  # a folder that can be made and written; nothing is created here
+        db = Path(uri[len("sqlite:///"):])
+        if db.is_dir():
+            raise ConfigError(f"{key} {uri}: {db} is a folder; name the database file, e.g. {db / 'mlflow.db'}")
+        existing = next(p for p in (db, *db.parents) if p.exists())
+        folder = existing if existing != db else db.parent
+        try:  # a probe, removed at once (os.access says yes to root even on /proc)
+            probe = Path(tempfile.mkdtemp(prefix=".flexi-probe-", dir=folder))
+            probe.rmdir()
+        except OSError as exc:
+            raise ConfigError(f"{key} {uri}: {folder} is not writable ({exc.strerror}), so the MLflow database cannot "
+                              f"be created there; use a folder you can write, or a tracking server URL") from None
 
 
 def _param_value(value: Any) -> str:
@@ -57,6 +68,8 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:

@@ -24,6 +24,8 @@ from tests.helpers import small_recipe
         ("tracking.tracking_uri=http://127.0.0.1:9", "cannot be reached"),
         ("traning.epochs=2", "did you mean 'training'"),
         ("method.name=adalora", "AdaLoRA's update_and_allocate"),
+        ("tracking.tracking_uri=sqlite:////proc/nope/x.db", "/proc is not writable .*, so the MLflow database cannot be created"),
+        ("method.targets=[foo_proj]", r"method flexi-2-8: targets: target modules \['foo_proj'\] match no linear layer"),
     ],
 )
 def test_bad_recipe_fails_before_ray(tmp_path, tiny_model_dir, override, message):
