@@ -100,10 +100,25 @@ def _targets(text: str | None) -> list[str] | None:
 
 
 def _load_recipe(args: argparse.Namespace):
-    from flexi_workflows.pipeline import resolve_model
+    """The recipe with every check `flexi check` runs passed: a stage command fails before Ray starts too."""
+    from flexi_workflows.pipeline import prepare
     from flexi_workflows.recipes import load_recipe
 
-    return resolve_model(load_recipe(args.recipe, args.overrides))
+    return prepare(load_recipe(args.recipe, args.overrides))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Everything that can be checked before work starts; exit 0 with what would run, or 2 with the error."""
+    from flexi_workflows.pipeline import check_plan
+    from flexi_workflows.stages.plan import plan_pipeline
+
+    recipe = _load_recipe(args)
+    stages = check_plan(plan_pipeline(recipe))
+    finished = [s.name for s in stages if s.finished() is not None]
+    todo = [s.name for s in stages if s.name not in finished]
+    print(f"{args.recipe}: OK — {len(stages)} stages; to run: {', '.join(todo) or 'none'}"
+          + (f"; finished (reused): {', '.join(finished)}" if finished else ""))
+    return 0
 
 
 def _methods(recipe, wanted: str | None):
@@ -248,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_params)
 
+    p = sub.add_parser("check", help="every check that can run before work starts (recipe, data, model, resources, "
+                       "tracking, output folder)",
+                       description="Load RECIPE with its overrides and run every check `flexi run` runs before Ray "
+                                   "starts: values, data files parsed, tokenizer and target modules on the meta device, "
+                                   "resources, tracking store, output folder. Exit 0 and list the stages to run, or "
+                                   "exit 2 with an error naming the file, line or key.")
+    p.add_argument("recipe", metavar="RECIPE", help="YAML recipe")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    p.set_defaults(func=cmd_check)
     _add_stage(sub, "score", cmd_score, "score the training set with the base model on Ray Data (difficulty classes)")
     _add_stage(sub, "route", cmd_route, "train the difficulty router on the scored training set")
     _add_stage(sub, "train", cmd_train, "fine-tune the recipe's methods on Ray Train (DeepSpeed ZeRO or DDP)")
