@@ -104,7 +104,9 @@ def _load_recipe(args: argparse.Namespace):
     from flexi_workflows.pipeline import prepare
     from flexi_workflows.recipes import load_recipe
 
-    return prepare(load_recipe(args.recipe, args.overrides))
+    recipe = load_recipe(args.recipe, args.overrides)
+    _methods(recipe, getattr(args, "method", None))  # a wrong --method is named before the slower checks
+    return prepare(recipe)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

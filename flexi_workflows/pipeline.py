@@ -42,8 +42,9 @@ def prepare(recipe: Recipe) -> Recipe:
 
     task = get_task(recipe.task.name)
     recipe = resolve_builtin_data(recipe)  # a built-in corpus is synthesized (once) so it can be read
-    for source in [recipe.task.train, *recipe.task.eval]:
-        task.load(source)  # parse everything now: a bad line fails here, not mid-pipeline
+    keyed = [("task.train", recipe.task.train), *((f"task.eval.{i}", s) for i, s in enumerate(recipe.task.eval))]
+    for key, source in keyed:
+        check_unique_ids(task.load(source), key)  # parse everything now: a bad line fails here, not mid-pipeline
     check_resources(recipe)
     recipe = absolute_paths(recipe)
     storage = recipe_storage(recipe)
@@ -62,6 +63,17 @@ def prepare(recipe: Recipe) -> Recipe:
 
     warn_if_over(recipe)  # a warning, never an error: only when the GPUs' memory is known (memory.py)
     return recipe
+
+
+def check_unique_ids(rows: list[dict], key: str) -> None:
+    """Scores and predictions are matched to rows by id: two rows with one id would share one answer."""
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        rid = str(row["id"])
+        if rid in seen:
+            raise ConfigError(f"{key}: rows {seen[rid]} and {i} have the same id {rid!r}; scores and predictions are "
+                              f"matched to rows by id, so every row needs its own")
+        seen[rid] = i
 
 
 def check_model(recipe: Recipe) -> None:
