@@ -76,6 +76,31 @@ def check_unique_ids(rows: list[dict], key: str) -> None:
         seen[rid] = i
 
 
+def check_weights(ref: str) -> None:
+    """A local model folder's safetensors files are whole: each header parses and the data it declares is
+    there (a truncated download otherwise fails inside a Ray actor, in a page of Ray's output)."""
+    import json
+    import struct
+
+    folder = Path(ref)
+    if not folder.is_dir():
+        return  # a hub name or a storage URI: transformers' own errors name it
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as handle:
+                (header_len,) = struct.unpack("<Q", handle.read(8))
+                if header_len > size - 8:
+                    raise ValueError(f"its header claims {header_len:,} bytes of a {size:,}-byte file")
+                header = json.loads(handle.read(header_len))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            if 8 + header_len + end > size:
+                raise ValueError(f"its tensors need {8 + header_len + end:,} bytes, the file has {size:,}")
+        except (ValueError, KeyError, TypeError, struct.error) as exc:
+            raise ConfigError(f"model.name_or_path: {file} is not a whole safetensors file ({exc}); "
+                              f"download or copy it again") from None
+
+
 def check_model(recipe: Recipe) -> None:
     """The base model's tokenizer (or speech processor) loads and every adapter method's targets name
     linear layers it has — on the meta device, in seconds, instead of after scoring has run."""
@@ -86,6 +111,7 @@ def check_model(recipe: Recipe) -> None:
     from flexi_workflows.tasks import get_task
 
     ref, remote_code = recipe.model.name_or_path, recipe.model.trust_remote_code
+    check_weights(ref)
     if get_task(recipe.task.name).modality == "speech":
         load_processor(ref, trust_remote_code=remote_code)
     else:

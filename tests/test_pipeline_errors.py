@@ -86,3 +86,23 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     deadline = time.time() + 10
     with exclusive_run(Storage(tmp_path)):  # the kernel dropped the dead holder's lock
         assert time.time() < deadline
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", r"model\.safetensors is not a whole safetensors file \(its tensors need [\d,]+ bytes, the file has"),
+    ("no-tokenizer", r"tokenizer for .* could not be loaded"),
+])
+def test_a_damaged_model_folder_is_named_before_ray(tmp_path, tiny_model_dir, damage, message):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    if damage == "truncate":
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        for file in model.glob("tokenizer*"):
+            file.unlink()
+    with pytest.raises(FlexiError, match=message):
+        run_pipeline(small_recipe(tmp_path, model))
+    assert not (tmp_path / "out").exists()

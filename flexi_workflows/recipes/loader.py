@@ -78,6 +78,8 @@ def _from_node(node: yaml.Node, source: str) -> Any:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"recipe {path}: a folder, not a recipe file (jobs/ holds the shipped ones: jobs/quickstart.yaml)")
     if not path.is_file():
         raise ConfigError(f"recipe {path}: no such file")
     text = path.read_text()
@@ -119,16 +121,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, str
         node = data
         for i, part in enumerate(path[:-1]):
             if isinstance(node, list):
-                node = node[_index(part, path, text)]
-                continue
-            if part not in node or node[part] is None:
-                node[part] = {}
-            node = node[part]
+                node = node[_index(part, path, text, len(node))]
+            else:
+                if part not in node or node[part] is None:
+                    node[part] = {}
+                node = node[part]
             if not isinstance(node, (dict, list)):
-                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is a value, not a section")
+                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is a value ({node!r}), not a section "
+                                  f"or list to go into")
         last = path[-1]
         if isinstance(node, list):
-            node[_index(last, path, text)] = value
+            node[_index(last, path, text, len(node))] = value
         else:
             node[last] = value
             if isinstance(node, _Located):
@@ -137,11 +140,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, str
     return applied
 
 
-def _index(part: str, path: list[str], text: str) -> int:
+def _index(part: str, path: list[str], text: str, length: int) -> int:
     try:
-        return int(part)
+        index = int(part)
     except ValueError:
         raise ConfigError(f"override {text!r}: {part!r} must be a list index") from None
+    if not 0 <= index < length:
+        raise ConfigError(f"override {text!r}: index {index} is out of range (the list has {length} item"
+                          f"{'' if length == 1 else 's'}; to add one, set the whole list)")
+    return index
 
 
 def _type_name(tp: Any) -> str:

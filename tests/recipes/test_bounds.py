@@ -122,3 +122,22 @@ def test_a_hub_id_becomes_one_file_name():
     assert schema.DataSource(name="builtin:spoken-tiny").label == "spoken-tiny"
     assert schema.DataSource(path="/data/my set.v2.jsonl").label == "my_set.v2"
     assert schema.DataSource(path="/data/.hidden.jsonl").label == "hidden"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("compare.3.ranks=[1,8]", r"override 'compare\.3\.ranks=\[1,8\]': index 3 is out of range \(the list has 0 items"),
+    ("method.ranks.0.x=1", r"override 'method\.ranks\.0\.x=1': method\.ranks\.0 is a value \(2\), not a section"),
+    ("method.ranks.5=4", r"index 5 is out of range \(the list has 2 items"),
+    ("method.ranks.two=4", r"'two' must be a list index"),
+    ("training.lr.x=1", r"training\.lr is a value \(0\.0001\), not a section"),
+])
+def test_an_override_into_a_list_or_a_value_names_itself(tmp_path, override, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE + "compare: []\n")
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(path, [override])
+
+
+def test_a_recipe_path_that_is_a_folder_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="a folder, not a recipe file"):
+        load_recipe(tmp_path)
