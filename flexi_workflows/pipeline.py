@@ -21,8 +21,8 @@ from flexi_workflows.metrics import lower_is_better
 from flexi_workflows.recipes.loader import flatten
 from flexi_workflows.recipes.schema import DataSource, Recipe
 from flexi_workflows.stages.base import Stage, StageResult, exclusive_run, recipe_storage
-from flexi_workflows.storage import Storage, scratch_dir
 from flexi_workflows.stages.plan import Plan, plan_pipeline
+from flexi_workflows.storage import Storage, scratch_dir
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"

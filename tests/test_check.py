@@ -35,6 +35,6 @@ def test_check_names_the_bad_key_and_stage_commands_run_the_same_checks(tmp_path
 def test_readme_check_command_runs_verbatim():
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "RAY_ADDRESS")}  # a newcomer's shell
     done = subprocess.run([".venv/bin/flexi", "check", "jobs/quickstart.yaml"], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "jobs/quickstart.yaml: OK — " in done.stdout

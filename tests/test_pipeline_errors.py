@@ -54,9 +54,9 @@ def test_a_second_run_on_one_output_dir_is_refused_naming_the_first(tmp_path, ti
     from flexi_workflows.stages.base import exclusive_run, recipe_storage
 
     recipe = small_recipe(tmp_path, tiny_model_dir)
-    with exclusive_run(recipe_storage(prepare(recipe))):
-        with pytest.raises(FlexiError, match=r"out is in use by `.*` \(pid \d+ on .+, since .+\); wait for that run"):
-            run_pipeline(recipe)
+    held = r"out is in use by `.*` \(pid \d+ on .+, since .+\); wait for that run"
+    with exclusive_run(recipe_storage(prepare(recipe))), pytest.raises(FlexiError, match=held):
+        run_pipeline(recipe)
 
 
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
@@ -77,9 +77,8 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
         cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(FlexiError, match="is in use by"):
-            with exclusive_run(Storage(tmp_path)):
-                pass
+        with pytest.raises(FlexiError, match="is in use by"), exclusive_run(Storage(tmp_path)):
+            pass
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()

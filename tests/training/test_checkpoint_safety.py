@@ -90,7 +90,7 @@ def test_deepspeed_loads_its_own_checkpoint_and_refuses_a_planted_one(tmp_path):
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run([sys.executable, "-c", DEEPSPEED_SCRIPT, str(tmp_path / "ckpt"), str(marker)], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "REFUSED" in done.stdout and "optim_states.pt holds objects beyond tensors (posix.system" in done.stdout
     assert not marker.exists()
