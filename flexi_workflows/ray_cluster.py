@@ -33,7 +33,57 @@ def ensure_ray(config: RayConfig | None = None) -> None:
         # driver — and without it the dead run's placement group keeps its CPUs forever
         # include_dashboard=None: Ray starts its dashboard (bound to 127.0.0.1) when ray[default] is installed, as
         # the project installs it, and runs without one on a minimal Ray (an image's own packages) instead of failing
+        start_watchdog()  # first: a driver killed while ray.init starts the cluster leaves nothing either
         ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=None, dashboard_host="127.0.0.1", **kwargs)
+
+
+def start_watchdog() -> None:
+    """A process that outlives this driver only to stop the local Ray cluster it started.
+
+    `ray.shutdown()` (at exit, on Ctrl-C) stops the cluster; a SIGKILLed driver runs no exit code, and
+    its raylet, GCS, dashboard and agents would run on, listening, holding CPUs and memory. The watchdog
+    (its own session, so a Ctrl-C to the driver's terminal does not reach it) notes the driver's
+    descendants every second and, once the driver is gone, stops the ones still running."""
+    import subprocess
+    import sys
+
+    subprocess.Popen([sys.executable, "-m", "flexi_workflows.ray_cluster", "--watch", str(os.getpid())],
+                     start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, close_fds=True)
+
+
+def watch(driver_pid: int, interval_s: float = 1.0) -> list[int]:
+    """Wait for `driver_pid` to end, then stop its descendants seen meanwhile (TERM, then KILL after 5 s);
+    returns the pids it stopped. psutil.Process objects remember each process's start time, so a pid
+    reused by an unrelated process is never signalled."""
+    import time
+
+    import psutil
+
+    me = os.getpid()
+    known: dict[int, psutil.Process] = {}
+    try:
+        driver = psutil.Process(driver_pid)
+        while driver.is_running() and driver.status() != psutil.STATUS_ZOMBIE:
+            for child in driver.children(recursive=True):
+                if child.pid != me:
+                    known.setdefault(child.pid, child)
+            time.sleep(interval_s)
+    except psutil.NoSuchProcess:
+        pass
+    left = [p for p in known.values() if p.is_running()]
+    for process in left:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(left, timeout=5)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return [p.pid for p in left]
 
 
 def joined_nodes(config: RayConfig | None = None) -> list[str]:
@@ -111,3 +161,10 @@ def whole_actor_pools(dataset, seconds: int = 600):
     have) fails with Ray's error instead of waiting forever."""
     dataset.context.wait_for_min_actors_s = seconds
     return dataset
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--watch"] and len(sys.argv) == 3:
+        watch(int(sys.argv[2]))
