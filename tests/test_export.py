@@ -93,13 +93,12 @@ def test_serving_router_reproduces_the_pipelines_routing(tmp_path, tiny_model_di
     """The serving router (its own tokenizer copy, template, max_length) gives each question the class the
     pipeline's routing gives the row — with the embedding table read from the base or carried along."""
     from flexi_workflows.export import input_template
+    from flexi_workflows.recipes.schema import DataSource
     from flexi_workflows.router.apply import route_rows, router_inputs
     from flexi_workflows.router.model import RankRouter, RouterSpec, save_router
     from flexi_workflows.router.serving import load_router, save_serving_router
     from flexi_workflows.tasks import get_task
     from tests.helpers import write_math_set
-
-    from flexi_workflows.recipes.schema import DataSource
 
     rows = get_task("math").load(DataSource(path=str(write_math_set(tmp_path / "rows.jsonl", 40))))
     features, vocab = router_inputs("math", rows, str(tiny_model_dir), max_length=16)
@@ -123,10 +122,13 @@ def test_serving_router_reproduces_the_pipelines_routing(tmp_path, tiny_model_di
         assert (folder / "embeddings.safetensors").is_file() == copy
 
 
+def _readme_section() -> str:
+    return (REPO_ROOT / "README.md").read_text().split("## Export for serving", 1)[1].split("\n## ", 1)[0]
+
+
 def _readme_export_command() -> str:
-    text = (REPO_ROOT / "README.md").read_text()
-    section = text.split("## Export for serving", 1)[1].split("\n## ", 1)[0]
-    commands = [line for line in re.findall(r"```bash\n(.*?)```", section, re.S)[0].splitlines()
+    section = _readme_section()
+    commands = [line for line in re.findall(r"```bash\n(.*?)```", section, re.DOTALL)[0].splitlines()
                 if line.startswith(".venv/bin/flexi export")]
     assert len(commands) == 1, commands
     return commands[0].split("#")[0].strip()
@@ -144,8 +146,8 @@ def test_readme_export_command_on_a_finished_tiny_run(tmp_path, tiny_model_dir, 
     from flexi_workflows.tasks import get_task
 
     recipe = small_recipe(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "outputs" / "quickstart"),
-                          compare=[{"name": "lora", "rank": 4, "dropout": 0.0}],
-                          training={"max_steps": 2}, evaluation={"include_base": False})
+                          training={"max_steps": 2}, distribution={"strategy": "ddp"},
+                          evaluation={"include_base": False})
     record_scores(recipe)
     summary = run_pipeline(recipe, quiet=True)
     monkeypatch.chdir(tmp_path)
@@ -174,9 +176,15 @@ def test_readme_export_command_on_a_finished_tiny_run(tmp_path, tiny_model_dir, 
     questions = [rows[i]["question"] for i in evaluated["id"]]
     assert load_router(out / "router").route(questions) == evaluated["rank"]
 
+    # the README's Python lines, as written: route a request, load its adapter and its merged weights
+    snippet = re.findall(r"```python\n(.*?)```", _readme_section(), re.DOTALL)[0]
+    scope: dict = {}
+    exec(compile(snippet, "README.md (Export for serving)", "exec"), scope)  # noqa: S102 — the README is ours
+    assert scope["ranks"][0] in (2, 8) and isinstance(scope["model"], PeftModel)
+
     card = (out / "README.md").read_text()
     flexi_row = next(r for r in summary["rows"] if r["method"] == "flexi-2-8")
-    assert "| **flexi-2-8** | mini |" in card and "| lora-4 | mini |" in card
+    assert "| **flexi-2-8** | mini |" in card
     assert f"{flexi_row['mean_active_params']:,.1f}" in card or f"{int(flexi_row['mean_active_params']):,}" in card
     assert "## Recipe" in card and "name: flexi" in card
 
@@ -184,12 +192,53 @@ def test_readme_export_command_on_a_finished_tiny_run(tmp_path, tiny_model_dir, 
     capsys.readouterr()
     assert main(["export", "outputs/quickstart", "--rank", "5", "--out", "x"]) == 2
     assert "rank 5 is not one of flexi-2-8's ranks [2, 8]" in capsys.readouterr().err
-    assert main(["export", "outputs/quickstart", "--method", "lora-4", "--rank", "2", "--out", "x"]) == 2
-    assert "rank 2 is not one of lora-4's ranks [4]" in capsys.readouterr().err
     assert main(["export", "outputs/quickstart", "--all-ranks"]) == 2
     assert "exists; pass --force" in capsys.readouterr().err
     assert main(["export", "outputs", "--all-ranks"]) == 2
     assert "no summary.json" in capsys.readouterr().err
     assert main(["export", "outputs/quickstart", "--method", "full", "--all-ranks", "--out", "x"]) == 2
-    assert "is not in this run; it has: flexi-2-8, lora-4" in capsys.readouterr().err
+    assert "is not in this run; it has: flexi-2-8" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def _fake_run(root: Path, methods: list[dict], model_dir: Path | None) -> Path:
+    """A run folder with only what `locate` reads: summary.json's stages, the stages' manifests, the adapter
+    folder and (with `model_dir`) recipe.json naming the base model."""
+    stages = {}
+    for i, config in enumerate(methods):
+        method = get_method(build(MethodConfig, config))
+        for kind, label in (("train", method.train_label), ("eval", method.label)):
+            fp = f"{kind}{i:02d}"
+            folder = root / kind / f"{label}-{fp}"
+            (folder / "artifact" / "adapter").mkdir(parents=True, exist_ok=True)
+            inputs = {"method": config, "model": {"digest": "x", "dtype": "float32"}, "task": {"name": "math"}}
+            (folder / "manifest.json").write_text(json.dumps({"inputs": inputs}))
+            stages[f"{kind}:{label}"] = {"fingerprint": fp}
+    (root / "summary.json").write_text(json.dumps({"stages": stages, "rows": []}))
+    if model_dir is not None:
+        (root / "recipe.json").write_text(json.dumps({"model": {"name_or_path": str(model_dir)}}))
+    return root
+
+
+def test_locate_picks_the_flexi_method_and_names_what_is_wrong(tmp_path, tiny_model_dir):
+    from flexi_workflows.errors import ConfigError
+    from flexi_workflows.export import locate
+
+    lora = {"name": "lora", "rank": 8}
+    oracle = {"name": "flexi", "ranks": [2, 8], "router": "oracle"}
+    run = _fake_run(tmp_path / "a", [lora, oracle], tiny_model_dir)
+    assert locate(run).label == "flexi-2-8-oracle"  # the only Flexi method, though it ships no router
+    assert locate(run, "lora-8").export_ranks() == [8]
+    run = _fake_run(tmp_path / "b", [{"name": "flexi", "ranks": [1, 8]}, {"name": "flexi", "ranks": [2, 8]}], tiny_model_dir)
+    with pytest.raises(ConfigError, match=r"several Flexi-LoRA methods \(flexi-1-8, flexi-2-8\); name one with --method"):
+        locate(run)
+    run = _fake_run(tmp_path / "c", [lora, {"name": "full"}, {"name": "dylora", "r_min": 2, "r_max": 6}], tiny_model_dir)
+    with pytest.raises(ConfigError, match=r"no trained Flexi-LoRA method in this run \(it has lora-8, full, dylora-2-6\)"):
+        locate(run)
+    with pytest.raises(ConfigError, match="full: only LoRA, DyLoRA, DyLoRA\\+ and Flexi-LoRA export .* already the whole model"):
+        locate(run, "full")
+    assert locate(run, "dylora-2-6").export_ranks() == [2, 3, 4, 5, 6]  # DyLoRA trains every rank of its range
+    run = _fake_run(tmp_path / "d", [lora], None)
+    with pytest.raises(ConfigError, match="does not record its base model .* --base-model"):
+        locate(run, "lora-8")
+    assert locate(run, "lora-8", base_model=str(tiny_model_dir)).base_model == str(tiny_model_dir)
