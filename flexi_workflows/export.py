@@ -34,7 +34,7 @@ from flexi_workflows.stages.base import MANIFEST
 from flexi_workflows.stages.evaluate import METRICS
 from flexi_workflows.stages.route import ROUTER_DIR
 from flexi_workflows.stages.train import ARTIFACT, REPORT
-from flexi_workflows.storage import Storage
+from flexi_workflows.storage import Storage, is_remote
 
 FORMATS = ("peft", "merged")
 EXPORT_JSON = "export.json"
@@ -47,7 +47,8 @@ NESTED = ("lora", "dylora", "dylora_plus", "flexi")
 class RunMethod:
     """One trained method of a finished run, located through its recorded stage folders."""
 
-    storage: Storage
+    run: Storage  # RUN_DIR: summary.json, recipe.json
+    storage: Storage  # the stage folders' root: RUN_DIR, or a sweep's shared storage for a trial
     summary: dict
     recipe: dict | None
     method: Method
@@ -92,12 +93,13 @@ def locate(run_dir: str | Path, method: str | None = None, base_model: str | Non
     from flexi_workflows.recipes.loader import build
     from flexi_workflows.recipes.schema import MethodConfig
 
-    storage = Storage(run_dir)
-    if not storage.exists(SUMMARY):
-        raise ConfigError(f"{storage.display()}: no {SUMMARY}; RUN_DIR is a recipe's output_dir after "
+    run = Storage(run_dir)
+    if not run.exists(SUMMARY):
+        raise ConfigError(f"{run.display()}: no {SUMMARY}; RUN_DIR is a recipe's output_dir after "
                           f"`flexi run` finished")
-    summary = _json(storage, SUMMARY, "run summary")
+    summary = _json(run, SUMMARY, "run summary")
     stages = summary.get("stages") or {}
+    storage = _stage_root(run, stages)
     methods: dict[str, tuple[Method, str]] = {}  # eval label → (method, eval stage folder)
     for name, info in stages.items():
         kind, _, label = name.partition(":")
@@ -107,16 +109,16 @@ def locate(run_dir: str | Path, method: str | None = None, base_model: str | Non
         recorded = _json(storage, f"{rel}/{MANIFEST}", f"{name} stage manifest")["inputs"]["method"]
         methods[label] = (get_method(build(MethodConfig, recorded, source=f"{rel}/{MANIFEST}")), rel)
     if not methods:
-        raise ConfigError(f"{storage.display()}: the run has no trained method")
+        raise ConfigError(f"{run.display()}: the run has no trained method")
     if method is None:
         flexi = [label for label, (m, _) in methods.items() if m.name == "flexi"]
         if not flexi:
-            raise ConfigError(f"{storage.display()}: no trained Flexi-LoRA method in this run (it has "
+            raise ConfigError(f"{run.display()}: no trained Flexi-LoRA method in this run (it has "
                               f"{', '.join(methods)}); name one with --method")
         learned = [label for label in flexi if methods[label][0].routing == "learned"]
         choice = learned or flexi
         if len(choice) > 1:
-            raise ConfigError(f"{storage.display()}: the run has several Flexi-LoRA methods ({', '.join(choice)}); "
+            raise ConfigError(f"{run.display()}: the run has several Flexi-LoRA methods ({', '.join(choice)}); "
                               f"name one with --method")
         method = choice[0]
     by_train = {m.train_label: label for label, (m, _) in methods.items()}
@@ -131,16 +133,16 @@ def locate(run_dir: str | Path, method: str | None = None, base_model: str | Non
                           f"({storage.display(f'train/{chosen.train_label}')}-…/{ARTIFACT})")
     train = stages.get(f"train:{chosen.train_label}")
     if train is None:
-        raise ConfigError(f"{storage.display()}: no train:{chosen.train_label} stage in {SUMMARY}")
+        raise ConfigError(f"{run.display()}: no train:{chosen.train_label} stage in {SUMMARY}")
     train_rel = f"train/{chosen.train_label}-{train['fingerprint']}"
     if not storage.exists(f"{train_rel}/{ARTIFACT}/{ADAPTER}"):
         raise ConfigError(f"{storage.display(train_rel)}: the trained adapter ({ARTIFACT}/{ADAPTER}) is missing")
     route_rel = None
     if chosen.needs_router:
         if "route" not in stages:
-            raise ConfigError(f"{storage.display()}: {label} routes with the learned router, but {SUMMARY} lists no route stage")
+            raise ConfigError(f"{run.display()}: {label} routes with the learned router, but {SUMMARY} lists no route stage")
         route_rel = f"route/{stages['route']['fingerprint']}"
-    recipe = _json(storage, RECIPE, "recipe") if storage.exists(RECIPE) else None
+    recipe = _json(run, RECIPE, "recipe") if run.exists(RECIPE) else None
     train_inputs = _json(storage, f"{train_rel}/{MANIFEST}", "train stage manifest")["inputs"]
     model_inputs = train_inputs.get("model", {})
     if base_model is None and recipe is not None:
@@ -150,13 +152,26 @@ def locate(run_dir: str | Path, method: str | None = None, base_model: str | Non
     if base_model is None and "hub" in model_inputs:
         base_model = model_inputs["hub"]
     if base_model is None:
-        raise ConfigError(f"{storage.display()}: the run does not record its base model ({RECIPE} is missing); "
+        raise ConfigError(f"{run.display()}: the run does not record its base model ({RECIPE} is missing); "
                           f"name it with --base-model")
     trust = bool(model_inputs.get("trust_remote_code", False))
     load_config(base_model, trust_remote_code=trust)  # a base model that cannot be found fails before any work
     task = dict(train_inputs.get("task", {}))
-    return RunMethod(storage, summary, recipe, chosen, train_rel, eval_rel, route_rel, str(base_model), trust,
+    return RunMethod(run, storage, summary, recipe, chosen, train_rel, eval_rel, route_rel, str(base_model), trust,
                      str(model_inputs.get("dtype", "float32")), task)
+
+
+def _stage_root(run: Storage, stages: dict) -> Storage:
+    """Stage folders lie below RUN_DIR, except for a sweep trial: its summary sits in the trial's folder and
+    its stages in the sweep's shared storage, where the summary's recorded folders point."""
+    for name, info in stages.items():
+        kind, _, label = name.partition(":")
+        if run.exists(f"{kind}/{label + '-' if label else ''}{info['fingerprint']}/{MANIFEST}"):
+            return run
+        folder = info.get("folder")
+        if folder and not is_remote(folder) and (Path(folder) / MANIFEST).is_file():
+            return Storage(Path(folder).parents[1])
+    return run
 
 
 # -- the formats -------------------------------------------------------------------------------------
@@ -240,9 +255,9 @@ def export_run(run_dir: str | Path, *, formats: Sequence[str] = ("peft",), ranks
     if bad:
         raise ConfigError(f"rank {bad[0]} is not one of {run.label}'s ranks {allowed}")
     if out is None:
-        if run.storage.remote:
-            raise ConfigError(f"{run.storage.display()} is remote storage: name a local folder with --out")
-        out = run.storage.local / "export"
+        if run.run.remote:
+            raise ConfigError(f"{run.run.display()} is remote storage: name a local folder with --out")
+        out = run.run.local / "export"
     out = Path(out).expanduser().resolve()
     if out.exists() and not force:
         raise ConfigError(f"{out} exists; pass --force to replace it")
@@ -272,7 +287,7 @@ def export_run(run_dir: str | Path, *, formats: Sequence[str] = ("peft",), ranks
                            "is no router to ship")
         record = {
             "method": run.label, "method_config": _method_config(run.method), "base_model": run.base_model,
-            "run_dir": run.storage.display(), "train_stage": run.train_rel, "formats": list(formats),
+            "run_dir": run.run.display(), "train_stage": run.train_rel, "formats": list(formats),
             "ranks": ranks, "class_ranks": _class_ranks(run), "files": files, "router_note": router_note,
         }
         (tmp / EXPORT_JSON).write_text(json.dumps(record, indent=2) + "\n")
@@ -333,16 +348,18 @@ def model_card(run: RunMethod, record: dict) -> str:
         lines.append(f"- rank {r}: " + ", ".join(f"`{p}/` ({f})" for f, p in where.items()))
     if "router" in record["files"]:
         lines.append("- `router/`: request text → rank (`serving.json`: classes, class → rank, tokenizer, template)")
-    lines += ["", "## Use", "", "```python"]
+    lines += ["", "## Use", "", "From this folder:", "", "```python"]
     first = record["ranks"][-1]
+    auto = "AutoModelForSpeechSeq2Seq" if run.task.get("name") == "speech" else "AutoModelForCausalLM"
+    if record["formats"]:
+        lines += [f"from transformers import {auto}"]
     if "peft" in record["formats"]:
-        lines += ["from peft import PeftModel",
-                  "from transformers import AutoModelForCausalLM",
-                  "",
-                  f"base = AutoModelForCausalLM.from_pretrained({run.base_model!r})",
-                  f"model = PeftModel.from_pretrained(base, \"peft/rank-{first}\")   # one adapter per rank", ""]
+        lines += ["from peft import PeftModel", "",
+                  f"base = {auto}.from_pretrained({run.base_model!r})",
+                  f"model = PeftModel.from_pretrained(base, \"peft/rank-{first}\")   # one adapter per rank"]
     if "merged" in record["formats"]:
-        lines += [f"merged = AutoModelForCausalLM.from_pretrained(\"merged/rank-{first}\")  # rank {first} folded in", ""]
+        lines += [f"merged = {auto}.from_pretrained(\"merged/rank-{first}\")  # rank {first} folded in"]
+    lines.append("")
     if "router" in record["files"]:
         lines += ["from flexi_workflows.router.serving import load_router", "",
                   "router = load_router(\"router\")",

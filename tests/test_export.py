@@ -201,9 +201,10 @@ def test_readme_export_command_on_a_finished_tiny_run(tmp_path, tiny_model_dir, 
     assert not (tmp_path / "x").exists()
 
 
-def _fake_run(root: Path, methods: list[dict], model_dir: Path | None) -> Path:
+def _fake_run(root: Path, methods: list[dict], model_dir: Path | None, summary_dir: Path | None = None) -> Path:
     """A run folder with only what `locate` reads: summary.json's stages, the stages' manifests, the adapter
-    folder and (with `model_dir`) recipe.json naming the base model."""
+    folder and (with `model_dir`) recipe.json naming the base model; `summary_dir` puts summary and recipe
+    elsewhere, as a sweep trial's are."""
     stages = {}
     for i, config in enumerate(methods):
         method = get_method(build(MethodConfig, config))
@@ -213,11 +214,13 @@ def _fake_run(root: Path, methods: list[dict], model_dir: Path | None) -> Path:
             (folder / "artifact" / "adapter").mkdir(parents=True, exist_ok=True)
             inputs = {"method": config, "model": {"digest": "x", "dtype": "float32"}, "task": {"name": "math"}}
             (folder / "manifest.json").write_text(json.dumps({"inputs": inputs}))
-            stages[f"{kind}:{label}"] = {"fingerprint": fp}
-    (root / "summary.json").write_text(json.dumps({"stages": stages, "rows": []}))
+            stages[f"{kind}:{label}"] = {"fingerprint": fp, "folder": str(folder)}
+    run = summary_dir or root
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "summary.json").write_text(json.dumps({"stages": stages, "rows": []}))
     if model_dir is not None:
-        (root / "recipe.json").write_text(json.dumps({"model": {"name_or_path": str(model_dir)}}))
-    return root
+        (run / "recipe.json").write_text(json.dumps({"model": {"name_or_path": str(model_dir)}}))
+    return run
 
 
 def test_locate_picks_the_flexi_method_and_names_what_is_wrong(tmp_path, tiny_model_dir):
@@ -242,3 +245,6 @@ def test_locate_picks_the_flexi_method_and_names_what_is_wrong(tmp_path, tiny_mo
     with pytest.raises(ConfigError, match="does not record its base model .* --base-model"):
         locate(run, "lora-8")
     assert locate(run, "lora-8", base_model=str(tiny_model_dir)).base_model == str(tiny_model_dir)
+    trial = _fake_run(tmp_path / "sweep", [oracle], tiny_model_dir, summary_dir=tmp_path / "sweep" / "trials" / "t0")
+    found = locate(trial)  # a sweep trial: its summary in its own folder, its stages in the sweep's storage
+    assert found.adapter_dir == tmp_path / "sweep" / "train" / "flexi-2-8-oracle-train00" / "artifact" / "adapter"
