@@ -30,6 +30,7 @@ from flexi_workflows.errors import ConfigError
 from flexi_workflows.fsutil import atomic_dir
 from flexi_workflows.methods import Method, get_method
 from flexi_workflows.pipeline import RECIPE, SUMMARY
+from flexi_workflows.router.model import POOLING as TEXT_POOLING
 from flexi_workflows.stages.base import MANIFEST
 from flexi_workflows.stages.evaluate import METRICS
 from flexi_workflows.stages.route import ROUTER_DIR
@@ -272,7 +273,12 @@ def export_run(run_dir: str | Path, *, formats: Sequence[str] = ("peft",), ranks
         for r in ranks:
             files["ranks"][str(r)] = {f: f"{f}/rank-{r}" for f in FORMATS if f in formats}
         router_note = None
-        if run.route_rel is not None:
+        pooling = (_json(run.storage, f"{run.route_rel}/{ROUTER_DIR}/router.json", "router config").get("pooling")
+                   if run.route_rel is not None else None)
+        if run.route_rel is not None and pooling != TEXT_POOLING:
+            router_note = (f"the router pools audio ({pooling}); the serving router covers text only (the run's "
+                           f"router is in {run.storage.display(f'{run.route_rel}/{ROUTER_DIR}')})")
+        elif run.route_rel is not None:
             template = input_template(run.task["name"])
             save_serving_router(run.storage.local_path(f"{run.route_rel}/{ROUTER_DIR}"), tmp / "router",
                                 class_ranks=run.method.ranks, base_model=run.base_model,
