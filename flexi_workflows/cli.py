@@ -236,6 +236,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 1 if plan.warnings() else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from flexi_workflows.export import export_run
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    ranks = None if args.all_ranks else [args.rank]
+    record = export_run(args.run_dir, formats=formats, ranks=ranks, out=args.out, method=args.method,
+                        base_model=args.base_model, copy_embeddings=args.router_embeddings == "copy", force=args.force)
+    print(f"exported {record['method']} (base {record['base_model']}) → {record['out']}")
+    for rank, where in record["files"]["ranks"].items():
+        print(f"  rank {rank}: " + ", ".join(f"{p}/" for p in where.values()))
+    if "router" in record["files"]:
+        print(f"  router: router/ (class → rank {record['class_ranks']})")
+    elif record.get("router_note"):
+        print(f"  no router: {record['router_note']}")
+    print("  model card: README.md")
+    return 0
+
+
 def _add_stage(sub, name: str, func, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("recipe", metavar="RECIPE", help="YAML recipe")
@@ -301,6 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Mean ± std over seeds per method × dataset × setting; writes SWEEP_DIR/report/.")
     p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a sweep's output_dir (holds sweep.json and trials/)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser(
+        "export", help="a finished run's adapter for serving: PEFT LoRA per rank, merged weights, the router",
+        description="Export one trained method of RUN_DIR (a recipe's output_dir after `flexi run`): a PEFT LoRA "
+                    "folder per rank and/or full weights with a rank merged in, the router as a standalone artifact "
+                    "(request text → rank), and a model card. Written to a temp folder, then renamed.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder (holds summary.json)")
+    p.add_argument("--method", help="the method label, e.g. flexi-2-8 or lora-8 (default: the run's Flexi-LoRA method)")
+    p.add_argument("--format", default="peft", help="peft, merged or peft,merged (default peft)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--rank", type=int, help="export this rank")
+    group.add_argument("--all-ranks", action="store_true", help="export every rank of the method")
+    p.add_argument("--out", help="the export folder (default RUN_DIR/export)")
+    p.add_argument("--base-model", help="the base model, where the run does not record it or it has moved")
+    p.add_argument("--router-embeddings", choices=("reference", "copy"), default="reference",
+                   help="the router reads the base model's input embeddings from the base model (reference, "
+                        "default) or from its own copy of the table (copy: standalone, one table's size)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_export)
     for name in ("train", "eval"):
         sub.choices[name].add_argument("--method", help="only this method label, e.g. flexi-2-8 or lora-8")
     return parser

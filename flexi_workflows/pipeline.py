@@ -18,7 +18,7 @@ from typing import Any
 from flexi_workflows.errors import ConfigError
 from flexi_workflows.fsutil import write_json_atomic
 from flexi_workflows.metrics import lower_is_better
-from flexi_workflows.recipes.loader import flatten
+from flexi_workflows.recipes.loader import flatten, to_dict
 from flexi_workflows.recipes.schema import DataSource, Recipe
 from flexi_workflows.stages.base import Stage, StageResult, exclusive_run, recipe_storage
 from flexi_workflows.stages.plan import Plan, plan_pipeline
@@ -26,6 +26,7 @@ from flexi_workflows.storage import Storage, scratch_dir
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
+RECIPE = "recipe.json"  # the recipe as run (paths absolute, built-in models resolved): `flexi export` reads it
 
 
 def prepare(recipe: Recipe) -> Recipe:
@@ -371,6 +372,7 @@ def _run_prepared(recipe: Recipe, *, recipe_path: str | None, force: bool, track
         storage = Storage(summary_dir) if summary_dir else recipe_storage(recipe)
         with (nullcontext(storage.local) if not storage.remote else scratch_dir("summary")) as out:
             write_json_atomic(out / SUMMARY, summary)
+            write_json_atomic(out / RECIPE, to_dict(recipe))
             pareto_plot(rows, out / "pareto.png", metric=f"{metric}_all", lower_is_better=lower_is_better(metric))
             if storage.remote:
                 storage.upload(out, "")

@@ -22,7 +22,7 @@ LAYERS = {
     "generation": 6, "training": 6, "memory": 6,
     "stages": 7, "tracking": 7,
     "pipeline": 8, "report": 8,
-    "sweep": 9,
+    "sweep": 9, "export": 9,
     "cli": 10,
 }
 # components that must not know the recipe at all (they take plain arguments)

@@ -54,9 +54,12 @@ def read_adapter_config(path: str | Path) -> tuple[FlexiLoraConfig, dict]:
 
 
 def load_adapter(
-    base_model: nn.Module, path: str | Path, policy: RankPolicy | None = None
+    base_model: nn.Module, path: str | Path, policy: RankPolicy | None = None, *, assign: bool = False
 ) -> FlexiLoraModel:
-    """Inject a saved adapter into `base_model`; the saved policy is used unless one is given."""
+    """Inject a saved adapter into `base_model`; the saved policy is used unless one is given.
+
+    `assign=True` makes the loaded tensors the adapter's parameters instead of copying into them: for a
+    base built on the meta device (no weights), which is all a PEFT export needs."""
     config, meta = read_adapter_config(path)
     if policy is None:
         policy = policy_from_dict(meta["policy"]) if meta.get("policy", {}).get("name") != "flexi" else None
@@ -75,7 +78,12 @@ def load_adapter(
                 raise ConfigError(
                     f"{path}: {key} has shape {tuple(state[key].shape)}, the model needs {tuple(param.shape)}"
                 )
-            param.copy_(state[key])
+            if assign:
+                owner, _, leaf = key.rpartition(".")
+                loaded = nn.Parameter(state[key].to(param.dtype), requires_grad=param.requires_grad)
+                setattr(model.base_model.get_submodule(owner), leaf, loaded)
+            else:
+                param.copy_(state[key])
     return model
 
 
