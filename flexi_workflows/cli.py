@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -353,11 +354,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     func: Callable[[argparse.Namespace], int] = args.func
+    # SIGTERM (a scheduler, `kill`, a container stop) ends a run the way Ctrl-C does: through Python, so
+    # Ray is shut down at exit and the one line below says what is kept
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return func(args)
     except FlexiError as exc:
         print(f"flexi {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nflexi {args.command}: interrupted. {_what_is_kept(args)}", file=sys.stderr)
+        return 130
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:  # ray.init replaces the SIGTERM handler with sys.exit(SIGTERM)
+            raise
+        print(f"\nflexi {args.command}: terminated. {_what_is_kept(args)}", file=sys.stderr)
+        _stop_ray_and_exit(128 + signal.SIGTERM)
+
+
+def _stop_ray_and_exit(code: int) -> None:
+    """After SIGTERM, Ray's C++ signal handler has run too, and its core worker aborts (SIGABRT) when the
+    interpreter tears it down later: stop Ray now, flush, and leave without that teardown."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _what_is_kept(args: argparse.Namespace) -> str:
+    """Where a rerun picks up: finished stages are reused and training resumes from its last checkpoint."""
+    recipe_file = getattr(args, "recipe", None)
+    if not recipe_file:
+        return "Rerun the same command to go on."
+    try:
+        from flexi_workflows.recipes import load_recipe
+        from flexi_workflows.stages.base import recipe_storage
+
+        where = recipe_storage(load_recipe(recipe_file, getattr(args, "overrides", []))).display("")
+    except (FlexiError, OSError):
+        where = "the recipe's output folder"
+    return (f"Finished stages are kept in {where}; rerun the same command to go on: they are reused, and an "
+            f"interrupted training resumes from its last checkpoint.")
 
 
 if __name__ == "__main__":

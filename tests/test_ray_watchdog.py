@@ -82,3 +82,23 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return process.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return []
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_with_one_line_saying_what_is_kept(tmp_path, tiny_model_dir):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(small_recipe_data(tmp_path, tiny_model_dir)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen([str(REPO_ROOT / ".venv" / "bin" / "flexi"), "run", str(path)], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (tmp_path / "out" / "score").exists():  # Ray is up, work has started
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == 128 + signal.SIGTERM, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"flexi run: terminated. Finished stages are kept in {tmp_path / 'out'}; rerun the same")
