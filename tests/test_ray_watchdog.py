@@ -19,8 +19,8 @@ from tests.helpers import small_recipe_data
 
 
 def test_watch_stops_what_the_driver_started_once_it_is_killed():
-    driver = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '300']); "
-                               "time.sleep(300)"])
+    script = "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
+    driver = subprocess.Popen([sys.executable, "-c", script])
     try:
         deadline = time.time() + 20
         while not psutil.Process(driver.pid).children() and time.time() < deadline:
