@@ -219,6 +219,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 1 if plan.warnings() else 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from flexi_workflows.models.pretrain import builtin_spec
+    from flexi_workflows.recipes import load_recipe
+    from flexi_workflows.tasks import get_task
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    task = get_task(recipe.task)
+    metric = getattr(task, "metric_spec", task.metric)
+    print(f"{recipe.name}: task {recipe.task.name}, metric {metric}"
+          + (f" (reported as {task.metric})" if metric != task.metric else ""))
+    first = None
+    for key, source in recipe.task.keyed_sources():
+        rows = task.load(source)  # every row parsed, as `flexi run` does before anything starts
+        first = first or rows[0]
+        shape = "" if recipe.task.name != "custom" else ", chat" if rows[0].get("context") else ", prompt/completion"
+        print(f"{key}: {len(rows)} rows{shape} from {source.path or source.name}")
+    if first is None:
+        return 0
+    model = recipe.model.name_or_path
+    tokenizer, why = None, "a built-in model, built on the first run"
+    if builtin_spec(model) is None:
+        if Path(model).expanduser().is_dir():
+            from flexi_workflows.models.loading import load_tokenizer
+
+            tokenizer = load_tokenizer(model, trust_remote_code=recipe.model.trust_remote_code)
+        else:
+            why = "a hub model, not downloaded by this check"
+    print("\nthe first row as the model sees it" + ("" if tokenizer is not None else f" (tokenizer not loaded: {why})")
+          + ":\n" + task.build_prompt(first, tokenizer, date_string=recipe.task.date_string) + " " + first["target"])
+    return 0
+
+
 def _add_stage(sub, name: str, func, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("recipe", metavar="RECIPE", help="YAML recipe")
@@ -253,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "train", cmd_train, "fine-tune the recipe's methods on Ray Train (DeepSpeed ZeRO or DDP)")
     _add_stage(sub, "eval", cmd_eval, "evaluate the trained methods on the recipe's eval sets (Ray Data)")
     _add_stage(sub, "run", cmd_run, "the whole pipeline: score → route → train → evaluate, skipping finished stages")
+    p = sub.add_parser("check", help="read the recipe and every data set as `flexi run` does first; nothing runs",
+                       description="Load RECIPE, parse every row of its training and evaluation sets (each error "
+                                   "names the file, line and recipe key), print the row counts and the first row as "
+                                   "the model sees it. Starts no Ray, builds and downloads no model.")
+    p.add_argument("recipe", metavar="RECIPE", help="YAML recipe")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    p.set_defaults(func=cmd_check)
     p = sub.add_parser(
         "plan", help="per-GPU memory of the recipe's training and generation, estimated before anything runs",
         description="Model states (params / grads / optimizer, partitioned by the ZeRO stage), a rough activation "

@@ -40,7 +40,7 @@ def prepare(recipe: Recipe) -> Recipe:
         raise ConfigError("task.eval lists no evaluation sets")
     from flexi_workflows.tasks import get_task
 
-    task = get_task(recipe.task.name)
+    task = get_task(recipe.task)
     recipe = resolve_builtin_data(recipe)  # a built-in corpus is synthesized (once) so it can be read
     for source in [recipe.task.train, *recipe.task.eval]:
         task.load(source)  # parse everything now: a bad line fails here, not mid-pipeline
@@ -152,7 +152,7 @@ def summary_rows(plan: Plan, results: dict[str, StageResult]) -> tuple[list[dict
     from flexi_workflows.stages.evaluate import METRICS
     from flexi_workflows.tasks import get_task
 
-    task = get_task(plan.recipe.task.name)
+    task = get_task(plan.recipe.task)
     metric = task.metric
     sources = {s.label: s for s in plan.recipe.task.eval}
     evals = ([plan.base_eval] if plan.base_eval.name in results else []) + [m.eval for m in plan.methods]
