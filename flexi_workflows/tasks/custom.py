@@ -194,11 +194,12 @@ class CustomTask(Task):
     # ---- loading -------------------------------------------------------------------------------
 
     def _key(self, source: DataSource) -> str:
-        """The recipe key of `source` (task.train, task.eval.1), for error messages."""
+        """The recipe key of `source` (task.train, task.eval.1) with a dot, for error messages; "" for a
+        source that is not in the recipe's task section."""
         for key, candidate in self.config.keyed_sources():
             if candidate == source:
-                return key
-        return "the data source"
+                return key + "."
+        return ""
 
     def _load(self, source: DataSource) -> list[Row]:
         self.metric_function()  # a bad import path fails with the data checks, before anything runs
@@ -220,7 +221,7 @@ class CustomTask(Task):
             row = self._row(obj, where, shape, columns, key, source.label, len(rows))
             if row["id"] in seen:  # numbered rows never repeat: this is a mapped id column
                 raise DataError(f"{where}: id {obj[columns['id']]!r} repeats the one at {seen[row['id']]} "
-                                f"(column {columns['id']!r}, {key}.columns.id, must be unique)")
+                                f"(column {columns['id']!r}, {key}columns.id, must be unique)")
             seen[row["id"]] = where
             rows.append(row)
             if source.stops_at_limit and len(rows) >= source.limit:
@@ -230,8 +231,8 @@ class CustomTask(Task):
     def _row(self, obj: dict, where: str, shape: str, columns: dict[str, str], key: str, label: str, index: int) -> Row:
         def ref(field: str) -> str:
             if field in columns:
-                return f"{key}.columns.{field}"
-            return f"a {shape} row needs it; {key}.columns.{field} maps another column"
+                return f"{key}columns.{field}"
+            return f"a {shape} row needs it; {key}columns.{field} maps another column"
 
         if shape == CHAT:
             column = columns.get("messages", "messages")
@@ -246,7 +247,7 @@ class CustomTask(Task):
             raise DataError(f"{where}: the {'assistant answer' if shape == CHAT else 'completion'} is empty: nothing to learn")
         if self.metric_spec == "numeric" and last_number(target) is None:
             raise DataError(f"{where}: task.metric is numeric but the reference {target[:60]!r} has no number")
-        rid = _text(obj, columns["id"], where, f"{key}.columns.id") if "id" in columns else str(index)
+        rid = _text(obj, columns["id"], where, f"{key}columns.id") if "id" in columns else str(index)
         return {"id": f"{label}:{rid}", "question": question, "context": context, "target": target.strip(),
                 "answers": [target.strip()], "source": label}
 
