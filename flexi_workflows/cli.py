@@ -231,11 +231,14 @@ def cmd_check(args: argparse.Namespace) -> int:
           + (f" (reported as {task.metric})" if metric != task.metric else ""))
     first = None
     for key, source in recipe.task.keyed_sources():
+        if not source.path and (source.name or "").startswith("builtin:"):
+            print(f"{key}: {source.name}, a built-in corpus, synthesized on the first run")
+            continue
         rows = task.load(source)  # every row parsed, as `flexi run` does before anything starts
         first = first or rows[0]
         shape = "" if recipe.task.name != "custom" else ", chat" if rows[0].get("context") else ", prompt/completion"
         print(f"{key}: {len(rows)} rows{shape} from {source.path or source.name}")
-    if first is None:
+    if first is None or task.modality != "text":
         return 0
     model = recipe.model.name_or_path
     tokenizer, why = None, "a built-in model, built on the first run"

@@ -11,6 +11,10 @@ Rows are plain dicts so they travel unchanged through Ray Data, parquet and JSON
     subset    the part of a multi-part dataset the row belongs to (MRQA: SQuAD, NewsQA, ...;
               MetaMathQA: GSM_AnsAug, ...); absent for single-part datasets
 
+Rows of users' own files (tasks/custom.py) keep this layout: `question` is the prompt or a chat's last
+user message, and `context` a chat's earlier messages as JSON, so prompts can be rebuilt from the two
+fields every stage passes on.
+
 Speech rows (tasks/speech.py) add `audio` (a file path or encoded bytes) in place of a question and
 `modality = "speech"`: the model hears the audio instead of reading a prompt; the loader/scoring
 split here stays the same.
