@@ -37,6 +37,8 @@ message of its own. Without a template, the plain format:
     chat                {system}\\n\\nUser: {turn}\\nAssistant: {turn}\\n ... User: {question}\\nAssistant:
 
 and the training target follows after one space, then the end-of-sequence token (data/causal_lm.py).
+The router reads the turns' text alone (no system prompt, no role labels), so a question reads the
+same from a chat file and from a prompt/completion file.
 
 Metrics (the score stage grades difficulty with it, evaluation reports it):
 - exact_match  the prediction equals the reference after SQuAD normalisation (case, punctuation,
@@ -281,9 +283,9 @@ class CustomTask(Task):
             return rendered[0]
         return self.plain_prompt(row)
 
-    def plain_prompt(self, row: Row, *, system: bool = True) -> str:
+    def plain_prompt(self, row: Row) -> str:
         messages = self.messages(row)
-        head = [m["content"] for m in messages if m["role"] == "system"] if system else []
+        head = [m["content"] for m in messages if m["role"] == "system"]
         turns = [m for m in messages if m["role"] != "system"]
         prefix = "".join(f"{text}\n\n" for text in head)
         if not row.get("context"):  # prompt/completion: the prompt as written
@@ -292,8 +294,10 @@ class CustomTask(Task):
         return prefix + "\n".join(lines) + "\nAssistant:"
 
     def user_text(self, row: Row) -> str:
-        """What the router reads: the prompt without the system prompt (the same for every row)."""
-        return self.plain_prompt(row, system=False)
+        """What the router reads: the conversation's text without system prompt or role labels, so that
+        the same question reads the same from a chat file and from a prompt/completion file (a router
+        trained on one routes the other)."""
+        return "\n".join(m["content"] for m in self.messages(row) if m["role"] != "system")
 
     # ---- metrics -------------------------------------------------------------------------------
 

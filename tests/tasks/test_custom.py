@@ -48,7 +48,8 @@ def test_chat_rows_through_a_column_mapping(tmp_path):
     # the plain prompt format: the system message, earlier turns, the question, the assistant's turn opened
     assert task.build_prompt(rows[0]) == "User: What is 2+2?\nAssistant:"
     assert task.build_prompt(rows[1]) == "Be brief.\n\nUser: 1+1?\nAssistant: 2\nUser: and 2+3?\nAssistant:"
-    assert task.user_text(rows[1]) == "User: 1+1?\nAssistant: 2\nUser: and 2+3?\nAssistant:"  # the router's input
+    # the router's input: the text of the turns, as a prompt/completion row with the same question reads
+    assert task.user_text(rows[1]) == "1+1?\n2\nand 2+3?" and task.user_text(rows[0]) == "What is 2+2?"
 
 
 def test_prompt_completion_rows_from_a_json_list_with_mapped_columns_and_ids(tmp_path):
@@ -61,6 +62,7 @@ def test_prompt_completion_rows_from_a_json_list_with_mapped_columns_and_ids(tmp
                                                                     ("qa:b", "3 times 4?", "12")]
     assert task.build_prompt(rows[0]) == "Answer in one word.\n\nCapital of France?"  # the prompt as written
     assert get_task("custom").build_prompt(rows[0]) == "Capital of France?"
+    assert task.user_text(rows[0]) == "Capital of France?"  # no system prompt for the router
 
 
 def test_parquet_files_a_folder_and_json_lines_in_a_json_file_without_a_mapping(tmp_path):
