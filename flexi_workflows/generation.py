@@ -149,8 +149,8 @@ class MethodGenerator(BatchGenerator):
     The ranks actually used come back as a column, so mean active parameters are measured, not assumed.
     """
 
-    def __init__(self, model_ref: str, task_name: str | TaskConfig, *, method: dict[str, Any], artifact_dir: str, seed: int = 0,
-                 **kwargs: Any) -> None:
+    def __init__(self, model_ref: str, task_name: str | TaskConfig, *, method: dict[str, Any], artifact_dir: str,
+                 seed: int = 0, **kwargs: Any) -> None:
         from flexi_workflows.methods import get_method
         from flexi_workflows.recipes.loader import build
         from flexi_workflows.recipes.schema import MethodConfig
