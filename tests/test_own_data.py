@@ -78,3 +78,16 @@ def test_the_readme_check_command_reads_the_example_data():
     assert "task.train: 64 rows, chat from flexi_workflows/assets/own-data/arith-chat.jsonl" in done.stdout
     assert "task.eval.0: 32 rows, prompt/completion from flexi_workflows/assets/own-data/arith-qa.json" in done.stdout
     assert "\nQuestion: Ivy has 19 shells. He gives away 1. How many shells?\nAnswer: 19-1=18. #### 18" in done.stdout
+
+
+def test_check_stops_on_a_missing_mapped_column_with_the_file_line_and_key(tmp_path, capsys):
+    from flexi_workflows.cli import main
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n" + json.dumps({"question": "3+3?"}) + "\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"task:\n  name: custom\n  train: {{path: {data}, columns: {{prompt: question, completion: answer}}}}\n"
+                      f"  eval: [{{path: {data}}}]\nmodel: {{name_or_path: builtin:arith-tiny}}\n")
+    assert main(["check", str(recipe)]) == 2
+    assert (f"flexi check: error: {data}:2: no column 'answer' (task.train.columns.completion); the row has: question"
+            in capsys.readouterr().err)
