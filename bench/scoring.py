@@ -60,7 +60,7 @@ def plain_loop(rows, recipe: Recipe, threads: int) -> tuple[float, dict]:
     from flexi_workflows.generation import BatchGenerator
 
     started = time.perf_counter()
-    gen = BatchGenerator(recipe.model.name_or_path, recipe.task.name, max_new_tokens=recipe.scoring.max_new_tokens,
+    gen = BatchGenerator(recipe.model.name_or_path, recipe.task, max_new_tokens=recipe.scoring.max_new_tokens,
                          max_prompt_tokens=recipe.task.max_prompt_tokens, num_threads=threads,
                          date_string=recipe.task.date_string)
     out = {}

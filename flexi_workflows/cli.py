@@ -111,11 +111,35 @@ def _load_recipe(args: argparse.Namespace):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Everything that can be checked before work starts; exit 0 with what would run, or 2 with the error."""
+    """Everything that can be checked before work starts; exit 0 with what the data looks like and what
+    would run, or 2 with the error."""
+    import os
+
     from flexi_workflows.pipeline import check_plan
     from flexi_workflows.stages.plan import plan_pipeline
+    from flexi_workflows.tasks import get_task
 
-    recipe = _load_recipe(args)
+    recipe = _load_recipe(args)  # every check `flexi run` makes first
+    task = get_task(recipe.task)
+    metric = getattr(task, "metric_spec", task.metric)
+    print(f"{recipe.name}: task {recipe.task.name}, metric {metric}"
+          + (f" (reported as {task.metric})" if metric != task.metric else ""))
+
+    def shown(path: str | None) -> str | None:
+        return os.path.relpath(path) if path and Path(path).resolve().is_relative_to(Path.cwd()) else path
+
+    first = None
+    for key, source in recipe.task.keyed_sources():
+        rows = task.load(source)
+        first = first or rows[0]
+        shape = "" if recipe.task.name != "custom" else ", chat" if rows[0].get("context") else ", prompt/completion"
+        print(f"{key}: {len(rows)} rows{shape} from {shown(source.path) or source.name}")
+    if first is not None and task.modality == "text":
+        from flexi_workflows.models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+        print("\nthe first row as the model sees it:\n"
+              + task.build_prompt(first, tokenizer, date_string=recipe.task.date_string) + " " + first["target"] + "\n")
     stages = check_plan(plan_pipeline(recipe))
     finished = [s.name for s in stages if s.finished() is not None]
     todo = [s.name for s in stages if s.name not in finished]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flexi_workflows.recipes.schema import TaskConfig
 from flexi_workflows.tasks import get_task
 from flexi_workflows.tasks.base import DEFAULT_DATE_STRING
 
@@ -32,7 +33,7 @@ class BatchGenerator:
     def __init__(
         self,
         model_ref: str,
-        task_name: str,
+        task_name: str | TaskConfig,
         *,
         max_new_tokens: int,
         max_prompt_tokens: int = 512,
@@ -148,8 +149,8 @@ class MethodGenerator(BatchGenerator):
     The ranks actually used come back as a column, so mean active parameters are measured, not assumed.
     """
 
-    def __init__(self, model_ref: str, task_name: str, *, method: dict[str, Any], artifact_dir: str, seed: int = 0,
-                 **kwargs: Any) -> None:
+    def __init__(self, model_ref: str, task_name: str | TaskConfig, *, method: dict[str, Any], artifact_dir: str,
+                 seed: int = 0, **kwargs: Any) -> None:
         from flexi_workflows.methods import get_method
         from flexi_workflows.recipes.loader import build
         from flexi_workflows.recipes.schema import MethodConfig

@@ -8,6 +8,8 @@
   official definition.)
 - Math: the number a completion ends on, compared as a number with a relative tolerance of 1e-4.
   `extract_number` prefers GSM8K's "#### N", then "The answer is N", then the last number.
+- Own data (tasks/custom.py), `numeric`: the last number of the completion against the last number of
+  the reference, with the same tolerance.
 - Speech: word / character error rate as jiwer defines them (edit distance over reference length).
 """
 
@@ -109,6 +111,24 @@ def math_correct(prediction_text: str, gold: float | int | str, rel_tol: float =
         return False
     return math.isclose(predicted, float(gold_value), rel_tol=rel_tol, abs_tol=1e-9)
 
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in `text` ("$1,000." → 1000.0), or None."""
+    for token in reversed(_ANY_NUMBER.findall(text or "")):
+        value = parse_number(token)
+        if value is not None:
+            return value
+    return None
+
+
+def last_number_match(prediction: str, reference: str, rel_tol: float = 1e-4) -> float:
+    """1.0 when the prediction's last number equals the reference's (within rel_tol), else 0.0."""
+    gold = last_number(reference)
+    if gold is None:
+        raise ValueError(f"reference {reference[:60]!r} has no number")
+    predicted = last_number(prediction)
+    return float(predicted is not None and math.isclose(predicted, gold, rel_tol=rel_tol, abs_tol=1e-9))
 
 def _edit_distance(ref: Sequence[str], hyp: Sequence[str]) -> int:
     previous = list(range(len(hyp) + 1))

@@ -41,7 +41,7 @@ def prepare(recipe: Recipe) -> Recipe:
         raise ConfigError("task.eval lists no evaluation sets")
     from flexi_workflows.tasks import get_task
 
-    task = get_task(recipe.task.name)
+    task = get_task(recipe.task)
     recipe = resolve_builtin_data(recipe)  # a built-in corpus is synthesized (once) so it can be read
     keyed = [("task.train", recipe.task.train), *((f"task.eval.{i}", s) for i, s in enumerate(recipe.task.eval))]
     for key, source in keyed:
@@ -113,7 +113,7 @@ def check_model(recipe: Recipe) -> None:
 
     ref, remote_code = recipe.model.name_or_path, recipe.model.trust_remote_code
     check_weights(ref)
-    if get_task(recipe.task.name).modality == "speech":
+    if get_task(recipe.task).modality == "speech":
         load_processor(ref, trust_remote_code=remote_code)
     else:
         load_tokenizer(ref, trust_remote_code=remote_code)
@@ -219,7 +219,7 @@ def summary_rows(plan: Plan, results: dict[str, StageResult]) -> tuple[list[dict
     from flexi_workflows.stages.evaluate import METRICS
     from flexi_workflows.tasks import get_task
 
-    task = get_task(plan.recipe.task.name)
+    task = get_task(plan.recipe.task)
     metric = task.metric
     sources = {s.label: s for s in plan.recipe.task.eval}
     evals = ([plan.base_eval] if plan.base_eval.name in results else []) + [m.eval for m in plan.methods]

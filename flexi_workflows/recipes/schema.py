@@ -18,6 +18,21 @@ from typing import Any, ClassVar, Literal
 
 from flexi_workflows.errors import ConfigError, DataError
 
+COLUMN_FIELDS = ("messages", "prompt", "completion", "id")  # what a custom task's `columns` can map
+BUILTIN_METRICS = ("exact_match", "numeric", "f1")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
+def check_columns(columns: dict) -> None:
+    unknown = sorted(set(columns) - set(COLUMN_FIELDS))
+    if unknown:
+        raise ConfigError(f"columns: unknown field(s) {unknown}; map any of {', '.join(COLUMN_FIELDS)} to a column name")
+    bad = [k for k, v in columns.items() if not isinstance(v, str) or not v]
+    if bad:
+        raise ConfigError(f"columns.{bad[0]} must name a column (a non-empty string), got {columns[bad[0]]!r}")
+    if "messages" in columns and ({"prompt", "completion"} & set(columns)):
+        raise ConfigError("columns: map either `messages` (chat data) or `prompt` / `completion`, not both")
+
 
 @dataclass
 class DataSource:
@@ -38,6 +53,9 @@ class DataSource:
     MetaMathQA types); unset keeps every subset, except MetaMathQA, whose default is its GSM8K part.
     note: a remark on the data (which copy, which split) carried into summary rows and report tables;
     known copies that differ from the paper's splits get one automatically (tasks/math.py).
+    columns (task `custom` only): which of the file's columns hold the task's fields, e.g.
+    {prompt: question, completion: answer, id: qid} or {messages: conversation}; per source, because a
+    training file and an evaluation file often come from different places (tasks/custom.py).
     """
 
     name: str | None = None
@@ -48,6 +66,7 @@ class DataSource:
     seed: int = 0
     subsets: list[str] | None = None
     note: str | None = None
+    columns: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if not self.name and not self.path:
@@ -61,6 +80,8 @@ class DataSource:
         if self.name and (self.name.startswith("/") or {".", ".."} & set(self.name.split("/"))):
             raise ConfigError(f"data source name {self.name!r} is not a dataset name (a hub id like org/name or "
                               f"builtin:...); a local file goes in `path`")
+        if self.columns is not None:
+            check_columns(self.columns)
 
     @property
     def label(self) -> str:
@@ -106,6 +127,13 @@ class TaskConfig:
     the calendar and, with it, every fingerprint and result. Prompts pass this fixed date as
     `date_string`, and templates that call `strftime_now` directly see the same day. The default is
     the Llama 3.x templates' own fallback date.
+
+    Task `custom` (users' own files, tasks/custom.py) also reads:
+      system_prompt  the system message of every prompt whose conversation has none of its own
+      chat_template  a Jinja chat template used instead of the tokenizer's (or where it has none)
+      metric         exact_match (default), numeric (the last numbers agree), f1 (token F1 as the QA
+                     task's), or a Python function `module.path:function` called as f(prediction,
+                     reference) → a float in [0, 1]
     """
 
     name: str = "math"
@@ -114,6 +142,9 @@ class TaskConfig:
     max_prompt_tokens: int = 512
     max_target_tokens: int = 256
     date_string: str = "26 Jul 2024"
+    system_prompt: str | None = None
+    chat_template: str | None = None
+    metric: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -127,6 +158,27 @@ class TaskConfig:
                                   f"{source.label!r}, and results are filed by label: evaluate each set once, "
                                   f"or give one file another name")
             seen[source.label] = i
+        if self.name != CUSTOM_TASK:
+            keys = [f"task.{k}" for k in ("system_prompt", "chat_template", "metric") if getattr(self, k) is not None]
+            keys += [f"{key}.columns" for key, source in self.keyed_sources() if source.columns is not None]
+            if keys:
+                raise ConfigError(f"{', '.join(keys)}: read by task {CUSTOM_TASK!r} only (task.name is {self.name!r})")
+        if self.metric is not None and self.metric not in BUILTIN_METRICS and not _IMPORT_PATH.match(self.metric):
+            raise ConfigError(f"task.metric must be one of {', '.join(BUILTIN_METRICS)} or a Python function as "
+                              f"module.path:function, got {self.metric!r}")
+        if self.chat_template is not None and not self.chat_template.strip():
+            raise ConfigError("task.chat_template is empty (leave it unset to use the tokenizer's own)")
+
+    def keyed_sources(self) -> list[tuple[str, DataSource]]:
+        """Each data source with its recipe key (task.train, task.eval.0, ...), for messages that name it."""
+        train = [("task.train", self.train)] if self.train is not None else []
+        return train + [(f"task.eval.{i}", s) for i, s in enumerate(self.eval)]
+
+    @property
+    def binary_grades(self) -> bool:
+        """Whether one answer's grade is 0 or 1, so a row's score is a pass rate j / scoring.num_samples."""
+        return self.name in BINARY_GRADE_TASKS or (
+            self.name == CUSTOM_TASK and (self.metric or "exact_match") in ("exact_match", "numeric"))
 
 
 @dataclass
@@ -576,6 +628,7 @@ class SweepConfig:
 
 # tasks whose per-answer grade is 0 or 1 (accuracy): their scores are pass rates j / num_samples
 BINARY_GRADE_TASKS = ("math", "arith")
+CUSTOM_TASK = "custom"  # users' own files (tasks/custom.py): the one task configured by recipe keys
 LOWER_IS_BETTER_TASKS = ("speech",)  # tasks scored by an error rate: thresholds ascend (tasks/speech.py)
 
 
@@ -607,7 +660,7 @@ class Recipe:
                               f"error rate; easiest class first), got {t}")
         if self.task.name not in LOWER_IS_BETTER_TASKS and any(a <= b for a, b in zip(t, t[1:])):
             raise ConfigError(f"scoring.thresholds must be strictly decreasing (easiest class first), got {t}")
-        if self.task.name in BINARY_GRADE_TASKS:
+        if self.task.binary_grades:
             empty = self.scoring.unreachable_classes()
             if empty:
                 k = self.scoring.num_samples

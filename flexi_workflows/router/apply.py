@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 
-def router_inputs(task_name: str, rows: Sequence[dict[str, Any]], model_ref: str, *, max_length: int = 512,
+def router_inputs(task_name: Any, rows: Sequence[dict[str, Any]], model_ref: str, *, max_length: int = 512,
                   trust_remote_code: bool = False) -> tuple[torch.Tensor, int]:
     """(pooled features (rows, dim), the base model's vocabulary size) for rows with the task's columns
-    (`question` / `context`, or `audio` and `id` for speech)."""
+    (`question` / `context`, or `audio` and `id` for speech). `task_name`: what get_task takes, a name or
+    the recipe's task section (the router itself does not know the recipe)."""
     from flexi_workflows.models.loading import load_config
     from flexi_workflows.tasks import get_task
 
@@ -43,7 +44,7 @@ def router_inputs(task_name: str, rows: Sequence[dict[str, Any]], model_ref: str
     return pool_texts(texts, tokenizer, embedding, max_length=max_length), int(embedding.weight.shape[0])
 
 
-def route_rows(task_name: str, rows: Sequence[dict[str, Any]], router_dir: str | Path, model_ref: str, *,
+def route_rows(task_name: Any, rows: Sequence[dict[str, Any]], router_dir: str | Path, model_ref: str, *,
                max_length: int = 512, trust_remote_code: bool = False) -> np.ndarray:
     """The router's difficulty class (0 = easiest) for each row."""
     from flexi_workflows.models.loading import load_config

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from flexi_workflows.errors import ConfigError
 from flexi_workflows.methods import Accounting, Method, get_method
 from flexi_workflows.plots import rank_histogram_plot
-from flexi_workflows.recipes.schema import MethodConfig, Recipe
+from flexi_workflows.recipes.schema import MethodConfig, Recipe, TaskConfig
 from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, recipe_storage, run_stage
 from flexi_workflows.stages.inputs import data_inputs, model_inputs, task_inputs
 from flexi_workflows.stages.train import ARTIFACT
@@ -48,7 +48,7 @@ def base_accounting(recipe: Recipe, targets: list[str] | None = None) -> Account
     return Accounting(base_params=count_base_params(meta), params_per_rank=params_per_rank(meta, resolve_targets(meta, targets)))
 
 
-def summarize(task_name: str, rows: list[Row], outputs: dict[str, dict]) -> tuple[dict, pa.Table, np.ndarray]:
+def summarize(task_name: str | TaskConfig, rows: list[Row], outputs: dict[str, dict]) -> tuple[dict, pa.Table, np.ndarray]:
     """Per-dataset means of the task's metrics (overall and per group), the per-row table, the ranks used."""
     task = get_task(task_name)
     per_row = []
@@ -113,7 +113,7 @@ def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None,
     blocks = [pa.Table.from_pylist(columns[i:i + cfg.batch_size]) for i in range(0, len(columns), cfg.batch_size)]
     ds = ray.data.from_arrow(blocks)
     kwargs = {
-        "model_ref": recipe.model.name_or_path, "task_name": recipe.task.name,
+        "model_ref": recipe.model.name_or_path, "task_name": recipe.task,
         "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": recipe.task.max_prompt_tokens,
         "date_string": recipe.task.date_string,
         "dtype": recipe.model.dtype, "trust_remote_code": recipe.model.trust_remote_code,
@@ -192,7 +192,7 @@ class EvalStage(Stage):
     def check(self) -> None:
         if not self.recipe.task.eval:
             raise ConfigError("task.eval lists no evaluation sets")
-        task = get_task(self.recipe.task.name)
+        task = get_task(self.recipe.task)
         for source in self.recipe.task.eval:
             task.load(source)
 
@@ -201,7 +201,7 @@ class EvalStage(Stage):
         from flexi_workflows.stages.routing import assign_ranks
 
         recipe, method = self.recipe, self.method
-        task = get_task(recipe.task.name)
+        task = get_task(recipe.task)
         trained = upstream[self.train.name] if self.train is not None else None
         artifact = trained.folder / ARTIFACT if trained is not None else None  # this machine's copy, for accounting
         route = upstream[self.route.name] if self.route is not None else None
@@ -223,7 +223,7 @@ class EvalStage(Stage):
                 ranks, _ = assign_ranks(recipe, method, rows, route, dataset=source.label)
                 rows = [{**r, "rank": int(k)} for r, k in zip(rows, ranks)]
             outputs = generate_with_method(rows, recipe, method, trained.ref(ARTIFACT) if trained is not None else None)
-            summary, table, ranks_used = summarize(recipe.task.name, rows, outputs)
+            summary, table, ranks_used = summarize(recipe.task, rows, outputs)
             if method is None:
                 summary["mean_active_params"] = 0
             else:

@@ -43,6 +43,8 @@ def data_inputs(source: DataSource) -> dict[str, Any]:
 
     data: dict[str, Any] = {"source": dataclasses.asdict(source)}
     data["source"].pop("note")  # a remark for reports, not an input
+    if source.columns is None:  # unset (every task but custom): fingerprints as before the key existed
+        data["source"].pop("columns")
     if source.path:
         data["source"].pop("path")  # by content, not by where the file lies
         if (source.name or "").startswith("builtin:"):  # a built-in corpus: its cache folder is named by its spec
@@ -56,5 +58,11 @@ def data_inputs(source: DataSource) -> dict[str, Any]:
 
 def task_inputs(recipe: Recipe) -> dict[str, Any]:
     # the chat template's date is part of every prompt (TaskConfig.date_string)
-    return {"name": recipe.task.name, "max_prompt_tokens": recipe.task.max_prompt_tokens,
-            "date_string": recipe.task.date_string}
+    inputs = {"name": recipe.task.name, "max_prompt_tokens": recipe.task.max_prompt_tokens,
+              "date_string": recipe.task.date_string}
+    # task custom's prompt and metric settings, only where set (other tasks' fingerprints stay as they were);
+    # a metric function counts by its import path, not its code (tasks/custom.py)
+    for key in ("system_prompt", "chat_template", "metric"):
+        if getattr(recipe.task, key) is not None:
+            inputs[key] = getattr(recipe.task, key)
+    return inputs

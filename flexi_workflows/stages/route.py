@@ -54,13 +54,13 @@ class RouteStage(Stage):
 
         recipe, cfg = self.recipe, self.recipe.router
         scored = upstream[self.score.name].folder / SCORED
-        speech = get_task(recipe.task.name).modality == "speech"
+        speech = get_task(recipe.task).modality == "speech"
         columns = ["id", "audio", "class"] if speech else ["id", "question", "context", "class"]
         table = pq.read_table(scored, columns=columns).to_pydict()
         labels = np.asarray(table.pop("class"), dtype=np.int64)
         rows = [dict(zip(table, values)) for values in zip(*table.values())]
         model_ref = recipe.model.name_or_path
-        features, vocab_size = router_inputs(recipe.task.name, rows, model_ref, max_length=recipe.task.max_prompt_tokens,
+        features, vocab_size = router_inputs(recipe.task, rows, model_ref, max_length=recipe.task.max_prompt_tokens,
                                              trust_remote_code=recipe.model.trust_remote_code)
         spec = RouterSpec(
             embed_dim=int(features.shape[1]),

@@ -33,7 +33,7 @@ def assign_ranks(recipe: Recipe, method: Method, rows: list[Row], source: StageR
     else:
         from flexi_workflows.router.apply import route_rows
 
-        classes = route_rows(recipe.task.name, rows, source.folder / ROUTER_DIR, recipe.model.name_or_path,
+        classes = route_rows(recipe.task, rows, source.folder / ROUTER_DIR, recipe.model.name_or_path,
                              max_length=recipe.task.max_prompt_tokens, trust_remote_code=recipe.model.trust_remote_code)
     ranks = method.ranks_for(classes)
     stats = {"mean_rank": float(np.mean(ranks)), "rank_shares": {str(r): float(np.mean(ranks == r)) for r in method.ranks}}
@@ -53,7 +53,7 @@ def oracle_classes(recipe: Recipe, rows: list[Row], source: StageResult, dataset
     else:
         from flexi_workflows.stages.evaluate import PREDICTIONS
 
-        task = get_task(recipe.task.name)
+        task = get_task(recipe.task)
         metric = task.metric
         table = pq.read_table(source.folder / PREDICTIONS / f"{dataset}.parquet", columns=["id", metric]).to_pydict()
         by_id = dict(zip(table["id"], assign_classes(table[metric], recipe.scoring.thresholds,

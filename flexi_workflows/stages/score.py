@@ -45,7 +45,7 @@ def validate_score_inputs(recipe: Recipe) -> list[Row]:
         raise ConfigError("task.train is not set: the score stage needs a training set (path or hub name)")
     if not recipe.model.name_or_path:
         raise ConfigError("model.name_or_path is not set")
-    task = get_task(recipe.task.name)
+    task = get_task(recipe.task)
     rows = task.load(recipe.task.train)
     ids = [r["id"] for r in rows]
     if len(set(ids)) != len(ids):
@@ -76,7 +76,7 @@ def score_rows(rows: list[Row], recipe: Recipe) -> dict[str, dict]:
         BatchGenerator,
         fn_constructor_kwargs={
             "model_ref": recipe.model.name_or_path,
-            "task_name": recipe.task.name,
+            "task_name": recipe.task,
             "max_new_tokens": cfg.max_new_tokens,
             "max_prompt_tokens": recipe.task.max_prompt_tokens,
             "date_string": recipe.task.date_string,
@@ -104,7 +104,7 @@ def score_rows(rows: list[Row], recipe: Recipe) -> dict[str, dict]:
 
 
 def build_scored_table(rows: list[Row], outputs: dict[str, dict], recipe: Recipe) -> tuple[pa.Table, dict]:
-    task = get_task(recipe.task.name)
+    task = get_task(recipe.task)
     missing = [r["id"] for r in rows if r["id"] not in outputs]
     if missing:
         raise RuntimeError(f"scoring lost {len(missing)} rows, e.g. {missing[:3]}")

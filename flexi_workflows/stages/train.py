@@ -88,7 +88,7 @@ def training_examples(recipe: Recipe, method: Method, routing_source: StageResul
     from flexi_workflows.models.loading import load_tokenizer
     from flexi_workflows.stages.routing import assign_ranks
 
-    task = get_task(recipe.task.name)
+    task = get_task(recipe.task)
     rows = task.load(recipe.task.train)
     extra: dict[str, Any] = {}
     if task.modality == "speech":
@@ -202,7 +202,7 @@ def worker_config(recipe: Recipe, method: MethodConfig, *, total_steps: int, ste
         "tracking_uri": tracking_uri,
         "run_id": run_id,
         "validation": validation,
-        "modality": get_task(recipe.task.name).modality,
+        "modality": get_task(recipe.task).modality,
         # built here, where the recipe's files are: a worker on another node never reads them
         "deepspeed_config": deepspeed_config_for(recipe) if recipe.distribution.strategy == "deepspeed" else None,
         # training.resume: Ray Train V2 has no resume_from_checkpoint; the loop starts from this folder

@@ -43,7 +43,7 @@ def reported_columns(recipe: Recipe, dataset_rows: list[dict]) -> set[str]:
     from flexi_workflows.methods import get_method
     from flexi_workflows.tasks import get_task
 
-    task = get_task(recipe.task.name)
+    task = get_task(recipe.task)
     groups = sorted({r.get("group") for r in dataset_rows if r.get("group")})
     columns = {f"{task.metric}_all"} | {f"{task.metric}_{g}" for g in groups}
     if "exact_match" in task.metrics("", dataset_rows[0]):
@@ -170,7 +170,7 @@ def validate_sweep(recipe: Recipe, base: dict, source: str) -> tuple[list[Trial]
         raise ConfigError(f"{where}sweep.dataset {dataset!r} is not an eval set of the recipe; it has: "
                           f"{', '.join(s.label for s in recipe.task.eval)}")
     source_of = {s.label: s for s in recipe.task.eval}
-    rows = get_task(recipe.task.name).load(source_of[dataset])
+    rows = get_task(recipe.task).load(source_of[dataset])
     columns = set.intersection(*(reported_columns(r, rows) for r in recipes))
     if cfg.metric not in columns:
         raise ConfigError(f"{where}sweep.metric {cfg.metric!r} is not reported by the trials; they report: "
@@ -251,7 +251,7 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None) -> dict:
     # the same trials computing the same stages is the same sweep, whatever the resources or tracking
     sweep_fp = fingerprint({"trials": [[t.trial_id, [s.fingerprint for s in p.stages()]] for t, p in zip(trials, plans)],
                             **settings})
-    task_metric = get_task(recipe.task.name).metric
+    task_metric = get_task(recipe.task).metric
     sweep_file = sweep_dir / SWEEP_FILE
     previous = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
     resuming = switch_trials(sweep_dir, previous.get("fingerprint"), sweep_fp)

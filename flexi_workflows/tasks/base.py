@@ -11,6 +11,10 @@ Rows are plain dicts so they travel unchanged through Ray Data, parquet and JSON
     subset    the part of a multi-part dataset the row belongs to (MRQA: SQuAD, NewsQA, ...;
               MetaMathQA: GSM_AnsAug, ...); absent for single-part datasets
 
+Rows of users' own files (tasks/custom.py) keep this layout: `question` is the prompt or a chat's last
+user message, and `context` a chat's earlier messages as JSON, so prompts can be rebuilt from the two
+fields every stage passes on.
+
 Speech rows (tasks/speech.py) add `audio` (a file path or encoded bytes) in place of a question and
 `modality = "speech"`: the model hears the audio instead of reading a prompt; the loader/scoring
 split here stays the same.
@@ -148,8 +152,21 @@ def select_rows(rows: list[Row], source: DataSource) -> list[Row]:
     return [rows[i] for i in selected_indices(keys, fallback, source)]
 
 
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], date_string: str, template: str | None = None) -> str:
+    """`messages` through a chat template (`template`, else the tokenizer's own), ending with the
+    assistant's turn opened, with `date_string` as the template's date (see template_clock)."""
+    template = template or tokenizer.chat_template
+    kwargs = {"chat_template": template} if template is not tokenizer.chat_template else {}
+    if isinstance(template, str) and "strftime_now" not in template:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                             date_string=date_string, **kwargs)
+    with template_clock(date_string):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                             date_string=date_string, **kwargs)
+
+
 class Task:
-    """A task family: math (accuracy), QA (F1 / EM) or speech (WER / CER / ACC)."""
+    """A task family: math (accuracy), QA (F1 / EM), speech (WER / CER / ACC) or users' own files."""
 
     name: ClassVar[str]
     metric: ClassVar[str]  # the difficulty metric: "accuracy", "f1" or "wer"
@@ -157,6 +174,11 @@ class Task:
     modality: ClassVar[str] = "text"  # "text": prompts through the tokenizer; "speech": audio through features
     higher_is_better: ClassVar[bool] = True  # False for an error rate (scoring thresholds then ascend)
     summary_metrics: ClassVar[tuple[str, ...] | None] = None  # what evaluation reports (None: every metric)
+
+    @classmethod
+    def from_config(cls, config: TaskConfig) -> Task:
+        """The task as a recipe's `task` section sets it up; the paper's tasks take no settings there."""
+        return cls()
 
     def load(self, source: DataSource) -> list[Row]:
         """The source's rows: every row parsed (a loader stops early only for `selection: first`),
@@ -182,13 +204,7 @@ class Task:
         prompt built tomorrow is the prompt built today."""
         template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
         if template:
-            messages = [{"role": "user", "content": self.user_text(row)}]
-            if isinstance(template, str) and "strftime_now" not in template:
-                return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                                     date_string=date_string)
-            with template_clock(date_string):
-                return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                                     date_string=date_string)
+            return render_chat(tokenizer, [{"role": "user", "content": self.user_text(row)}], date_string)
         return self.user_text(row) + self.answer_prefix
 
     answer_prefix: ClassVar[str] = "\nAnswer:"

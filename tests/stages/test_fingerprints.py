@@ -81,7 +81,10 @@ def expected(key: str) -> set[str]:
     routed = {f"{kind}:{m}" for kind in ("train", "eval") for m in ROUTED}
     everything = {"score", "route", "eval:base"} | trains | method_evals
     top = key.split(".")[0]
-    if top == "model" or key in ("task.name", "task.max_prompt_tokens", "task.date_string"):
+    # task custom's prompt and metric settings: every prompt, every grade (score → route → routed methods,
+    # and every evaluation); a method without a router trains on the same prompts, so it retrains too
+    if top == "model" or key in ("task.name", "task.max_prompt_tokens", "task.date_string", "task.system_prompt",
+                                 "task.chat_template", "task.metric"):
         return everything
     if key == "task.max_target_tokens":
         return trains | method_evals
@@ -164,6 +167,12 @@ def perturbations(key: str, value, tp, world) -> list[str]:
         "tracking.tracking_uri": ["tracking.tracking_uri=sqlite:///elsewhere.db"],
         "ray.address": ["ray.address=auto"],
         "sweep": ["sweep={space: {seed: [0, 1]}, metric: accuracy_all}"],
+        # task custom's keys (the recipe compared is a custom one, BASELINES): planning reads no rows
+        "task.train.columns": ["task.train.columns={prompt: question, completion: answer}"],
+        "task.eval.0.columns": ["task.eval.0.columns={prompt: question, completion: answer}"],
+        "task.system_prompt": ["task.system_prompt=Be brief."],
+        "task.chat_template": ["task.chat_template='{{ messages[-1].content }}'"],
+        "task.metric": ["task.metric=f1"],
     }
     if key in special:
         return special[key]
@@ -183,7 +192,9 @@ def perturbations(key: str, value, tp, world) -> list[str]:
 
 
 # keys whose other value is valid only with a companion setting, present in both recipes compared
-BASELINES = {"distribution.offload_params": ["distribution.zero_stage=3"]}
+BASELINES = {"distribution.offload_params": ["distribution.zero_stage=3"],
+             **{f"task.{k}": ["task.name=custom"]
+                for k in ("train.columns", "eval.0.columns", "system_prompt", "chat_template", "metric")}}
 
 
 def test_every_recipe_field_is_fingerprinted_where_it_matters_or_declared_neutral(tmp_path, tiny_model_dir, world):
@@ -201,7 +212,8 @@ def test_every_recipe_field_is_fingerprinted_where_it_matters_or_declared_neutra
         assert moved == expected(key), f"{key}: changing it moved {sorted(moved)}, expected {sorted(expected(key))}"
         walked.append(key)
     assert {"task.max_prompt_tokens", "scoring.num_actors", "evaluation.num_actors", "training.log_every",
-            "distribution.cpus_per_worker", "distribution.torch_threads", "compare.1.ranks"} <= set(walked)
+            "distribution.cpus_per_worker", "distribution.torch_threads", "compare.1.ranks", "task.train.columns",
+            "task.metric", "task.chat_template"} <= set(walked)
     assert len(walked) > 60
 
 

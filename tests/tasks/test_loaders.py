@@ -121,7 +121,7 @@ def test_empty_dataset_and_missing_file(tmp_path):
 
 
 def test_unknown_task_and_offline_hub_name():
-    with pytest.raises(ConfigError, match="registered tasks: arith, math, qa, speech"):
+    with pytest.raises(ConfigError, match="registered tasks: arith, custom, math, qa, speech"):
         get_task("translation")
     with pytest.raises(DataError, match="give a local `path`"):
         get_task("math").load(DataSource(name="gsm8k", split="test"))
