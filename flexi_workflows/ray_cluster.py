@@ -8,6 +8,7 @@ from flexi_workflows.recipes.schema import RayConfig
 
 # Variables Ray workers need: they are separate processes that import the project.
 _WORKER_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+               "RAY_TRAIN_ENABLE_PRINT_PATCH",
                "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION", "FLEXI_STORAGE_CACHE")
 
 
@@ -22,6 +23,9 @@ def ensure_ray(config: RayConfig | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray Train polls workers every 2 s by default, which makes every report cost ~2 s
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    # Ray Train sends a worker's print() to its logger (stderr) and also to stdout: every progress line
+    # reached the console twice. Off, a print is forwarded once, as Ray forwards any worker's output.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     env_vars = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
     kwargs = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
     address = config.address or os.environ.get("RAY_ADDRESS")

@@ -37,9 +37,10 @@ def collate(batch: dict[str, Any] | Sequence[dict[str, Any]], pad_token_id: int)
     labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((n, longest), dtype=torch.long)
     for i, r in enumerate(rows):
+        # Ray Data hands read-only arrays; copying into the batch tensors needs no writable view of them
         ids = np.asarray(r["input_ids"], dtype=np.int64)
-        input_ids[i, : len(ids)] = torch.from_numpy(ids)
-        labels[i, : len(ids)] = torch.from_numpy(np.asarray(r["labels"], dtype=np.int64))
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(ids)] = torch.tensor(np.asarray(r["labels"], dtype=np.int64))
         attention[i, : len(ids)] = 1
     out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
     if "rank" in rows[0]:
