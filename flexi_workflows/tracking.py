@@ -10,9 +10,11 @@ works instead, and a server that cannot be reached is reported before any stage 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +54,55 @@ def _numeric(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def git_tags(path: str | Path) -> dict[str, str]:
+    """The commit of the git checkout that `path` (the code that ran) is tracked in, and whether the
+    checkout had uncommitted changes then (a commit alone would not reproduce the run). {} without git,
+    outside a checkout, or for an installed copy that merely lies below some checkout's folder."""
+    path = Path(path).resolve()
+    folder = path if path.is_dir() else path.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10,
+                                  check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit or git("ls-files", "--error-unmatch", str(path)) is None:
+        return {}
+    status = git("status", "--porcelain")
+    tags = {"mlflow.source.git.commit": commit.strip(), "flexi.git_commit": commit.strip()}
+    if status is not None:
+        tags["flexi.git_dirty"] = str(bool(status.strip())).lower()
+    return tags
+
+
+def code_tags() -> dict[str, str]:
+    """git_tags of the flexi_workflows package itself."""
+    return git_tags(Path(__file__).resolve().parent / "__init__.py")
+
+
+def dataset_source(uri: str | None, hub_name: str | None = None):
+    """An mlflow.data source for a data file/folder (any URI MLflow knows: local, s3://, ...) or a hub dataset."""
+    if uri:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": local paths match twice
+            warnings.simplefilter("ignore")
+            return resolve_dataset_source(uri)
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+    return HuggingFaceDatasetSource(path=hub_name)
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str) -> None:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        self.code_tags = code_tags()  # on every run this tracker starts
         self.client = MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
@@ -70,7 +116,7 @@ class Tracker:
     # -- runs ---------------------------------------------------------------------------------------
     def start_run(self, name: str, *, parent_id: str | None = None, params: dict[str, Any] | None = None,
                   tags: dict[str, str] | None = None) -> str:
-        tags = dict(tags or {})
+        tags = {**self.code_tags, **(tags or {})}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
@@ -86,6 +132,26 @@ class Tracker:
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+
+    def computed_by(self, fingerprint: str) -> str | None:
+        """The id of the latest run of this experiment that computed the stage with `fingerprint` (and
+        uploaded its artifacts), if one did."""
+        runs = self.client.search_runs([self.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                                       filter_string=f"tags.`flexi.fingerprint` = '{fingerprint}' "
+                                                     f"and tags.`flexi.cached` = 'false'")
+        return runs[0].info.run_id if runs else None
+
+    def link_cached(self, run_id: str, result) -> None:
+        """A reused stage's run points at where its artifacts are: the stage folder (tag flexi.folder) and
+        the run that computed and uploaded them (tag flexi.computed_by_run, and cached_stage.json with
+        that run's artifact URI), so the files are one click away without uploading them again."""
+        source = self.computed_by(result.fingerprint)
+        link = {"stage": result.name, "fingerprint": result.fingerprint, "folder": result.location,
+                "artifacts": list(result.manifest.get("artifacts", [])), "computed_by_run": source,
+                "computed_by_artifact_uri": self.client.get_run(source).info.artifact_uri if source else None}
+        if source:
+            self.set_tags(run_id, {"flexi.computed_by_run": source})
+        self.client.log_dict(run_id, link, "cached_stage.json")
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
@@ -115,6 +181,63 @@ class Tracker:
         for start in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[start : start + 500])
 
+    def log_datasets(self, run_id: str, datasets: list[dict[str, Any]]) -> None:
+        """Each {name, uri | hub_name, digest, context} as an input dataset of the run (mlflow.data
+        metadata: where it lies and the digest of what was used, not a copy of the rows)."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for d in datasets:
+            source = dataset_source(d.get("uri"), d.get("hub_name"))
+            entity = MetaDataset(source, name=d["name"], digest=d["digest"])._to_mlflow_entity()
+            inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", d["context"])]))
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+
+    # -- models -------------------------------------------------------------------------------------
+    def find_model(self, tags: dict[str, str]) -> str | None:
+        """The id of a READY logged model of this experiment carrying `tags`, if one exists."""
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        found = self.client.search_logged_models([self.experiment_id], filter_string=" AND ".join(clauses),
+                                                 max_results=10)
+        ready = [m for m in found if str(m.status).endswith("READY")]
+        return ready[0].model_id if ready else None
+
+    def log_model(self, run_id: str, name: str, folder: Path, *, tags: dict[str, str], model_type: str) -> str:
+        """`folder` as an MLflow logged model produced by `run_id`: its files are the model's artifacts
+        (`models:/<id>` downloads them), linked to the run as its output; returns the model id."""
+        from mlflow.entities import LoggedModelOutput
+
+        model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id,
+                                                tags={**self.code_tags, **tags}, model_type=model_type)
+        try:
+            self.client.log_model_artifacts(model.model_id, str(folder))
+        except BaseException:
+            self.client.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        self.client.finalize_logged_model(model.model_id, "READY")
+        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+        return model.model_id
+
+    def register(self, model_id: str, name: str, *, run_id: str | None, tags: dict[str, str]) -> str:
+        """A version of registered model `name` for logged model `model_id` — the existing one if a version
+        already carries `tags` (a rerun registers nothing new); returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        clauses = " AND ".join([f"name = '{name}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()])
+        found = self.client.search_model_versions(clauses)
+        if found:
+            return str(found[0].version)
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        version = self.client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id,
+                                                   tags=tags, model_id=model_id)
+        return str(version.version)
+
     def log_artifacts(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
@@ -135,6 +258,7 @@ class Tracker:
             for key, points in result.manifest.get("curves", {}).items():
                 self.log_curve(run_id, key, points)
         if result.cached:  # uploaded by the run that computed it; not again for every rerun and trial
+            self.link_cached(run_id, result)
             return
         for path in result.artifacts:
             self.log_artifacts(run_id, path)

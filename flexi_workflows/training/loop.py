@@ -11,9 +11,14 @@ Each worker:
      with each batch; DyLoRA / DyLoRA+ told the global optimizer step before every micro-batch, so one
      rank serves every worker and micro-batch of a step; logs loss / lr / tokens-per-second to MLflow
      from rank 0 and records the rank each micro-batch used (RANKS_FILE, in every checkpoint);
-  5. after each epoch, with training.validation_rows, measures the held-out loss (`val_loss`);
+  5. with training.validation_rows, measures the held-out loss (`val_loss`) after each epoch, every
+     `eval_every` steps if set, and at the last step;
   6. checkpoints through Ray Train at each epoch's end, every `checkpoint_every` steps if set, and at
-     the end, where rank 0 also exports the trained artifact (adapter or weights) inside the checkpoint.
+     the end, where rank 0 also exports the trained artifact (adapter or weights) inside the checkpoint;
+     with `final_artifact: best`, every checkpoint with a fresh `val_loss` exports it too and carries it
+     as `val_score` (the others +inf), which Ray Train keeps the best checkpoints by;
+  7. the first worker of each node samples the node's CPU / memory / disk / network (and GPU) use into
+     the MLflow run as `system/*` metrics (tracking.system_metrics_interval).
 """
 
 from __future__ import annotations
@@ -104,6 +109,31 @@ class _MlflowCurves:
             self.pending = []
 
 
+class _SystemMetrics:
+    """MLflow's SystemMetricsMonitor on a run given by id (the plain-client way this loop logs, which
+    `mlflow.enable_system_metrics_logging` — tied to the fluent active run — cannot reach). The monitor
+    publishes only after a full interval; a run shorter than that would log nothing, so whatever it
+    sampled since its last publish is published when it stops."""
+
+    def __init__(self, uri: str | None, run_id: str | None, interval: float, node_id: str | None) -> None:
+        self.monitor = None
+        if uri and run_id and interval > 0:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, node_id=node_id, tracking_uri=uri,
+                                                resume_logging=True)  # a restarted worker group goes on from its step
+            self.monitor.start()
+
+    def stop(self) -> None:
+        monitor, self.monitor = self.monitor, None
+        if monitor is None:
+            return
+        monitor.finish()
+        if any(m.metrics for m in monitor.monitors):
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     from contextlib import nullcontext
 
@@ -184,8 +214,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                               if r["worker"] == rank and r["step"] < step]
     resumed_from = step
     curves = _MlflowCurves(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else _MlflowCurves(None, None)
+    keep_best = train_cfg.final_artifact == "best"
+    system = _SystemMetrics(config.get("tracking_uri"), config.get("run_id"), recipe.tracking.system_metrics_interval,
+                            None if rank == 0 else f"node{ctx.get_node_rank()}") \
+        if ctx.get_local_rank() == 0 else _SystemMetrics(None, None, 0, None)
 
-    def report(final: bool) -> None:
+    def report(final: bool, epoch_end: bool = True) -> None:
         metrics = {"step": step, "epoch": step / max(1, steps_per_epoch), "loss_curve": loss_curve,
                    "trainable_params": n_trainable, "resumed_from_step": resumed_from,
                    "gradient_checkpointing": bool(getattr(base, "is_activation_checkpointing", False)),
@@ -197,12 +231,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if device.type == "cuda":
             metrics |= {"peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device),
                         "setup_peak_gpu_memory_bytes": setup_peak}
-        if val_curve and val_curve[-1][0] == step:
+        fresh_val = bool(val_curve) and val_curve[-1][0] == step
+        if fresh_val:
             metrics["val_loss"] = val_curve[-1][1]  # what a sweep's ASHA scheduler reads, once per epoch
+        metrics["epoch_end"] = epoch_end
+        if keep_best:  # Ray Train keeps checkpoints by it; one without a fresh measurement is never the best
+            metrics["val_score"] = val_curve[-1][1] if fresh_val else float("inf")
         with tempfile.TemporaryDirectory() as tmp:
             tmp_path = Path(tmp)
             engine.save(tmp_path, step, rank)
-            if final:
+            if final or (keep_best and fresh_val):  # a candidate for the final artifact
                 engine.export(tmp_path / EXPORT_DIR, method, rank)
             records = gather_records(ranks_used)
             if rank == 0:
@@ -218,6 +256,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, own)
         return sorted((r for part in gathered for r in part), key=lambda r: (r["step"], r["worker"], r["micro_batch"]))
+
+    def measure(why: str) -> None:
+        """The held-out loss now, into the curve, MLflow and the console."""
+        val_loss = validation_loss()
+        val_curve.append([step, val_loss])
+        curves.log(step, val_loss=val_loss)
+        if rank == 0:
+            print(f"[{method.label}] {why}  val_loss {val_loss:.4f}", flush=True)
 
     def validation_loss() -> float:
         """Mean loss over the held-out rows, every worker on its equal share (ZeRO-3 needs all ranks)."""
@@ -269,7 +315,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard(f"val_{rank}") if config.get("validation") else None
     pad = config["pad_token_id"]
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    every = train_cfg.checkpoint_every
+    every, eval_every = train_cfg.checkpoint_every, train_cfg.eval_every if val_shard is not None else 0
     engine.model.train()
     for epoch in range(step // max(1, steps_per_epoch), math.ceil(total_steps / max(1, steps_per_epoch))):
         skip = (step - epoch * steps_per_epoch) * accum  # micro-batches already done in this epoch
@@ -318,16 +364,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     print(f"[{method.label}] step {step}/{total_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  "
                           f"{tokens_per_s:,.0f} tokens/s", flush=True)
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-            if every and step < total_steps and step % every == 0:
+            measured = bool(eval_every) and step % eval_every == 0 and step < total_steps  # the last: below
+            if measured:
+                measure(f"step {step}/{total_steps}")
+            # a measured step's checkpoint is a candidate for the best (an epoch's last step: reported below)
+            candidate = measured and keep_best and step % max(1, steps_per_epoch) != 0
+            if step < total_steps and ((every and step % every == 0) or candidate):
                 curves.flush()
-                report(final=False)
+                report(final=False, epoch_end=False)
         # the end of an epoch: its validation loss, and a checkpoint a restarted worker group resumes from
         if val_shard is not None and (not val_curve or val_curve[-1][0] != step):
-            val_loss = validation_loss()
-            val_curve.append([step, val_loss])
-            curves.log(step, val_loss=val_loss)
-            if rank == 0:
-                print(f"[{method.label}] epoch {epoch + 1}  val_loss {val_loss:.4f}", flush=True)
+            measure(f"epoch {epoch + 1}")
         if step >= total_steps:
             break
         if not every or step % every or val_shard is not None:  # the val_loss must reach a report
@@ -335,3 +382,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             report(final=False)
     curves.flush()
     report(final=True)
+    system.stop()
