@@ -228,9 +228,24 @@ def print_table(rows: list[dict], metric: str, score_stats: dict | None) -> None
         print(f"\nscored training data: {score_stats['total']} rows; difficulty classes: {shares}")
 
 
+def merge_datasets(records: list[dict]) -> list[dict]:
+    """Each dataset once, with every context it was read in ("scoring, training"): MLflow keeps one input
+    per dataset and run, so the same file logged again under another context would be dropped."""
+    merged: dict[tuple, dict] = {}
+    for d in records:
+        key = (d["name"], d["digest"])
+        if key in merged:
+            if d["context"] not in merged[key]["context"].split(", "):
+                merged[key]["context"] += f", {d['context']}"
+        else:
+            merged[key] = dict(d)
+    return list(merged.values())
+
+
 def log_trained_model(tracker, run_id: str, result: StageResult, register: str | None = None) -> str:
-    """A train stage's artifact as an MLflow logged model (once per fingerprint: a rerun's run links the
-    existing one), registered as a version of model `register` when given; returns the model id."""
+    """A train stage's artifact as an MLflow logged model — its one copy in MLflow (the run lists it as its
+    output model), once per fingerprint: a rerun's run links the existing one — registered as a version
+    of model `register` when given; returns the model id."""
     from flexi_workflows.stages.train import ARTIFACT
 
     tags = {"flexi.fingerprint": result.fingerprint}
@@ -252,6 +267,7 @@ def run_stages(stages: list[Stage], *, tracker=None, parent_id: str | None = Non
     `report_to_tune` (a sweep trial's main training) forwards its per-epoch reports to Tune; `register`
     (stage name, model name) registers that train stage's model."""
     from flexi_workflows.stages.base import StageContext, run_stage
+    from flexi_workflows.stages.train import ARTIFACT as TRAINED_ARTIFACT
 
     results: dict[str, StageResult] = {}
     for stage in stages:
@@ -266,7 +282,8 @@ def run_stages(stages: list[Stage], *, tracker=None, parent_id: str | None = Non
                 tracker.end(run_id, "FAILED")
             raise
         if tracker:
-            tracker.log_stage(run_id, result, curves_logged=not result.cached)
+            tracker.log_stage(run_id, result, curves_logged=not result.cached,
+                              skip=(TRAINED_ARTIFACT,) if stage.kind == "train" else ())
             if stage.kind == "train":
                 log_trained_model(tracker, run_id, result, register[1] if register and register[0] == stage.name else None)
             tracker.end(run_id)
@@ -301,10 +318,7 @@ def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool 
         parent_id = tracker.start_run(recipe.name, params=flatten(recipe),
                                       tags={"flexi.kind": "pipeline", "flexi.recipe_hash": recipe_hash})
         own_parent = True
-        seen = {}  # every dataset the stages read, once
-        for stage in stages:
-            seen |= {(d["name"], d["context"]): d for d in stage.datasets()}
-        tracker.log_datasets(parent_id, list(seen.values()))
+        tracker.log_datasets(parent_id, merge_datasets([d for stage in stages for d in stage.datasets()]))
         if recipe_path and Path(recipe_path).is_file():
             tracker.log_artifacts(parent_id, Path(recipe_path), "recipe")
     ensure_ray(recipe.ray)

@@ -245,10 +245,11 @@ class Tracker:
         elif path.is_file():
             self.client.log_artifact(run_id, str(path), artifact_path)
 
-    def log_stage(self, run_id: str, result, *, curves_logged: bool = False) -> None:
+    def log_stage(self, run_id: str, result, *, curves_logged: bool = False, skip: tuple[str, ...] = ()) -> None:
         """A stage's params, metrics and curves — fresh or reused — so a rerun's run shows the same results;
         artifacts (adapters, predictions, plots) are uploaded once, by the run that computed them, and a
-        reused stage's run points at its folder (tag flexi.folder)."""
+        reused stage's run points at its folder (tag flexi.folder). `skip`: artifacts uploaded elsewhere
+        (the train stage's artifact: as a logged model, not a second copy in the run)."""
         self.set_tags(run_id, {"flexi.stage": result.kind, "flexi.cached": str(result.cached).lower(),
                                "flexi.fingerprint": result.fingerprint, "flexi.folder": result.location})
         if result.params:
@@ -261,4 +262,5 @@ class Tracker:
             self.link_cached(run_id, result)
             return
         for path in result.artifacts:
-            self.log_artifacts(run_id, path)
+            if path.name not in skip:
+                self.log_artifacts(run_id, path)

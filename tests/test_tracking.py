@@ -63,3 +63,12 @@ def test_best_checkpoint_is_the_lowest_measured_val_loss_the_earliest_of_equals(
     assert best_checkpoint(kept) == ("b", {"step": 4, "val_score": 1.2})
     with pytest.raises(RuntimeError, match="no checkpoint with a held-out loss"):
         best_checkpoint([("d", {"step": 8, "val_score": math.inf})])
+
+
+def test_a_dataset_read_in_several_stages_is_one_input_with_every_context():
+    from flexi_workflows.pipeline import merge_datasets
+
+    train = {"name": "train", "uri": "/d/train.jsonl", "hub_name": None, "digest": "a1"}
+    merged = merge_datasets([{**train, "context": "scoring"}, {**train, "context": "training"},
+                             {**train, "context": "training"}, {**train, "digest": "b2", "context": "training"}])
+    assert [(d["digest"], d["context"]) for d in merged] == [("a1", "scoring, training"), ("b2", "training")]
