@@ -181,6 +181,7 @@ def resolve_model(recipe: Recipe) -> Recipe:
     return recipe
 
 
+MLFLOW_MISSED = "mlflow_missed.json"  # what a run could not record while its tracking server was away
 PUBLISHED = ".published"  # written last into a model folder copied to storage: the copy is whole
 
 
@@ -295,15 +296,52 @@ def print_table(rows: list[dict], metric: str, score_stats: dict | None) -> None
         print(f"\nscored training data: {score_stats['total']} rows; difficulty classes: {shares}")
 
 
+def merge_datasets(records: list[dict]) -> list[dict]:
+    """Each dataset once, with every context it was read in ("scoring, training"): MLflow keeps one input
+    per dataset and run, so the same file logged again under another context would be dropped."""
+    merged: dict[tuple, dict] = {}
+    for d in records:
+        key = (d["name"], d["digest"])
+        if key in merged:
+            if d["context"] not in merged[key]["context"].split(", "):
+                merged[key]["context"] += f", {d['context']}"
+        else:
+            merged[key] = dict(d)
+    return list(merged.values())
+
+
+def log_trained_model(tracker, run_id: str, result: StageResult, register: str | None = None) -> str:
+    """A train stage's artifact as an MLflow logged model — its one copy in MLflow (the run lists it as its
+    output model), once per fingerprint: a rerun's run links the existing one — registered as a version
+    of model `register` when given; returns the model id."""
+    from flexi_workflows.stages.train import ARTIFACT
+
+    tags = {"flexi.fingerprint": result.fingerprint}
+    model_id = tracker.find_model(tags)
+    if model_id is None:  # computed now, or earlier without tracking: the stage folder has it
+        model_id = tracker.log_model(run_id, result.label, result.folder / ARTIFACT, model_type="flexi-workflows",
+                                     tags={**tags, "flexi.method": result.label, "flexi.folder": result.location})
+    tracker.set_tags(run_id, {"flexi.model_id": model_id, "flexi.model_uri": f"models:/{model_id}"})
+    if register:
+        version = tracker.register(model_id, register, run_id=run_id, tags={**tags, "flexi.method": result.label})
+        tracker.set_tags(run_id, {"flexi.registered_model": f"models:/{register}/{version}"})
+    return model_id
+
+
 def run_stages(stages: list[Stage], *, tracker=None, parent_id: str | None = None, force: bool = False,
-               report_to_tune: str | None = None) -> dict[str, StageResult]:
-    """Run (or reuse) `stages` in order; each becomes an MLflow child run of `parent_id`. The stage
-    named `report_to_tune` (a sweep trial's main training) forwards its per-epoch reports to Tune."""
+               report_to_tune: str | None = None, register: tuple[str, str] | None = None) -> dict[str, StageResult]:
+    """Run (or reuse) `stages` in order; each becomes an MLflow child run of `parent_id`, with the data it
+    read as input datasets, and a train stage's artifact as a logged model. The stage named
+    `report_to_tune` (a sweep trial's main training) forwards its per-epoch reports to Tune; `register`
+    (stage name, model name) registers that train stage's model."""
     from flexi_workflows.stages.base import StageContext, run_stage
+    from flexi_workflows.stages.train import ARTIFACT as TRAINED_ARTIFACT
 
     results: dict[str, StageResult] = {}
     for stage in stages:
         run_id = tracker.start_run(stage.name, parent_id=parent_id, tags={"flexi.kind": stage.kind}) if tracker else None
+        if tracker:
+            tracker.log_datasets(run_id, stage.datasets())
         context = StageContext(tracker.uri if tracker else None, run_id, report_to_tune=stage.name == report_to_tune)
         try:
             result = run_stage(stage, force=force, context=context)
@@ -312,7 +350,10 @@ def run_stages(stages: list[Stage], *, tracker=None, parent_id: str | None = Non
                 tracker.end(run_id, "FAILED")
             raise
         if tracker:
-            tracker.log_stage(run_id, result, curves_logged=not result.cached)
+            tracker.log_stage(run_id, result, curves_logged=not result.cached,
+                              skip=(TRAINED_ARTIFACT,) if stage.kind == "train" else ())
+            if stage.kind == "train":
+                log_trained_model(tracker, run_id, result, register[1] if register and register[0] == stage.name else None)
             tracker.end(run_id)
         results[stage.name] = result
     return results
@@ -324,20 +365,24 @@ def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool 
     """The whole recipe. A sweep trial passes its own tracker, parent run, summary folder and the
     stage whose per-epoch reports go to Tune. A run of its own holds output_dir's run lock: a second
     `flexi run` on the same folder is refused, naming the first."""
+    from flexi_workflows.fsutil import fingerprint
+
+    recipe_hash = fingerprint(to_dict(recipe))  # the recipe as given, before paths and built-ins are resolved
     recipe = prepare(recipe)
+    kwargs = {"recipe_path": recipe_path, "force": force, "tracker": tracker, "parent_id": parent_id,
+              "summary_dir": summary_dir, "quiet": quiet, "report_to_tune": report_to_tune, "recipe_hash": recipe_hash}
     if summary_dir is None and report_to_tune is None:  # a run of its own (sweep trials share stage folders)
         with exclusive_run(recipe_storage(recipe), "storage" if recipe.storage else "output_dir"):
-            return _run_prepared(recipe, recipe_path=recipe_path, force=force, tracker=tracker, parent_id=parent_id,
-                                 summary_dir=summary_dir, quiet=quiet, report_to_tune=report_to_tune)
-    return _run_prepared(recipe, recipe_path=recipe_path, force=force, tracker=tracker, parent_id=parent_id,
-                         summary_dir=summary_dir, quiet=quiet, report_to_tune=report_to_tune)
+            return _run_prepared(recipe, **kwargs)
+    return _run_prepared(recipe, **kwargs)
 
 
 def _run_prepared(recipe: Recipe, *, recipe_path: str | None, force: bool, tracker, parent_id: str | None,
-                  summary_dir: str | Path | None, quiet: bool, report_to_tune: str | None) -> dict:
+                  summary_dir: str | Path | None, quiet: bool, report_to_tune: str | None, recipe_hash: str) -> dict:
     from flexi_workflows.models.pretrain import read_base_eval
     from flexi_workflows.plots import pareto_plot
     from flexi_workflows.ray_cluster import ensure_ray
+    from flexi_workflows.recipes.loader import to_dict
     from flexi_workflows.stages.score import STATS
     from flexi_workflows.tracking import Tracker, resolve_tracking_uri
 
@@ -349,15 +394,22 @@ def _run_prepared(recipe: Recipe, *, recipe_path: str | None, force: bool, track
     own_parent = False
     if tracker is None and recipe.tracking.enabled:
         tracker = Tracker(resolve_tracking_uri(recipe.tracking.tracking_uri, recipe.output_dir), recipe.tracking.experiment)
+        tracker.close_abandoned()
     if tracker is not None and parent_id is None:
-        parent_id = tracker.start_run(recipe.name, params=flatten(recipe), tags={"flexi.kind": "pipeline"})
+        parent_id = tracker.start_run(recipe.name, params=flatten(recipe),
+                                      tags={"flexi.kind": "pipeline", "flexi.recipe_hash": recipe_hash})
         own_parent = True
+        tracker.log_datasets(parent_id, merge_datasets([d for stage in stages for d in stage.datasets()]))
         if recipe_path and Path(recipe_path).is_file():
             tracker.log_artifacts(parent_id, Path(recipe_path), "recipe")
     ensure_ray(recipe.ray)
     status = "FAILED"
     try:
-        results = run_stages(stages, tracker=tracker, parent_id=parent_id, force=force, report_to_tune=report_to_tune)
+        # `flexi run` registers its main method's artifact; a sweep's trials register nothing
+        register = (plan.methods[0].train.name, recipe.tracking.register_as) \
+            if own_parent and recipe.tracking.register_as and plan.methods else None
+        results = run_stages(stages, tracker=tracker, parent_id=parent_id, force=force, report_to_tune=report_to_tune,
+                             register=register)
         rows, metric = summary_rows(plan, results)
         score_stats = results[plan.score.name].read_json(STATS) if plan.score.name in results else None
         summary = {"recipe": recipe.name, "metric": metric, "lower_is_better": lower_is_better(metric), "rows": rows,
@@ -389,3 +441,9 @@ def _run_prepared(recipe: Recipe, *, recipe_path: str | None, force: bool, track
     finally:
         if tracker is not None and own_parent:
             tracker.end(parent_id, status)
+        if tracker is not None and tracker.missed:  # the run went on without the server: say what it lacks
+            missed = Path(summary_dir or recipe.output_dir) / MLFLOW_MISSED
+            tracker.save_missed(missed)
+            log.warning("MLflow did not record %d call(s) (the server at %s was away): their values are in %s; "
+                        "the results themselves are complete in the stage folders and summary.json",
+                        len(tracker.missed), tracker.uri, missed)

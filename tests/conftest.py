@@ -124,27 +124,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
+def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
+    """A real MLflow tracking server on 127.0.0.1 (sqlite store under `root`); (process, URL)."""
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
          "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
             with urllib.request.urlopen(url + "/health", timeout=2):
-                break
+                return proc, url
         except OSError:
             time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not come up")
+    proc.kill()
+    pytest.fail("mlflow server did not come up")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    proc, url = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     yield url
     proc.terminate()
     proc.wait(timeout=30)

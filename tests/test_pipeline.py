@@ -31,7 +31,8 @@ def test_pipeline_tracks_to_mlflow_server_and_reruns_only_what_changed(tmp_path,
     sections = dict(method={"name": "lora", "rank": 4},
                     compare=[{"name": "flexi", "ranks": [2, 8], "dropout": 0.0}],
                     training={"max_steps": 3},
-                    tracking={"enabled": True, "tracking_uri": mlflow_server, "experiment": "pipeline-test"})
+                    tracking={"enabled": True, "tracking_uri": mlflow_server, "experiment": "pipeline-test",
+                              "register_as": "pipeline-test-adapter"})
     recipe = small_recipe(tmp_path, tiny_model_dir, **sections)
     record_scores(recipe)  # known difficulty classes; the pipeline's score stage finds them up to date
     summary = run_pipeline(recipe)
@@ -61,6 +62,7 @@ def test_pipeline_tracks_to_mlflow_server_and_reruns_only_what_changed(tmp_path,
     train_metrics = {m["key"]: m["value"] for m in by_name["train:lora-4"]["data"]["metrics"]}
     assert train_metrics["trainable_params"] > 0 and "loss" in train_metrics and "tokens_per_s" in train_metrics
     assert by_name["eval:lora-4"]["info"]["status"] == "FINISHED"
+    _check_mlflow_record(mlflow_server, by_name, out)
 
     # rerun, same inputs: nothing is redone, and the new parent run still shows every stage's results
     before = _mtimes(out)
@@ -77,6 +79,7 @@ def test_pipeline_tracks_to_mlflow_server_and_reruns_only_what_changed(tmp_path,
     rerun_metrics = {m["key"]: m["value"] for m in children["eval:flexi-2-8"]["data"]["metrics"]}
     assert rerun_metrics["mini.accuracy"] == eval_metrics["mini.accuracy"], "a reused stage logs its recorded results"
     assert "loss" in {m["key"] for m in children["train:lora-4"]["data"]["metrics"]}, "the loss curve, from the record"
+    _check_rerun_links(mlflow_server, by_name, children)
 
     # a new router σ computes a new router and what depends on it — not scoring, not the LoRA baseline
     changed = small_recipe(tmp_path, tiny_model_dir, overrides=["router.noise_std=0.5"], **sections)
@@ -85,6 +88,65 @@ def test_pipeline_tracks_to_mlflow_server_and_reruns_only_what_changed(tmp_path,
     assert all(after[k] == v for k, v in before.items()), "earlier results are kept, untouched"
     new = {k.rsplit("-", 1)[0] if "/" in k and "-" in k.split("/")[1] else k.split("/")[0] for k in set(after) - set(before)}
     assert new == {"route", "train/flexi-2-8", "eval/flexi-2-8"}
+
+
+def _tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"]["tags"]}
+
+
+def _check_mlflow_record(url: str, by_name: dict, out: Path) -> None:
+    """What a practitioner finds in MLflow after one run: the code's commit, the recipe's hash, the data
+    read, the training workers' system metrics, and the trained adapter as a registered model."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(url)
+    parent, train = by_name["test"], by_name["train:lora-4"]
+    for run in (parent, train):  # the tests run from a git checkout of the project
+        assert len(_tags(run)["flexi.git_commit"]) == 40 and _tags(run)["flexi.git_dirty"] in ("true", "false")
+        assert _tags(run)["mlflow.source.git.commit"] == _tags(run)["flexi.git_commit"]
+    assert len(_tags(parent)["flexi.recipe_hash"]) == 16
+    # system metrics, sampled on the training worker's node (MLflow's monitor, by run id)
+    train_keys = {m["key"] for m in train["data"]["metrics"]}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= train_keys
+    # input datasets: where the data lies and the digest of the rows used
+    inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]): d.dataset
+              for d in client.get_run(train["info"]["run_id"]).inputs.dataset_inputs}
+    assert set(inputs) == {("train", "training")}
+    assert json.loads(inputs["train", "training"].source)["uri"].endswith("train.jsonl")
+    parent_inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+                     for d in client.get_run(parent["info"]["run_id"]).inputs.dataset_inputs}
+    assert parent_inputs == {("train", "scoring, training"), ("mini", "evaluation")}, "each dataset once, every use"
+    # the trained adapter: a logged model of the train run, registered as version 1
+    model_id = _tags(train)["flexi.model_id"]
+    assert _tags(train)["flexi.registered_model"] == "models:/pipeline-test-adapter/1"
+    versions = client.search_model_versions("name = 'pipeline-test-adapter'")
+    assert [(v.version, v.tags["flexi.method"]) for v in versions] == [("1", "lora-4")]
+    assert "flexi.model_id" in _tags(by_name["train:flexi-2-8"]), "every trained method is a logged model"
+    source = client.get_model_version_download_uri("pipeline-test-adapter", "1")  # the registry on this server
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=url))
+    artifact = next(out.glob("train/lora-4-*/artifact"))
+    files = sorted(p.relative_to(artifact) for p in artifact.rglob("*") if p.is_file())
+    assert files and sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file()) == files
+    assert all((local / f).read_bytes() == (artifact / f).read_bytes() for f in files)
+    assert client.get_logged_model(model_id).source_run_id == train["info"]["run_id"]
+
+
+def _check_rerun_links(url: str, first: dict, children: dict) -> None:
+    """A reused stage's run points at the run that computed and uploaded its artifacts; nothing is
+    registered or logged again."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(url)
+    train = children["train:lora-4"]
+    assert _tags(train)["flexi.computed_by_run"] == first["train:lora-4"]["info"]["run_id"]
+    assert _tags(train)["flexi.model_id"] == _tags(first["train:lora-4"])["flexi.model_id"]
+    link = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=train["info"]["run_id"], artifact_path="cached_stage.json",
+                                                               tracking_uri=url)).read_text())
+    assert link["computed_by_run"] == first["train:lora-4"]["info"]["run_id"] and "train_report.json" in link["artifacts"]
+    assert link["computed_by_artifact_uri"] == client.get_run(link["computed_by_run"]).info.artifact_uri
+    assert [v.version for v in client.search_model_versions("name = 'pipeline-test-adapter'")] == ["1"]
 
 
 def test_unreachable_tracking_server_fails_before_any_work(tmp_path, tiny_model_dir):

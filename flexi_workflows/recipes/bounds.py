@@ -84,7 +84,9 @@ BOUNDS: dict[str, dict[str, Bound]] = {
         "weight_decay": NON_NEGATIVE, "micro_batch_size": COUNT, "gradient_accumulation_steps": COUNT,
         "max_grad_norm": POSITIVE, "checkpoint_every": NON_NEGATIVE,  # 0: only at epoch ends
         "log_every": COUNT, "max_failures": NON_NEGATIVE, "validation_rows": NON_NEGATIVE,
+        "eval_every": NON_NEGATIVE,  # 0: only at the end of each epoch
     },
+    "TrackingConfig": {"system_metrics_interval": NON_NEGATIVE},  # 0: no system metrics
     "DistributionConfig": {
         "num_workers": COUNT, "cpus_per_worker": POSITIVE, "gpus_per_worker": NON_NEGATIVE,
         "zero_stage": Bound(), "torch_threads": COUNT,  # zero_stage: its own message (0, 1, 2 or 3)

@@ -449,6 +449,14 @@ class TrainingConfig:
     the rest during backward (transformers' non-reentrant checkpointing): activation memory falls from
     every layer's intermediates to one block's, for about a third more compute; the loss and gradients
     are the same (tests/training checks it).
+
+    eval_every: also measure the held-out loss every N optimizer steps (and at the last step), not only
+    at epoch ends: a finer `val_loss` curve, and each measurement's checkpoint is a candidate for
+    final_artifact: best. Needs validation_rows.
+
+    final_artifact: `last` hands on the weights of the last step; `best` those of the step with the
+    lowest held-out loss among the measured ones (Ray Train keeps that checkpoint by val_loss), so an
+    overfitting or diverging run still yields its best adapter. `best` needs validation_rows.
     """
 
     epochs: int = 1
@@ -466,10 +474,18 @@ class TrainingConfig:
     resume: str | None = None
     validation_rows: int = 0
     gradient_checkpointing: bool = False
+    eval_every: int = 0
+    final_artifact: Literal["last", "best"] = "last"
 
     def __post_init__(self) -> None:
         if self.validation_rows < 0:
             raise ConfigError(f"training.validation_rows must be ≥ 0, got {self.validation_rows}")
+        if self.eval_every < 0:
+            raise ConfigError(f"training.eval_every must be ≥ 0 (0 = only at the end of each epoch), got {self.eval_every}")
+        for key, on in (("eval_every", self.eval_every > 0), ("final_artifact", self.final_artifact == "best")):
+            if on and self.validation_rows == 0:
+                raise ConfigError(f"training.{key}={getattr(self, key)} measures the held-out loss: set "
+                                  f"training.validation_rows (e.g. 32) to hold out rows for it")
         for key in ("epochs", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"training.{key} must be ≥ 1, got {getattr(self, key)}")
@@ -551,11 +567,25 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    """MLflow: tracking_uri None means a sqlite store at <output_dir>/mlflow.db."""
+    """MLflow: tracking_uri None means a sqlite store at <output_dir>/mlflow.db.
+
+    Every train stage's run logs its trained artifact as an MLflow logged model. register_as: register
+    the main method's (`method`) in the model registry under this name, a version per distinct artifact.
+    system_metrics_interval: seconds between the CPU / memory / disk / network (and GPU, where pynvml sees
+    one) samples each node's first training worker logs as `system/*`; 0 = off.
+    """
 
     enabled: bool = True
     tracking_uri: str | None = None
     experiment: str = "flexi-workflows"
+    register_as: str | None = None
+    system_metrics_interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.system_metrics_interval < 0:
+            raise ConfigError(f"tracking.system_metrics_interval must be ≥ 0 (0 = off), got {self.system_metrics_interval}")
+        if self.register_as is not None and not self.register_as.strip():
+            raise ConfigError("tracking.register_as must be a model name, got an empty string")
 
 
 @dataclass

@@ -142,6 +142,10 @@ class Stage:
     def check(self) -> None:
         """Cheap validation before any stage runs (bad input fails before expensive work)."""
 
+    def datasets(self) -> list[dict[str, Any]]:
+        """The data this stage reads, as stages.inputs.dataset_record gives it (MLflow input datasets)."""
+        return []
+
     def run(self, tmp: Path, upstream: dict[str, StageResult], context: StageContext) -> StageOutput:
         """Compute the result into the empty folder `tmp`."""
         raise NotImplementedError

@@ -28,7 +28,7 @@ from flexi_workflows.methods import Accounting, Method, get_method
 from flexi_workflows.plots import rank_histogram_plot
 from flexi_workflows.recipes.schema import MethodConfig, Recipe, TaskConfig
 from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, recipe_storage, run_stage
-from flexi_workflows.stages.inputs import data_inputs, model_inputs, task_inputs
+from flexi_workflows.stages.inputs import data_inputs, dataset_record, model_inputs, task_inputs
 from flexi_workflows.stages.train import ARTIFACT
 from flexi_workflows.tasks import Row, get_task
 
@@ -188,6 +188,9 @@ class EvalStage(Stage):
                 # DyLoRA+: one rank stream per actor, so the number of actors changes which rank a batch gets
                 inputs["evaluation"]["eval_streams"] = cfg.num_actors
         return inputs
+
+    def datasets(self) -> list[dict]:
+        return [dataset_record(s, "evaluation") for s in self.recipe.task.eval]
 
     def check(self) -> None:
         if not self.recipe.task.eval:

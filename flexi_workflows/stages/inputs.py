@@ -56,6 +56,15 @@ def data_inputs(source: DataSource) -> dict[str, Any]:
     return data
 
 
+def dataset_record(source: DataSource, context: str) -> dict[str, Any]:
+    """A data source as MLflow records an input dataset (tracking.Tracker.log_datasets): where it lies and
+    the digest of the rows used (content, split, limit and selection — what data_inputs fingerprints)."""
+    from flexi_workflows.fsutil import fingerprint
+
+    return {"name": source.label, "uri": source.path, "hub_name": None if source.path else source.name,
+            "digest": fingerprint(data_inputs(source)), "context": context}
+
+
 def task_inputs(recipe: Recipe) -> dict[str, Any]:
     # the chat template's date is part of every prompt (TaskConfig.date_string)
     inputs = {"name": recipe.task.name, "max_prompt_tokens": recipe.task.max_prompt_tokens,

@@ -28,7 +28,7 @@ from flexi_workflows.errors import ConfigError
 from flexi_workflows.recipes.schema import Recipe
 from flexi_workflows.scoring.difficulty import assign_classes, class_stats, sampled_classes, score_histogram
 from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, recipe_storage, run_stage
-from flexi_workflows.stages.inputs import data_inputs, model_inputs, task_inputs
+from flexi_workflows.stages.inputs import data_inputs, dataset_record, model_inputs, task_inputs
 from flexi_workflows.tasks import Row, get_task, metric_key, subset_of
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,9 @@ class ScoreStage(Stage):
                         # the sampling settings change nothing when the one answer is greedy
                         **({"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed} if cfg.sampling else {})},
         }
+
+    def datasets(self) -> list[dict]:
+        return [dataset_record(self.recipe.task.train, "scoring")]
 
     def rows(self) -> list[Row]:
         if self._rows is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -30,7 +31,7 @@ from flexi_workflows.methods import Method, get_method
 from flexi_workflows.plots import loss_curve_plot
 from flexi_workflows.recipes.schema import MethodConfig, Recipe
 from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, recipe_storage, run_stage
-from flexi_workflows.stages.inputs import data_inputs, model_inputs, task_inputs
+from flexi_workflows.stages.inputs import data_inputs, dataset_record, model_inputs, task_inputs
 from flexi_workflows.tasks import get_task, metric_key, subset_counts
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,14 @@ def split_validation(examples: list[dict], rows: int, seed: int) -> tuple[list[d
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
+def best_checkpoint(kept: list[tuple[Any, dict]]) -> tuple[Any, dict]:
+    """(checkpoint, metrics) of the kept checkpoint with the lowest `val_score`, the earliest of equals."""
+    scored = [(c, m) for c, m in kept if math.isfinite(m.get("val_score", math.inf))]
+    if not scored:
+        raise RuntimeError("training.final_artifact: best, but Ray Train kept no checkpoint with a held-out loss")
+    return min(scored, key=lambda cm: (cm[1]["val_score"], cm[1]["step"]))
+
+
 def ranks_used_summary(records: list[dict]) -> dict[str, Any]:
     """What the workers' rank record says: rows per rank, the mean rank, and whether every optimizer step
     used one rank on every worker and micro-batch (what DyLoRA / DyLoRA+ must do; LoRA-r trivially does)."""
@@ -249,6 +258,9 @@ class TrainStage(Stage):
             inputs["resume"] = path_digest(recipe.training.resume)  # where training starts from changes the result
         return inputs
 
+    def datasets(self) -> list[dict]:
+        return [dataset_record(self.recipe.task.train, "training")]  # validation_rows are held out of it
+
     def check(self) -> None:
         from flexi_workflows.models.loading import load_config
 
@@ -283,10 +295,11 @@ class TrainStage(Stage):
 
             class EpochReportCallback(TuneReportCallback):
                 """Only the epoch-end reports, which carry val_loss: Tune's scheduler checks every result
-                for its metric, and mid-epoch checkpoints (training.checkpoint_every) have none."""
+                for its metric, and mid-epoch checkpoints (training.checkpoint_every, eval_every) are not
+                the epochs its rungs count."""
 
                 def after_report(self, run_context, metrics, checkpoint):
-                    if metrics and "val_loss" in metrics[0]:
+                    if metrics and "val_loss" in metrics[0] and metrics[0].get("epoch_end", True):
                         super().after_report(run_context, [{k: v for k, v in metrics[0].items()
                                                             if k in ("epoch", "step", "val_loss")}], None)
 
@@ -327,6 +340,7 @@ class TrainStage(Stage):
             data_context.enable_progress_bars = bars
         # checkpoints in the run's storage: workers on any node write there, a restarted worker group reads there
         run_name = f"{label}-{self.fingerprint}"
+        keep_best = train.final_artifact == "best"
         if context.fresh:  # --force: Ray Train would otherwise restore this run's last checkpoint
             self.storage.delete(f"{RAY_RESULTS}/{run_name}")
         trainer = TorchTrainer(
@@ -345,7 +359,11 @@ class TrainStage(Stage):
                 storage_path=self.storage.path(RAY_RESULTS),
                 storage_filesystem=self.storage.fs if self.storage.remote else None,
                 failure_config=FailureConfig(max_failures=train.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                # the latest checkpoint is always kept (a restart resumes from it); with final_artifact: best,
+                # also the two with the lowest held-out loss (training/loop.py reports it as val_score)
+                checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_score",
+                                                   checkpoint_score_order="min") if keep_best
+                else CheckpointConfig(num_to_keep=2),
                 # the test-only fault hook must reach worker processes that Ray starts later
                 worker_runtime_env={"env_vars": {FAIL_HOOK_ENV: os.environ[FAIL_HOOK_ENV]}} if FAIL_HOOK_ENV in os.environ else None,
                 # inside a sweep trial, the per-epoch reports (val_loss) reach Tune's scheduler
@@ -356,6 +374,9 @@ class TrainStage(Stage):
         )
         result = trainer.fit()
         metrics = dict(result.metrics or {})
+        chosen, chosen_metrics = result.checkpoint, metrics
+        if keep_best:
+            chosen, chosen_metrics = best_checkpoint(result.best_checkpoints or [])
         report = {
             "method": label,
             "steps": metrics.get("step"),
@@ -375,22 +396,33 @@ class TrainStage(Stage):
             # seconds per optimizer step per log window, timed in the rank-0 worker (the first window
             # includes the data iterator's start; bench/train_overhead.py reads the rest)
             "throughput": metrics.get("throughput", []),  # per log window: [step, s/step, tokens/s], timed by rank 0
+            # curve points the tracking server did not take (it was away): they are in this report instead
+            "mlflow_unsent_metrics": metrics.get("mlflow_unsent_metrics", 0),
             "validation_rows": len(validation),
             "trainable_params": metrics.get("trainable_params"),
             "lr": effective_lr(recipe, self.method.config),
             "final_lr": metrics.get("lr"),  # the optimizer's rate at the last step, as the worker's scheduler left it
             "resumed_from_step": metrics.get("resumed_from_step"),
             "routing": info["routing"],
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "eval_every": train.eval_every,
+            # which step's weights the artifact holds: the last, or (final_artifact: best) the lowest val_loss
+            "final_artifact": train.final_artifact,
+            "artifact_step": chosen_metrics.get("step"),
+            "artifact_val_loss": chosen_metrics.get("val_score") if keep_best else None,
+            "checkpoint": chosen.path if chosen else None,
         }
-        with result.checkpoint.as_directory() as ckpt:
+        with chosen.as_directory() as ckpt:
             shutil.copytree(Path(ckpt) / EXPORT_DIR, tmp / ARTIFACT)
+        with result.checkpoint.as_directory() as ckpt:  # the whole run's rank record is in the last one
             records = json.loads((Path(ckpt) / RANKS_FILE).read_text()) if (Path(ckpt) / RANKS_FILE).is_file() else []
         if records:
             report["ranks_used"] = ranks_used_summary(records)
             (tmp / RANKS_USED).write_text(json.dumps(records) + "\n")
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         curve = report["loss_curve"]
+        if report["mlflow_unsent_metrics"]:
+            log.warning("train %s: %d curve points did not reach MLflow (the server was away); they are in %s",
+                        label, report["mlflow_unsent_metrics"], REPORT)
         log.info("train %s: %s steps, loss %s → %s", label, report["steps"],
                  f"{curve[0][1]:.3f}" if curve else "?", f"{curve[-1][1]:.3f}" if curve else "?")
         out_metrics = {"trainable_params": report["trainable_params"] or 0, "train_steps": report["steps"] or 0,
@@ -403,6 +435,8 @@ class TrainStage(Stage):
             out_metrics["final_loss"] = curve[-1][1]
         if report["val_loss_curve"]:
             out_metrics["final_val_loss"] = report["val_loss_curve"][-1][1]
+            out_metrics["best_val_loss"] = min(v for _, v in report["val_loss_curve"])
+        out_metrics["artifact_step"] = report["artifact_step"] or 0
         params = {**{f"method.{k}": v for k, v in dataclasses.asdict(self.method.config).items()},
                   "method.label": label, "lr": effective_lr(recipe, self.method.config)}
         artifacts = [REPORT, ARTIFACT] + ([RANKS_USED] if records else [])

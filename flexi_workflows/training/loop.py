@@ -11,9 +11,14 @@ Each worker:
      with each batch; DyLoRA / DyLoRA+ told the global optimizer step before every micro-batch, so one
      rank serves every worker and micro-batch of a step; logs loss / lr / tokens-per-second to MLflow
      from rank 0 and records the rank each micro-batch used (RANKS_FILE, in every checkpoint);
-  5. after each epoch, with training.validation_rows, measures the held-out loss (`val_loss`);
+  5. with training.validation_rows, measures the held-out loss (`val_loss`) after each epoch, every
+     `eval_every` steps if set, and at the last step;
   6. checkpoints through Ray Train at each epoch's end, every `checkpoint_every` steps if set, and at
-     the end, where rank 0 also exports the trained artifact (adapter or weights) inside the checkpoint.
+     the end, where rank 0 also exports the trained artifact (adapter or weights) inside the checkpoint;
+     with `final_artifact: best`, every checkpoint with a fresh `val_loss` exports it too and carries it
+     as `val_score` (the others +inf), which Ray Train keeps the best checkpoints by;
+  7. the first worker of each node samples the node's CPU / memory / disk / network (and GPU) use into
+     the MLflow run as `system/*` metrics (tracking.system_metrics_interval).
 """
 
 from __future__ import annotations
@@ -78,15 +83,30 @@ def _maybe_fail(step: int, rank: int) -> None:
 
 
 class _MlflowCurves:
-    """Rank 0's per-step curves, batched into MLflow (plain client API: works under Ray Train V2)."""
+    """Rank 0's per-step curves, batched into MLflow (plain client API: works under Ray Train V2).
+
+    Tracking never costs a run: a tracking server that stops answering makes a flush fail after a few
+    seconds (MLflow's retries bounded below), the curves are kept and tried again no sooner than
+    RETRY_S later, and whatever is still unsent at the end is counted in the train report (the curves
+    themselves are in it too)."""
+
+    RETRY_S = 30.0
+    MAX_PENDING = 100_000
 
     def __init__(self, uri: str | None, run_id: str | None) -> None:
         self.client = None
         if uri and run_id:
+            import os
+
+            # MLflow's defaults retry a dead server for minutes per call, on the training path
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
             from mlflow.tracking import MlflowClient
 
             self.client, self.run_id = MlflowClient(uri), run_id
         self.pending: list = []
+        self.failed_at: float | None = None
+        self.dropped = 0
 
     def log(self, step: int, **values: float) -> None:
         if self.client is None:
@@ -95,13 +115,59 @@ class _MlflowCurves:
 
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in values.items()]
+        if len(self.pending) > self.MAX_PENDING:  # a server away for very long: the oldest go first
+            self.dropped += len(self.pending) - self.MAX_PENDING
+            self.pending = self.pending[-self.MAX_PENDING:]
         if len(self.pending) >= 200:
             self.flush()
 
-    def flush(self) -> None:
-        if self.client is not None and self.pending:
-            self.client.log_batch(self.run_id, metrics=self.pending)
-            self.pending = []
+    def flush(self, final: bool = False) -> None:
+        if self.client is None or not self.pending:
+            return
+        if not final and self.failed_at is not None and time.time() - self.failed_at < self.RETRY_S:
+            return
+        try:
+            for start in range(0, len(self.pending), 1000):
+                self.client.log_batch(self.run_id, metrics=self.pending[start:start + 1000])
+        except Exception as exc:  # noqa: BLE001 — any failure of the tracking server: training goes on
+            if self.failed_at is None:
+                print(f"warning: MLflow is not answering ({type(exc).__name__}); training goes on, the curves are "
+                      f"kept and sent when it answers again", flush=True)
+            self.failed_at = time.time()
+            return
+        self.pending, self.failed_at = [], None
+
+    @property
+    def unsent(self) -> int:
+        return len(self.pending) + self.dropped
+
+
+class _SystemMetrics:
+    """MLflow's SystemMetricsMonitor on a run given by id (the plain-client way this loop logs, which
+    `mlflow.enable_system_metrics_logging` — tied to the fluent active run — cannot reach). The monitor
+    publishes only after a full interval; a run shorter than that would log nothing, so whatever it
+    sampled since its last publish is published when it stops."""
+
+    def __init__(self, uri: str | None, run_id: str | None, interval: float, node_id: str | None) -> None:
+        self.monitor = None
+        if uri and run_id and interval > 0:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, node_id=node_id, tracking_uri=uri,
+                                                resume_logging=True)  # a restarted worker group goes on from its step
+            self.monitor.start()
+
+    def stop(self) -> None:
+        monitor, self.monitor = self.monitor, None
+        if monitor is None:
+            return
+        try:
+            monitor.finish()
+            if any(m.metrics for m in monitor.monitors):
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+        except Exception as exc:  # noqa: BLE001 — system metrics are a record, never a reason to fail a run
+            print(f"warning: system metrics not sent to MLflow ({type(exc).__name__})", flush=True)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -186,8 +252,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                               if r["worker"] == rank and r["step"] < step]
     resumed_from = step
     curves = _MlflowCurves(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else _MlflowCurves(None, None)
+    keep_best = train_cfg.final_artifact == "best"
+    system = _SystemMetrics(config.get("tracking_uri"), config.get("run_id"), recipe.tracking.system_metrics_interval,
+                            None if rank == 0 else f"node{ctx.get_node_rank()}") \
+        if ctx.get_local_rank() == 0 else _SystemMetrics(None, None, 0, None)
 
-    def report(final: bool) -> None:
+    def report(final: bool, epoch_end: bool = True) -> None:
         metrics = {"step": step, "epoch": step / max(1, steps_per_epoch), "loss_curve": loss_curve,
                    "trainable_params": n_trainable, "resumed_from_step": resumed_from,
                    "gradient_checkpointing": bool(getattr(base, "is_activation_checkpointing", False)),
@@ -195,16 +265,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "bf16_by": ("autocast" if dist_cfg.strategy == "ddp" else "deepspeed") if dist_cfg.bf16 else None,
                    "lr": engine.scheduler.get_last_lr()[0], "val_loss_curve": val_curve, "throughput": throughput,
                    "partitioned_build": partitioned, "param_elements_total": total_elements,
-                   "param_elements_held_by_worker": held_by_worker}
+                   "param_elements_held_by_worker": held_by_worker, "mlflow_unsent_metrics": curves.unsent}
         if device.type == "cuda":
             metrics |= {"peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device),
                         "setup_peak_gpu_memory_bytes": setup_peak}
-        if val_curve and val_curve[-1][0] == step:
+        fresh_val = bool(val_curve) and val_curve[-1][0] == step
+        if fresh_val:
             metrics["val_loss"] = val_curve[-1][1]  # what a sweep's ASHA scheduler reads, once per epoch
+        metrics["epoch_end"] = epoch_end
+        if keep_best:  # Ray Train keeps checkpoints by it; one without a fresh measurement is never the best
+            metrics["val_score"] = val_curve[-1][1] if fresh_val else float("inf")
         with tempfile.TemporaryDirectory() as tmp:
             tmp_path = Path(tmp)
             engine.save(tmp_path, step, rank)
-            if final:
+            if final or (keep_best and fresh_val):  # a candidate for the final artifact
                 engine.export(tmp_path / EXPORT_DIR, method, rank)
             records = gather_records(ranks_used)
             if rank == 0:
@@ -220,6 +294,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, own)
         return sorted((r for part in gathered for r in part), key=lambda r: (r["step"], r["worker"], r["micro_batch"]))
+
+    def measure(why: str) -> None:
+        """The held-out loss now, into the curve, MLflow and the console."""
+        val_loss = validation_loss()
+        val_curve.append([step, val_loss])
+        curves.log(step, val_loss=val_loss)
+        if rank == 0:
+            print(f"[{method.label}] {why}  val_loss {val_loss:.4f}", flush=True)
 
     def validation_loss() -> float:
         """Mean loss over the held-out rows, every worker on its equal share (ZeRO-3 needs all ranks)."""
@@ -271,7 +353,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard(f"val_{rank}") if config.get("validation") else None
     pad = config["pad_token_id"]
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    every = train_cfg.checkpoint_every
+    every, eval_every = train_cfg.checkpoint_every, train_cfg.eval_every if val_shard is not None else 0
     engine.model.train()
     for epoch in range(step // max(1, steps_per_epoch), math.ceil(total_steps / max(1, steps_per_epoch))):
         skip = (step - epoch * steps_per_epoch) * accum  # micro-batches already done in this epoch
@@ -320,20 +402,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     print(f"[{method.label}] step {step}/{total_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  "
                           f"{tokens_per_s:,.0f} tokens/s", flush=True)
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-            if every and step < total_steps and step % every == 0:
+            measured = bool(eval_every) and step % eval_every == 0 and step < total_steps  # the last: below
+            if measured:
+                measure(f"step {step}/{total_steps}")
+            # a measured step's checkpoint is a candidate for the best (an epoch's last step: reported below)
+            candidate = measured and keep_best and step % max(1, steps_per_epoch) != 0
+            if step < total_steps and ((every and step % every == 0) or candidate):
                 curves.flush()
-                report(final=False)
+                report(final=False, epoch_end=False)
         # the end of an epoch: its validation loss, and a checkpoint a restarted worker group resumes from
         if val_shard is not None and (not val_curve or val_curve[-1][0] != step):
-            val_loss = validation_loss()
-            val_curve.append([step, val_loss])
-            curves.log(step, val_loss=val_loss)
-            if rank == 0:
-                print(f"[{method.label}] epoch {epoch + 1}  val_loss {val_loss:.4f}", flush=True)
+            measure(f"epoch {epoch + 1}")
         if step >= total_steps:
             break
         if not every or step % every or val_shard is not None:  # the val_loss must reach a report
             curves.flush()
             report(final=False)
-    curves.flush()
+    curves.flush(final=True)
     report(final=True)
+    system.stop()

@@ -165,6 +165,7 @@ def perturbations(key: str, value, tp, world) -> list[str]:
         # result-changing: the file's content is fingerprinted (a DeepSpeed key the recipe does not set)
         "distribution.deepspeed_config": [f"distribution.deepspeed_config={ds_file}"],
         "tracking.tracking_uri": ["tracking.tracking_uri=sqlite:///elsewhere.db"],
+        "tracking.register_as": ["tracking.register_as=my-adapter"],  # neutral (tracking.*): MLflow records only
         "ray.address": ["ray.address=auto"],
         "sweep": ["sweep={space: {seed: [0, 1]}, metric: accuracy_all}"],
         # task custom's keys (the recipe compared is a custom one, BASELINES): planning reads no rows
@@ -194,7 +195,10 @@ def perturbations(key: str, value, tp, world) -> list[str]:
 # keys whose other value is valid only with a companion setting, present in both recipes compared
 BASELINES = {"distribution.offload_params": ["distribution.zero_stage=3"],
              **{f"task.{k}": ["task.name=custom"]
-                for k in ("train.columns", "eval.0.columns", "system_prompt", "chat_template", "metric")}}
+                for k in ("train.columns", "eval.0.columns", "system_prompt", "chat_template", "metric")},
+             # result-changing: the val_loss curve is recorded, and `best` picks which step's weights are kept
+             "training.eval_every": ["training.validation_rows=8"],
+             "training.final_artifact": ["training.validation_rows=8"]}
 
 
 def test_every_recipe_field_is_fingerprinted_where_it_matters_or_declared_neutral(tmp_path, tiny_model_dir, world):
@@ -213,7 +217,8 @@ def test_every_recipe_field_is_fingerprinted_where_it_matters_or_declared_neutra
         walked.append(key)
     assert {"task.max_prompt_tokens", "scoring.num_actors", "evaluation.num_actors", "training.log_every",
             "distribution.cpus_per_worker", "distribution.torch_threads", "compare.1.ranks", "task.train.columns",
-            "task.metric", "task.chat_template"} <= set(walked)
+            "task.metric", "task.chat_template", "training.eval_every", "training.final_artifact",
+            "tracking.register_as", "tracking.system_metrics_interval"} <= set(walked)
     assert len(walked) > 60
 
 

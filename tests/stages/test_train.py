@@ -178,3 +178,35 @@ def test_zero3_full_fine_tuning_with_cpu_offload_trains_as_without_and_exports_t
     assert set(trained) == set(base)
     assert all(trained[n].shape == base[n].shape for n in base)
     assert any(not torch.equal(trained[n], base[n]) for n in base), "the exported weights are the trained ones"
+
+
+def test_eval_every_logs_a_val_curve_and_keeps_the_best_checkpoint(tmp_path, tiny_model_dir, ray_local, mlflow_server):
+    """A learning rate high enough that the held-out loss rises again after step 3: the artifact holds
+    step 3's weights (the checkpoint Ray Train kept by val_loss), not the last step's."""
+    from mlflow.tracking import MlflowClient
+
+    from flexi_workflows.stages.base import StageContext
+    from flexi_workflows.tracking import Tracker
+
+    recipe = small_recipe(tmp_path, tiny_model_dir, method={"name": "lora", "rank": 4},
+                          training={"max_steps": 4, "lr": 0.3, "validation_rows": 8, "eval_every": 1,
+                                    "final_artifact": "best"})
+    run_id = Tracker(mlflow_server, "eval-every").start_run("train:lora-4")
+    result = run_train(recipe, recipe.method, context=StageContext(mlflow_server, run_id))
+    out = result.folder
+    report = json.loads((out / REPORT).read_text())
+    curve = report["val_loss_curve"]
+    assert [s for s, _ in curve] == [1, 2, 3, 4]
+    best_step, best = min(curve, key=lambda p: (p[1], p[0]))
+    assert best_step < 4, f"the held-out loss should rise again before the last step: {curve}"
+    assert (report["final_artifact"], report["artifact_step"], report["artifact_val_loss"]) == ("best", best_step, best)
+    assert result.metrics["best_val_loss"] == best and result.metrics["artifact_step"] == best_step
+    history = MlflowClient(mlflow_server).get_metric_history(run_id, "val_loss")  # the curve, logged by the worker
+    assert sorted((m.step, m.value) for m in history) == [(s, pytest.approx(v)) for s, v in curve]
+    # the kept checkpoints: the best ones by val_loss and the latest; the artifact is the best step's export
+    kept = {json.loads((c / "trainer_state.json").read_text())["step"]: c / "export"
+            for c in (tmp_path / "out" / "ray_results" / f"lora-4-{result.fingerprint}").glob("checkpoint_*") if c.is_dir()}
+    assert {best_step, 4} <= set(kept)
+    files = sorted(p.relative_to(out / "artifact") for p in (out / "artifact").rglob("*") if p.is_file())
+    assert files and all((out / "artifact" / f).read_bytes() == (kept[best_step] / f).read_bytes() for f in files)
+    assert any((out / "artifact" / f).read_bytes() != (kept[4] / f).read_bytes() for f in files)

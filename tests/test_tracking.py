@@ -1,0 +1,107 @@
+"""The pure pieces of MLflow tracking and evaluation during training: git tags, recipe checks on the new
+keys, and the choice of the best checkpoint. The MLflow server side is checked in tests/test_pipeline.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+
+from flexi_workflows.errors import ConfigError
+from flexi_workflows.stages.train import best_checkpoint
+from flexi_workflows.tracking import code_tags, git_tags
+from tests.helpers import small_recipe
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+def test_git_tags_name_the_commit_and_whether_the_checkout_was_dirty(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    code = repo / "code.py"
+    code.write_text("x = 1\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "code.py")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert git_tags(code) == {"mlflow.source.git.commit": head, "flexi.git_commit": head, "flexi.git_dirty": "false"}
+    code.write_text("x = 2\n")
+    assert git_tags(code)["flexi.git_dirty"] == "true"
+    # a file the checkout does not track (an installed copy below some checkout's folder): no claim
+    (repo / "installed.py").write_text("")
+    assert git_tags(repo / "installed.py") == {}
+    assert git_tags(tmp_path) == {}, "not a checkout: no tags, no error"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert git_tags(code) == {}, "no git on PATH: no tags, no error"
+
+
+def test_this_checkout_tags_its_commit():
+    tags = code_tags()  # the tests run from a git checkout of the project
+    assert len(tags["flexi.git_commit"]) == 40 and tags["flexi.git_dirty"] in ("true", "false")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["training.eval_every=2"], r"training.eval_every=2 measures the held-out loss: set training.validation_rows"),
+    (["training.final_artifact=best"], r"training.final_artifact=best measures the held-out loss"),
+    (["training.eval_every=-1", "training.validation_rows=4"], r"training.eval_every must be ≥ 0"),
+    (["training.final_artifact=first"], r"training.final_artifact must be one of"),
+    (["tracking.register_as= "], r"tracking.register_as must be a model name"),
+    (["tracking.system_metrics_interval=-1"], r"tracking.system_metrics_interval must be ≥ 0"),
+])
+def test_bad_training_and_tracking_keys_are_named(tmp_path, tiny_model_dir, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        small_recipe(tmp_path, tiny_model_dir, overrides=overrides)
+
+
+def test_best_checkpoint_is_the_lowest_measured_val_loss_the_earliest_of_equals():
+    kept = [("a", {"step": 2, "val_score": 1.5}), ("b", {"step": 4, "val_score": 1.2}),
+            ("c", {"step": 6, "val_score": 1.2}), ("d", {"step": 8, "val_score": math.inf})]
+    assert best_checkpoint(kept) == ("b", {"step": 4, "val_score": 1.2})
+    with pytest.raises(RuntimeError, match="no checkpoint with a held-out loss"):
+        best_checkpoint([("d", {"step": 8, "val_score": math.inf})])
+
+
+def test_a_dataset_read_in_several_stages_is_one_input_with_every_context():
+    from flexi_workflows.pipeline import merge_datasets
+
+    train = {"name": "train", "uri": "/d/train.jsonl", "hub_name": None, "digest": "a1"}
+    merged = merge_datasets([{**train, "context": "scoring"}, {**train, "context": "training"},
+                             {**train, "context": "training"}, {**train, "digest": "b2", "context": "training"}])
+    assert [(d["digest"], d["context"]) for d in merged] == [("a1", "scoring, training"), ("b2", "training")]
+
+
+def test_runs_left_running_by_a_gone_process_are_closed_as_killed(tmp_path):
+    from flexi_workflows.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "abandoned")
+    mine = tracker.start_run("alive")  # owned by this process: stays RUNNING
+    orphan = tracker.start_run("orphan")
+    tracker.set_tags(orphan, {"flexi.pid": "999999999", "flexi.pid_started": "1.0"})  # a process that is gone
+    assert tracker.close_abandoned() == [orphan]
+    assert tracker.client.get_run(orphan).info.status == "KILLED"
+    assert tracker.client.get_run(mine).info.status == "RUNNING"
+
+
+def test_a_tracker_whose_server_is_away_records_instead_of_raising(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from flexi_workflows.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "away")
+    run = tracker.start_run("run")
+    tracker.client = MlflowClient("http://127.0.0.1:9")  # nothing listens there: as a server that died
+    tracker.log_metrics(run, {"accuracy": 0.5}, step=3)
+    tracker.end(run, "FINISHED")  # within RETRY_S of the failure: recorded without trying
+    tracker.log_metrics(None, {"loss": 1.0})  # a run that could not be started
+    assert [m["call"] for m in tracker.missed] == ["log_metrics", "end", "log_metrics"]
+    assert tracker.missed[0]["error"] and tracker.missed[1]["error"] is None
+    assert tracker.missed[0]["args"] == [run, {"accuracy": 0.5}, {"step": 3}]
+    tracker.save_missed(tmp_path / "mlflow_missed.json")
+    saved = json.loads((tmp_path / "mlflow_missed.json").read_text())
+    assert saved["tracking_uri"].startswith("sqlite:///") and len(saved["missed"]) == 3
