@@ -5,8 +5,8 @@ Here the batch is split by rank instead; for each rank r the target layers' weig
 W + γ(r)·B[:, :r]·A[:r] in place and the wrapped modules are swapped back for the plain nn.Linear, so
 that group generates on exactly the bare base model's module tree: no adapter matmuls, no wrapper.
 
-    batch ──► rank groups {r: rows} ──► for each r: merge r ─► base_model.generate(rows) ──► back in row order
-                                                                                          └─► restore W, bit for bit
+    batch ──► rank groups {r: rows} ──► for each r: merge r ─► base_model.generate(rows)
+                                                    ──► outputs back in row order, W restored bit for bit
 
 Restoring is exact because the original weights are copied, not recomputed: (W + Δ) − Δ in floating
 point is not W. The copy is in the weights' own dtype (already exact, so no fp32 copy is needed); it costs
@@ -23,8 +23,7 @@ the size of the base weights' own rounding, so a near-tie flips more easily.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,7 +44,7 @@ class RankMerger:
 
     While a rank is merged, `model.base_model` is the plain base model (its target modules are the
     original nn.Linear again) with merged weights; `restore()` puts back the original weights and the
-    Flexi-LoRA layers. Use `merged(rank)` or `generate_per_rank` so an exception restores too.
+    Flexi-LoRA layers. `generate_per_rank` restores in a finally block, so an exception restores too.
     """
 
     def __init__(self, model: FlexiLoraModel) -> None:
@@ -54,7 +53,8 @@ class RankMerger:
         self.model = model
         self.layers: dict[str, FlexiLoraLinear] = dict(model.flexi_layers())
         if not all(isinstance(layer, FlexiLoraLinear) for layer in self.layers.values()):
-            raise RankError("the model already has a rank merged (another merger holds it); restore that one first")
+            raise RankError("the model already has a rank merged (another merger holds it); "
+                            "restore that one first")
         self._check_untied()
         self.rank: int | None = None
         self._originals: dict[str, torch.Tensor] = {}
@@ -64,11 +64,13 @@ class RankMerger:
         module too; merge_and_unload has the same hazard, but here it would also outlive the group."""
         touched = {layer.base_layer.weight.data_ptr(): name for name, layer in self.layers.items()}
         if len(touched) != len(self.layers):
-            raise RankError("two adapted layers share one weight tensor; merged inference cannot merge them apart")
+            raise RankError("two adapted layers share one weight tensor; merged inference cannot merge "
+                            "them apart")
         for pname, param in self.model.base_model.named_parameters(remove_duplicate=False):
             owner = touched.get(param.data_ptr())
             if owner is not None and not pname.startswith(owner + ".base_layer."):
-                raise RankError(f"the weight of {owner} is shared with {pname}; merged inference would change both")
+                raise RankError(f"the weight of {owner} is shared with {pname}; merged inference would "
+                                "change both")
 
     @torch.no_grad()
     def merge(self, rank: int) -> None:
@@ -100,15 +102,6 @@ class RankMerger:
         self._originals.clear()
         self.rank = None
 
-    @contextmanager
-    def merged(self, rank: int) -> Iterator[torch.nn.Module]:
-        """The plain base model with `rank` merged, for the body of the with-block."""
-        try:
-            self.merge(rank)
-            yield self.model.base_model
-        finally:
-            self.restore()
-
 
 def _batch_size(inputs: dict[str, Any]) -> int:
     for value in inputs.values():
@@ -138,8 +131,9 @@ def generate_per_rank(
     try:
         for rank, rows in rank_groups(ranks):
             merger.merge(rank)
-            group = {k: v.index_select(0, rows.to(v.device)) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n
-                     else v for k, v in inputs.items()}
+            group = {k: v.index_select(0, rows.to(v.device))
+                     if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+                     for k, v in inputs.items()}
             results = generate(model.base_model, group)
             if len(results) != len(rows):
                 raise RankError(f"generate returned {len(results)} outputs for a group of {len(rows)} rows")

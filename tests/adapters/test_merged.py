@@ -68,7 +68,8 @@ def test_merged_generation_gives_the_unmerged_tokens_and_restores_the_weights():
         after = model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before), "weights restored bit for bit"
         assert all(isinstance(layer, FlexiLoraLinear) for _, layer in model.flexi_layers())
-        assert torch.equal(model.generate(**inputs, ranks=RANKS, **GEN), unmerged), "the adapter works as before"
+        again = model.generate(**inputs, ranks=RANKS, **GEN)
+        assert torch.equal(again, unmerged), "the adapter works as before"
 
 
 def test_bf16_weights_come_back_bit_exact_where_subtracting_the_delta_would_not():
@@ -80,10 +81,9 @@ def test_bf16_weights_come_back_bit_exact_where_subtracting_the_delta_would_not(
     layer = merger.layers["model.layers.0.self_attn.q_proj"]
     weight = model.base_model.model.layers[0].self_attn.q_proj.weight
     delta = layer.delta_weight(2).float()
-    assert torch.equal(weight, (before["base_model.model.layers.0.self_attn.q_proj.base_layer.weight"].float() + delta)
-                       .to(torch.bfloat16))
-    assert not torch.equal((weight.float() - delta).to(torch.bfloat16),
-                           before["base_model.model.layers.0.self_attn.q_proj.base_layer.weight"]), \
+    original = before["base_model.model.layers.0.self_attn.q_proj.base_layer.weight"]
+    assert torch.equal(weight, (original.float() + delta).to(torch.bfloat16))
+    assert not torch.equal((weight.float() - delta).to(torch.bfloat16), original), \
         "unmerging by subtraction would not give the weights back"
     merger.restore()
     after = model.state_dict()

@@ -35,16 +35,18 @@ def test_merged_evaluation_gives_the_unmerged_predictions(tmp_path, tiny_model_d
     unmerged = generate_with_method(rows, recipe, method, tmp_path / "artifact")
     merged = generate_with_method(rows, merged_recipe, method, tmp_path / "artifact")
     assert [merged[r["id"]]["rank"] for r in rows] == ranks
-    assert {k: v["prediction"] for k, v in merged.items()} == {k: v["prediction"] for k, v in unmerged.items()}
+    predictions = {k: v["prediction"] for k, v in merged.items()}
+    assert predictions == {k: v["prediction"] for k, v in unmerged.items()}
 
     # the ranks matter for these prompts, so equal predictions mean each group ran at its own rank
     kwargs = {"max_new_tokens": 6, "max_prompt_tokens": recipe.task.max_prompt_tokens,
               "date_string": recipe.task.date_string}
     generator = MethodGenerator(str(tiny_model_dir), "math", method=dataclasses.asdict(method.config),
                                 artifact_dir=str(tmp_path / "artifact"), merged=True, **kwargs)
-    batch = {"id": np.asarray([r["id"] for r in rows[:6]]), "question": np.asarray([r["question"] for r in rows[:6]]),
+    first = rows[:6]
+    batch = {"id": np.asarray([r["id"] for r in first]), "question": np.asarray([r["question"] for r in first]),
              "context": np.asarray([""] * 6), "rank": np.asarray(ranks[:6])}
-    expect = [unmerged[r["id"]]["prediction"] for r in rows[:6]]
+    expect = [unmerged[r["id"]]["prediction"] for r in first]
     assert generator(batch)["prediction"].tolist() == expect, "the merged path, in this process"
     flipped = generator({**batch, "rank": 10 - batch["rank"]})["prediction"].tolist()
     assert flipped != expect
