@@ -106,6 +106,11 @@ def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None,
     cfg = recipe.evaluation
     if not rows:
         return {}
+    merged = cfg.merged and method is not None and method.merges_ranks
+    if merged and method.routing is not None:
+        # the rows' ranks are known before generation: batches of one rank each (but at the seams) run one
+        # merged generate each, as many as the base model's, where mixed batches would run one per rank
+        rows = sorted(rows, key=lambda r: int(r["rank"]))
     _, stream, position = eval_batches(len(rows), cfg.batch_size, cfg.num_actors)
     columns = [{**model_columns(r), "rank": int(r.get("rank", 0)), "eval_stream": int(k), "stream_position": int(p)}
                for r, k, p in zip(rows, stream, position)]
@@ -121,7 +126,7 @@ def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None,
     }
     if method is not None:
         kwargs.update({"method": dataclasses.asdict(method.config), "artifact_dir": str(artifact), "seed": recipe.seed,
-                       "merged": cfg.merged and method.merges_ranks})
+                       "merged": merged})
     ds = ds.map_batches(
         MethodGenerator if method is not None else BatchGenerator,
         fn_constructor_kwargs=kwargs,

@@ -1,5 +1,6 @@
-"""evaluation.merged through the evaluation stage's Ray Data actor pool: per-class merged generation gives
-the unmerged predictions on mixed-rank batches (tiny fp32 LLaMA, a Flexi adapter with nonzero B)."""
+"""evaluation.merged through the evaluation stage's Ray Data actor pool: the routed rows sorted by rank into
+batches, each generated merged per rank, give the unmerged predictions of the mixed-rank batches (tiny fp32
+LLaMA, a Flexi adapter with nonzero B)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def test_merged_evaluation_gives_the_unmerged_predictions(tmp_path, tiny_model_d
     unmerged = generate_with_method(rows, recipe, method, tmp_path / "artifact")
     merged = generate_with_method(rows, merged_recipe, method, tmp_path / "artifact")
     assert [merged[r["id"]]["rank"] for r in rows] == ranks
+    assert {unmerged[r["id"]]["stream_position"] for r in rows if r["rank"] == 8} == {0, 1}, "mixed batches"
+    # sorted: batch 0 holds six rank-2 rows, batch 1 the seventh and the five rank-8 rows (the seam)
+    assert {merged[r["id"]]["stream_position"] for r in rows if r["rank"] == 8} == {1}
     predictions = {k: v["prediction"] for k, v in merged.items()}
     assert predictions == {k: v["prediction"] for k, v in unmerged.items()}
 
