@@ -477,7 +477,8 @@ class DistributionConfig:
 class EvalConfig:
     """include_base: also evaluate the untouched base model (the reference row of the summary).
     merged: methods on the nested adapter (lora, dylora, dylora_plus, flexi) generate each batch one rank
-    at a time on the base weights with that rank merged in (adapters/merged.py): the bare base model's speed.
+    at a time on the base weights with that rank merged in (adapters/merged.py), routed rows sorted by rank
+    into batches first: the bare base model's speed.
     """
 
     include_base: bool = True
