@@ -25,7 +25,7 @@ close to a whole batch per group on a GPU, where decoding a small batch is laten
 `merged_sorted_generate_ratio_vs_base` is merged stream / base stream: what the evaluation stage pays.
 
     python bench/adapter.py            # hidden 512, 4 layers, seq 256, batch 8
-    python bench/adapter.py --quick    # same shapes, fewer repeats: under a minute on 2 CPU cores
+    python bench/adapter.py --quick    # same shapes, fewer repeats: about 70 s on 2 idle CPU cores
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def measure(variants, fn, repeats, warmup):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (under a minute on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (about 70 s on 2 idle cores)")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
