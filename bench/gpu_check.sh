@@ -119,7 +119,8 @@ out = {
     "zero2": train.get("zero2"), "zero3": train.get("zero3"), "generation": train.get("generation"),
     "adapter": None if adapter is None else {k: adapter.get(k) for k in (
         "train_step_ratio_vs_peft", "generate_ratio_vs_peft", "train_step_ratio_rmax_vs_peft",
-        "generate_ratio_rmax_vs_peft", "train_step_s", "generate_s", "device", "dtype", "wall_s")},
+        "generate_ratio_rmax_vs_peft", "merged_generate_ratio_vs_base", "merged_generate_ratio_vs_base_groups",
+        "merged_tokens_equal_unmerged", "train_step_s", "generate_s", "device", "dtype", "wall_s")},
     "status": {"train_and_generation": status(train_rc), "adapter": status(adapter_rc)},
     "errors": train.get("errors") or {},
     "wall_s": int(wall), "budget_s": int(budget), "logs": str(logs),

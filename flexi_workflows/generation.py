@@ -99,13 +99,16 @@ class BatchGenerator:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     @torch.no_grad()
-    def generate(self, inputs: dict[str, torch.Tensor], num_samples: int = 1, **generate_kwargs: Any) -> list[str]:
+    def generate(self, inputs: dict[str, torch.Tensor], num_samples: int = 1, *, model: torch.nn.Module | None = None,
+                 **generate_kwargs: Any) -> list[str]:
         """Completions (or transcripts) of a batch's `inputs`: greedy, or with sampling settings in
-        `generate_kwargs` `num_samples` per input (input i's answers at i*num_samples ... (i+1)*num_samples - 1)."""
+        `generate_kwargs` `num_samples` per input (input i's answers at i*num_samples ... (i+1)*num_samples - 1).
+        `model` stands in for self.model (merged inference: the base model with one rank merged in)."""
+        model = model if model is not None else self.model
         extra = {}
-        if self.speech and getattr(self.model.generation_config, "is_multilingual", False):
+        if self.speech and getattr(model.generation_config, "is_multilingual", False):
             extra = {"language": "en", "task": "transcribe"}  # English transcription, as LibriSpeech is
-        out = self.model.generate(
+        out = model.generate(
             **inputs,
             max_new_tokens=self.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -147,10 +150,13 @@ class MethodGenerator(BatchGenerator):
     place (`stream_position`) in its eval stream (`eval_stream`), seeded by (seed, stream): the same
     seed and shard assignment give the same ranks whichever actor runs the batch.
     The ranks actually used come back as a column, so mean active parameters are measured, not assumed.
+
+    With `merged` (evaluation.merged, nested-adapter methods) each batch is generated one rank group at a
+    time on the base weights with that rank merged in (adapters/merged.py), restored after the batch.
     """
 
     def __init__(self, model_ref: str, task_name: str | TaskConfig, *, method: dict[str, Any], artifact_dir: str,
-                 seed: int = 0, **kwargs: Any) -> None:
+                 seed: int = 0, merged: bool = False, **kwargs: Any) -> None:
         from flexi_workflows.methods import get_method
         from flexi_workflows.recipes.loader import build
         from flexi_workflows.recipes.schema import MethodConfig
@@ -161,6 +167,15 @@ class MethodGenerator(BatchGenerator):
 
         # the trained artifact lives in the run's storage: read in place, or downloaded once to this actor's node
         self.model = self.method.load(self.model, fetch(artifact_dir), seed=seed).to(self.device).eval()
+        self.merged = merged
+
+    def generate_ranked(self, inputs: dict[str, torch.Tensor], ranks: np.ndarray) -> list[str]:
+        if not self.merged:
+            return self.generate(inputs, ranks=ranks.tolist())
+        from flexi_workflows.adapters.merged import generate_per_rank
+
+        return generate_per_rank(self.model, ranks.tolist(), inputs,
+                                 lambda base, group: self.generate(group, model=base))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = self.prompts(batch)
@@ -171,6 +186,6 @@ class MethodGenerator(BatchGenerator):
             predictions = self.generate(inputs)
             ranks = np.zeros(n, dtype=np.int64)
         else:
-            predictions = self.generate(inputs, ranks=ranks.tolist())
+            predictions = self.generate_ranked(inputs, ranks)
         return {"id": np.asarray(batch["id"]), "prompt": np.asarray(prompts), "prediction": np.asarray(predictions),
                 "rank": ranks}

@@ -94,6 +94,8 @@ class Method:
     reports_ranks: bool = False  # evaluation reports mean_rank / high_rank_rate (the nested-adapter family)
     # eval ranks drawn per batch from one stream per evaluation actor (DyLoRA+): evaluation.num_actors matters
     eval_ranks_from_streams: bool = False
+    # evaluation.merged can fold each rank into the base weights (the nested adapter: adapters/merged.py)
+    merges_ranks: bool = False
 
     def ranks_for(self, classes: Sequence[int]) -> np.ndarray:
         raise TypeError(f"{self.label} does not route by difficulty class")

@@ -24,6 +24,7 @@ class NestedLoraMethod(Method):
     """Shared by every method on the nested adapter; subclasses say which rank policy drives it."""
 
     reports_ranks = True
+    merges_ranks = True
 
     def rank_policy(self, seed: int):
         raise NotImplementedError

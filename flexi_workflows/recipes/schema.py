@@ -555,7 +555,11 @@ class DistributionConfig:
 
 @dataclass
 class EvalConfig:
-    """include_base: also evaluate the untouched base model (the reference row of the summary)."""
+    """include_base: also evaluate the untouched base model (the reference row of the summary).
+    merged: methods on the nested adapter (lora, dylora, dylora_plus, flexi) generate each batch one rank
+    at a time on the base weights with that rank merged in (adapters/merged.py), routed rows sorted by rank
+    into batches first: the bare base model's speed.
+    """
 
     include_base: bool = True
     batch_size: int = 16
@@ -563,6 +567,7 @@ class EvalConfig:
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    merged: bool = False
 
 
 @dataclass

@@ -106,6 +106,11 @@ def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None,
     cfg = recipe.evaluation
     if not rows:
         return {}
+    merged = cfg.merged and method is not None and method.merges_ranks
+    if merged and method.routing is not None:
+        # the rows' ranks are known before generation: batches of one rank each (but at the seams) run one
+        # merged generate each, as many as the base model's, where mixed batches would run one per rank
+        rows = sorted(rows, key=lambda r: int(r["rank"]))
     _, stream, position = eval_batches(len(rows), cfg.batch_size, cfg.num_actors)
     columns = [{**model_columns(r), "rank": int(r.get("rank", 0)), "eval_stream": int(k), "stream_position": int(p)}
                for r, k, p in zip(rows, stream, position)]
@@ -120,7 +125,8 @@ def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None,
         "num_threads": max(1, int(cfg.cpus_per_actor)),
     }
     if method is not None:
-        kwargs.update({"method": dataclasses.asdict(method.config), "artifact_dir": str(artifact), "seed": recipe.seed})
+        kwargs.update({"method": dataclasses.asdict(method.config), "artifact_dir": str(artifact), "seed": recipe.seed,
+                       "merged": merged})
     ds = ds.map_batches(
         MethodGenerator if method is not None else BatchGenerator,
         fn_constructor_kwargs=kwargs,
@@ -187,6 +193,11 @@ class EvalStage(Stage):
             if self.method.eval_ranks_from_streams:
                 # DyLoRA+: one rank stream per actor, so the number of actors changes which rank a batch gets
                 inputs["evaluation"]["eval_streams"] = cfg.num_actors
+            if cfg.merged and self.method.merges_ranks and recipe.model.dtype != "float32":
+                # in fp32 merged and unmerged generation differ only in float association (the same tokens,
+                # tests/adapters/test_merged.py); a 16-bit merged weight is rounded once more, which flips
+                # greedy tokens on near-ties: another result, so another stage
+                inputs["evaluation"]["merged"] = True
         return inputs
 
     def datasets(self) -> list[dict]:

@@ -96,6 +96,8 @@ def expected(key: str) -> set[str]:
         return {"route"} | trains | method_evals
     if key in SAMPLING:
         return set()  # the base recipe scores one greedy answer; see test_sampling_settings_count_when_sampling
+    if key == "evaluation.merged":
+        return set()  # neutral over fp32 weights (the base recipe's); see test_merged_evaluation_counts_in_16_bit
     if top == "scoring":
         return {"score", "route"} | routed
     if top == "router":
@@ -229,6 +231,22 @@ def test_sampling_settings_count_when_sampling(tmp_path, tiny_model_dir):
     for change in ("scoring.temperature=1.0", "scoring.top_p=0.5", "scoring.seed=7"):
         after = roles(small_recipe(tmp_path, tiny_model_dir, overrides=sampled + [change]))
         assert {r for r in before if before[r] != after[r]} == {"score", "route"} | routed, change
+
+
+def test_merged_evaluation_counts_in_16_bit(tmp_path, tiny_model_dir):
+    """evaluation.merged gives the unmerged tokens over fp32 weights (tests/adapters/test_merged.py), so it is
+    neutral there; a 16-bit merged weight is rounded once more and flips near-tie tokens, so it moves the
+    evaluations of the nested-adapter methods, and never the base model's."""
+    compare = ["compare=" + json.dumps(COMPARE + [{"name": "full"}])]
+    for dtype, moves in (("float32", set()), ("bfloat16", {f"eval:{m}" for m in ALL_METHODS})):
+        before = roles(small_recipe(tmp_path, tiny_model_dir, overrides=compare + [f"model.dtype={dtype}"]))
+        after = roles(small_recipe(tmp_path, tiny_model_dir,
+                                   overrides=compare + [f"model.dtype={dtype}", "evaluation.merged=true"]))
+        assert {r for r in before if before[r] != after[r]} == moves, dtype
+    full = plan_pipeline(small_recipe(tmp_path, tiny_model_dir, overrides=compare + ["model.dtype=bfloat16"]))
+    merged = plan_pipeline(small_recipe(tmp_path, tiny_model_dir,
+                                        overrides=compare + ["model.dtype=bfloat16", "evaluation.merged=true"]))
+    assert full.methods[-1].eval.fingerprint == merged.methods[-1].eval.fingerprint, "full fine-tuning has no ranks"
 
 
 def test_the_code_declares_exactly_these_keys_neutral():
