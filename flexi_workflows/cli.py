@@ -107,7 +107,7 @@ def _load_recipe(args: argparse.Namespace):
 
     recipe = load_recipe(args.recipe, args.overrides)
     _methods(recipe, getattr(args, "method", None))  # a wrong --method is named before the slower checks
-    return prepare(recipe)
+    return prepare(recipe, need_eval=args.command in ("run", "eval", "check"))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -29,15 +29,16 @@ SUMMARY = "summary.json"
 RECIPE = "recipe.json"  # the recipe as run (paths absolute, built-in models resolved): `flexi export` reads it
 
 
-def prepare(recipe: Recipe) -> Recipe:
-    """Resolve a built-in base model (building it once) and validate inputs before Ray starts."""
+def prepare(recipe: Recipe, *, need_eval: bool = True) -> Recipe:
+    """Resolve a built-in base model (building it once) and validate inputs before Ray starts.
+    `need_eval=False`: a stage command that reads no evaluation set (score, route, train)."""
     from flexi_workflows.ray_cluster import check_multi_node
     from flexi_workflows.stages.train import check_resources
     from flexi_workflows.tracking import check_tracking_uri, resolve_tracking_uri
 
     if recipe.task.train is None:
         raise ConfigError("task.train is not set")
-    if not recipe.task.eval:
+    if need_eval and not recipe.task.eval:
         raise ConfigError("task.eval lists no evaluation sets")
     from flexi_workflows.tasks import get_task
 
