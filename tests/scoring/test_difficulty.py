@@ -81,7 +81,7 @@ def test_math_thresholds_must_leave_every_class_reachable():
     build(Recipe, {"task": {"name": "qa"}, "scoring": three, "method": {"name": "lora"}})
     with pytest.raises(ConfigError, match=r"scoring\.temperature must be > 0"):
         build(Recipe, {"scoring": {"temperature": 0.0}})
-    with pytest.raises(ConfigError, match=r"scoring\.top_p must be in \(0, 1\]"):
+    with pytest.raises(ConfigError, match=r"scoring\.top_p must be > 0 and ≤ 1"):
         build(Recipe, {"scoring": {"top_p": 1.5}})
     with pytest.raises(ConfigError, match=r"scoring\.num_samples must be ≥ 1"):
         build(Recipe, {"scoring": {"num_samples": 0}})
