@@ -266,7 +266,7 @@ def resolve_builtin(ref: str, cache_dir: str | Path) -> str:
 
 def ship_builtins(cache_dir: str | Path = "~/.cache/flexi-workflows") -> list[Path]:
     """Copy every built-in (built in `cache_dir` when needed) into the package's shipped folder and drop
-    stale copies: run `python -m flexi_workflows.models.pretrain` after changing a spec or a generator,
+    stale copies: run `.venv/bin/python -m flexi_workflows.models.pretrain` after changing a spec or a generator,
     then commit flexi_workflows/assets/builtin_models."""
     import shutil
 

@@ -63,6 +63,21 @@ def test_shipped_builtins_are_current():
         assert "model.safetensors" in files and BASE_EVAL not in files and files <= set(SHIPPED_FILES), name
 
 
+
+def test_the_readme_refresh_command_finds_the_shipped_copies_current():
+    """The README's refresh command, verbatim: with current copies it builds nothing and lists them."""
+    import subprocess
+
+    from flexi_workflows.models.pretrain import SHIPPED
+    from tests.conftest import REPO_ROOT
+
+    before = {f: f.stat().st_mtime_ns for f in SHIPPED.rglob("*") if f.is_file()}
+    done = subprocess.run([".venv/bin/python", "-m", "flexi_workflows.models.pretrain"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(done.stdout.split()) == sorted(str(d) for d in SHIPPED.iterdir() if d.is_dir())
+    assert {f: f.stat().st_mtime_ns for f in SHIPPED.rglob("*") if f.is_file()} == before, "nothing rewritten"
+
 def test_a_shipped_copy_is_installed_not_built(tmp_path, monkeypatch):
     """First use copies the shipped weights and measures the test record on this machine: the same
     record a build here writes, without the build."""
