@@ -48,6 +48,10 @@ def prepare(recipe: Recipe, *, need_eval: bool = True) -> Recipe:
     for key, source in keyed:
         check_unique_ids(task.load(source), key)  # parse everything now: a bad line fails here, not mid-pipeline
     check_resources(recipe)
+    if recipe.distribution.strategy == "deepspeed":
+        from flexi_workflows.training.engines import deepspeed_config_for
+
+        deepspeed_config_for(recipe)  # distribution.deepspeed_config's file read and merged: a conflict fails here
     recipe = absolute_paths(recipe)
     storage = recipe_storage(recipe)
     try:
@@ -87,7 +91,14 @@ def check_weights(ref: str) -> None:
     folder = Path(ref)
     if not folder.is_dir():
         return  # a hub name or a storage URI: transformers' own errors name it
-    for file in sorted(folder.glob("*.safetensors")):
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise ConfigError(f"model.name_or_path: {folder} has no *.safetensors weights"
+                          + (f" (only {', '.join(others)}: pickled weights are not loaded; convert them to safetensors, "
+                             f"e.g. with transformers' save_pretrained(..., safe_serialization=True))" if others
+                             else "; copy the whole model folder (config, tokenizer and model.safetensors)"))
+    for file in files:
         size = file.stat().st_size
         try:
             with open(file, "rb") as handle:

@@ -123,6 +123,16 @@ class Storage:
 
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
 
+    def sizes(self, rel: str) -> dict[str, int]:
+        """Every file below the folder `rel`: its path relative to `rel` → its size in bytes."""
+        import pyarrow.fs as pafs
+
+        base = self.path(rel)
+        if self.fs.get_file_info(base).type != pafs.FileType.Directory:
+            return {}
+        return {i.path[len(base):].lstrip("/"): i.size
+                for i in self.fs.get_file_info(pafs.FileSelector(base, recursive=True)) if i.type == pafs.FileType.File}
+
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as handle:
             return handle.read()
@@ -183,6 +193,10 @@ class Storage:
             existing = next(p for p in (self.local, *self.local.parents) if p.exists())
             if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
                 raise OSError(f"storage {self.display()}: cannot write there ({existing} is not a writable folder)")
+            try:  # a probe folder, removed at once: os.access says yes to root on a read-only mount or /sys
+                Path(tempfile.mkdtemp(prefix=".flexi-probe-", dir=existing)).rmdir()
+            except OSError as exc:
+                raise OSError(f"storage {self.display()}: cannot write there ({existing}: {exc.strerror})") from None
             return
         probe = f".flexi-probe-{os.getpid()}"
         try:

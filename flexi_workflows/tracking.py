@@ -35,6 +35,10 @@ def resolve_tracking_uri(uri: str | None, output_dir: str | Path) -> str:
     return f"sqlite:///{(Path(output_dir).resolve() / 'mlflow.db').as_posix()}"
 
 
+# the stores MLflow 3 takes besides http(s) and sqlite (SQLAlchemy databases and Databricks)
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+
+
 def check_tracking_uri(uri: str, key: str = "tracking.tracking_uri") -> None:
     """Fail fast on a tracking store that cannot be used."""
     if uri.startswith(("http://", "https://")):
@@ -60,6 +64,12 @@ def check_tracking_uri(uri: str, key: str = "tracking.tracking_uri") -> None:
         except OSError as exc:
             raise ConfigError(f"{key} {uri}: {folder} is not writable ({exc.strerror}), so the MLflow database cannot "
                               f"be created there; use a folder you can write, or a tracking server URL") from None
+    else:  # a database server (postgresql://, mysql://, ...) or Databricks: MLflow checks it; anything else is a typo
+        scheme = uri.split("://", 1)[0].split("+", 1)[0]
+        if scheme not in TRACKING_SCHEMES:
+            raise ConfigError(f"{key} {uri}: MLflow cannot store runs at a {scheme}:// URI; use http(s)://HOST:PORT "
+                              f"(a tracking server), sqlite:///PATH/mlflow.db, or a database URI "
+                              f"({', '.join(s + '://' for s in TRACKING_SCHEMES[3:])})")
 
 
 def _param_value(value: Any) -> str:

@@ -53,6 +53,11 @@ def load_config(ref: str | Path, *, trust_remote_code: bool = False) -> Pretrain
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path}: folder has no config.json")
+        try:
+            json.loads((path / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            where = f"line {exc.lineno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            raise ModelNotFoundError(f"{path / 'config.json'}: not valid JSON ({where})") from None
         return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if _looks_like_path(ref_str):
         raise ModelNotFoundError(f"model {ref_str!r}: no such file or folder")

@@ -124,6 +124,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, str
                 node = node[_index(part, path, text, len(node))]
             else:
                 if part not in node or node[part] is None:
+                    if path[i + 1].isdigit():  # an index into a list the recipe does not have (it is empty)
+                        _index(path[i + 1], path, text, 0)
                     node[part] = {}
                 node = node[part]
             if not isinstance(node, (dict, list)):

@@ -158,6 +158,14 @@ class Stage:
             return None
         if not all(self.storage.exists(f"{self.rel}/{name}") for name in manifest.get("files", [])):
             return None
+        if manifest.get("sizes"):  # a file cut short or replaced since (a full disk, a partial copy): compute again
+            found = self.storage.sizes(self.rel)
+            damaged = [name for name, size in manifest["sizes"].items() if found.get(name) != size]
+            if damaged:
+                log.warning("%s: %s is not as the stage wrote it (%s bytes, recorded %s); computing the stage again",
+                            self.name, self.storage.display(f"{self.rel}/{damaged[0]}"), found.get(damaged[0], "no"),
+                            manifest["sizes"][damaged[0]])
+                return None
         return StageResult(self.kind, self.label, self.fingerprint, self.storage, self.rel, manifest, cached=True)
 
     def result(self) -> StageResult:
@@ -172,6 +180,19 @@ class Stage:
 def recipe_storage(recipe) -> Storage:
     """The recipe's `storage` (an s3:// URI or a folder), else its output_dir."""
     return Storage(recipe.storage or recipe.output_dir)
+
+
+def file_sizes(root: Path, names) -> dict[str, int]:
+    """The size of every file a stage declares (files inside a declared folder too), by path below `root`:
+    reuse checks them, so a damaged file is computed again instead of failing a later stage."""
+    sizes = {}
+    for name in names:
+        path = root / name
+        if path.is_file():
+            sizes[name] = path.stat().st_size
+        elif path.is_dir():
+            sizes |= {f.relative_to(root).as_posix(): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+    return sizes
 
 
 def _read_manifest(storage: Storage, rel: str) -> dict | None:
@@ -242,7 +263,7 @@ def run_stage(stage: Stage, *, force: bool = False, context: StageContext | None
             manifest = {
                 "stage": stage.kind, "label": stage.label, "fingerprint": stage.fingerprint,
                 "inputs": stage.inputs(), "upstream": {name: r.fingerprint for name, r in upstream.items()},
-                "files": list(stage.files), "metrics": out.metrics, "params": out.params, "artifacts": out.artifacts, "curves": out.curves,
+                "files": list(stage.files), "sizes": file_sizes(tmp, stage.files), "metrics": out.metrics, "params": out.params, "artifacts": out.artifacts, "curves": out.curves,
                 "seconds": round(time.time() - started, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
             blob = json.dumps(manifest, indent=2, default=str) + "\n"

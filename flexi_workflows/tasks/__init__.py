@@ -21,7 +21,7 @@ def get_task(task: str | TaskConfig) -> Task:
     try:
         cls = TASKS[name]
     except KeyError:
-        raise ConfigError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(TASKS))}") from None
+        raise ConfigError(f"task.name: unknown task {name!r}; registered tasks: {', '.join(sorted(TASKS))}") from None
     return cls() if isinstance(task, str) else cls.from_config(task)
 
 

@@ -61,3 +61,16 @@ def test_a_failing_stage_leaves_no_folder(tmp_path):
     assert not stage.folder.exists()
     assert stage.finished() is None
     assert not [p for p in stage.folder.parent.iterdir() if not p.name.endswith(".lock")]
+
+
+def test_a_damaged_file_in_a_finished_stage_is_computed_again(tmp_path, caplog):
+    log = tmp_path / "log.txt"
+    stage = SlowStage(tmp_path / "out", 12345, log)
+    first = run_stage(stage)
+    assert first.manifest["sizes"] == {"out.txt": 5}
+    assert run_stage(stage).cached
+    (stage.folder / "out.txt").write_text("12")  # cut short, e.g. by a full disk or a partial copy
+    again = run_stage(stage)
+    assert not again.cached and (stage.folder / "out.txt").read_text() == "12345"
+    assert log.read_text().count("computed") == 2
+    assert "out.txt is not as the stage wrote it (2 bytes, recorded 5); computing the stage again" in caplog.text
