@@ -282,7 +282,7 @@ def export_run(run_dir: str | Path, *, formats: Sequence[str] = ("peft",), ranks
             template = input_template(run.task["name"])
             save_serving_router(run.storage.local_path(f"{run.route_rel}/{ROUTER_DIR}"), tmp / "router",
                                 class_ranks=run.method.ranks, base_model=run.base_model,
-                                max_length=int(run.task.get("max_prompt_tokens", 512)), input_template=template,
+                                max_length=run.task.get("max_prompt_tokens", 512), input_template=template,
                                 copy_embeddings=copy_embeddings, trust_remote_code=run.trust_remote_code,
                                 extra={"method": run.label, "task": run.task["name"],
                                        "adapters": {str(r): {f: f"../{f}/rank-{r}" for f in FORMATS if f in formats}

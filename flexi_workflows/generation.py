@@ -36,7 +36,7 @@ class BatchGenerator:
         task_name: str | TaskConfig,
         *,
         max_new_tokens: int,
-        max_prompt_tokens: int = 512,
+        max_prompt_tokens: int | None = 512,
         dtype: str = "float32",
         trust_remote_code: bool = False,
         device: str | None = None,
@@ -92,7 +92,7 @@ class BatchGenerator:
             prompts,
             return_tensors="pt",
             padding=True,
-            truncation=True,
+            truncation=self.max_prompt_tokens is not None,  # None: the whole prompt
             max_length=self.max_prompt_tokens,
             add_special_tokens=self.add_special_tokens,
         ).to(self.device)

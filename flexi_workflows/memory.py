@@ -147,6 +147,14 @@ def model_dims(config, model=None) -> ModelDims:
                      gated, config.vocab_size, kv_heads * head_dim)
 
 
+def _context_length(config) -> int:
+    """The most tokens the model takes (its position table), for token limits of null."""
+    for key in ("max_position_embeddings", "max_target_positions", "n_positions"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return 2048
+
+
 def trainable_params(config, method_config) -> tuple[int, int]:
     """(trainable, total) parameters once the method is applied, counted on a meta-device build: the
     method's own build decides (targets, r_max, learned γ, AdaLoRA's initial budget), as in training."""
@@ -420,7 +428,13 @@ def plan_recipe(recipe, *, gpu_memory: float | None = None, gpu_memory_source: s
     config, source = find_config(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
     dims = model_dims(config)
     bf16 = dist.bf16
-    seq = task.max_prompt_tokens + task.max_target_tokens if not dims.encoder_layers else task.max_target_tokens
+    # a limit of null keeps every token: a row can then be as long as the model's context
+    context = _context_length(config)
+    prompt_limit = task.max_prompt_tokens if task.max_prompt_tokens is not None else context
+    target_limit = task.max_target_tokens if task.max_target_tokens is not None else context
+    seq = prompt_limit + target_limit if not dims.encoder_layers else target_limit
+    if task.max_prompt_tokens is None or task.max_target_tokens is None:
+        seq = min(seq, context)
     activations = activation_bytes(dims, micro_batch=train.micro_batch_size, seq_len=seq, bf16=bf16,
                                    gradient_checkpointing=train.gradient_checkpointing)
     from flexi_workflows.methods import get_method
@@ -444,7 +458,7 @@ def plan_recipe(recipe, *, gpu_memory: float | None = None, gpu_memory_source: s
         plans.append(MethodPlan(label, trainable, total, states, activations, ds))
     actors = []
     for name, cfg, samples in (("scoring", recipe.scoring, recipe.scoring.num_samples), ("evaluation", recipe.evaluation, 1)):
-        prompt = task.max_prompt_tokens if not dims.encoder_layers else 4  # speech: a few decoder prefix tokens
+        prompt = prompt_limit if not dims.encoder_layers else 4  # speech: a few decoder prefix tokens
         parts = generation_bytes(dims, batch_size=cfg.batch_size * samples, prompt_tokens=prompt,
                                  new_tokens=cfg.max_new_tokens, dtype=recipe.model.dtype)
         actors.append(ActorPlan(name, cfg.num_actors, cfg.gpus_per_actor, parts))

@@ -72,6 +72,25 @@ def _filesystem(uri: str):
         raise ValueError(f"storage {display(uri)!r}: {type(exc).__name__}: {exc}") from None
 
 
+def inside(rel: str | Path, storage: "Storage") -> str:
+    """`rel` as a path below the storage root, or a ValueError: every path the project writes goes through
+    here, so no name taken from a recipe (an eval set's label, a method label) can reach outside the run's
+    folder, even one that slipped past the recipe's own checks."""
+    text = str(rel).replace("\\", "/").strip("/")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if ".." in parts or "\0" in text:
+        raise ValueError(f"{storage.display()}: {str(rel)!r} would lie outside the run's folder")
+    return "/".join(parts)
+
+
+def child_path(folder: Path, name: str) -> Path:
+    """`folder / name` for a file name taken from a recipe (an eval set's label), refused if it leaves `folder`."""
+    target = (folder / name).resolve()
+    if target.parent != folder.resolve() or name in ("", ".", ".."):
+        raise ValueError(f"{name!r} is not a plain file name inside {folder}")
+    return folder / name
+
+
 class Storage:
     """A root folder on some filesystem; paths below it are relative, joined with '/'."""
 
@@ -102,15 +121,15 @@ class Storage:
 
     def path(self, rel: str = "") -> str:
         """The path of `rel` inside the filesystem (what pyarrow and Ray Train's storage_path take)."""
-        rel = rel.strip("/")
+        rel = inside(rel, self)
         return f"{self.root}/{rel}" if rel else self.root
 
     def ref(self, rel: str = "") -> str:
         """A reference any process can `fetch`: a local path, or the URI (with its query) of `rel`."""
+        rel = inside(rel, self)
         if not self.remote:
             return str(self.local / rel) if rel else str(self.local)
         parts = urlsplit(self.uri)
-        rel = rel.strip("/")
         path = f"{parts.path.rstrip('/')}/{rel}" if rel else parts.path
         return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
@@ -143,6 +162,7 @@ class Storage:
     def local_path(self, rel: str = "") -> Path:
         """A local copy of `rel` (in place for a local root; this node's cache for a remote one)."""
         if not self.remote:
+            rel = inside(rel, self)
             return self.local / rel if rel else self.local
         return fetch(self.ref(rel))
 
@@ -150,7 +170,7 @@ class Storage:
     def write_bytes(self, rel: str, data: bytes) -> None:
         """One object or file, whole or not at all (an S3 PUT is atomic; a local file is renamed into place)."""
         if not self.remote:
-            target = self.local / rel
+            target = self.local / inside(rel, self)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
             tmp.write_bytes(data)
@@ -168,7 +188,7 @@ class Storage:
             if item.name in skip:
                 continue
             if not self.remote:
-                target = self.local / rel / item.name
+                target = self.local / inside(rel, self) / item.name
                 if item.is_dir():
                     shutil.copytree(item, target, dirs_exist_ok=True)
                 else:
@@ -291,7 +311,7 @@ def lock_path(storage: Storage, rel: str) -> Path:
     (two drivers on different machines can then both compute a stage; the results are the same, the
     last upload wins)."""
     if not storage.remote:
-        target = storage.local / rel
+        target = storage.local_path(rel)
         return target.parent / f".{target.name}.lock"
     key = hashlib.sha256(display(storage.ref(rel)).encode()).hexdigest()[:20]
     return cache_root() / "locks" / f"{key}.lock"

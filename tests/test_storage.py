@@ -70,3 +70,19 @@ def test_an_unreachable_endpoint_is_reported_before_any_work(tmp_path):
     storage = Storage(f"s3://nobody?endpoint_override=127.0.0.1:{free_port()}&scheme=http&region=us-east-1")
     with pytest.raises(OSError, match=r"storage s3://nobody: cannot write there"):
         storage.check_writable()
+
+
+def test_no_path_the_project_writes_leaves_the_run_folder(tmp_path):
+    from flexi_workflows.storage import child_path
+
+    storage = Storage(tmp_path / "run")
+    for rel in ("../x", "eval/../../x", "a/../../../etc/passwd"):
+        with pytest.raises(ValueError, match="would lie outside the run's folder"):
+            storage.write_bytes(rel, b"x")
+        with pytest.raises(ValueError, match="would lie outside the run's folder"):
+            storage.local_path(rel)
+    storage.write_bytes("/eval/./mini.json", b"{}")  # a leading slash or `.` stays below the root
+    assert (tmp_path / "run" / "eval" / "mini.json").read_bytes() == b"{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    with pytest.raises(ValueError, match="not a plain file name"):
+        child_path(tmp_path / "run", "../../x.parquet")

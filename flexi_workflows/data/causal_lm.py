@@ -17,10 +17,15 @@ import torch
 IGNORE_INDEX = -100
 
 
-def encode_example(prompt: str, target: str, tokenizer: Any, *, max_prompt_tokens: int, max_target_tokens: int,
-                   add_special_tokens: bool = True) -> dict[str, list[int]]:
-    prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"][-max_prompt_tokens:]
-    target_ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"][: max_target_tokens - 1]
+def encode_example(prompt: str, target: str, tokenizer: Any, *, max_prompt_tokens: int | None,
+                   max_target_tokens: int | None, add_special_tokens: bool = True) -> dict[str, list[int]]:
+    """Prompt and target ids with the labels of the target only; a limit of None keeps every token."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+    if max_prompt_tokens is not None:
+        prompt_ids = prompt_ids[-max_prompt_tokens:]  # the end of the prompt, where the question is
+    target_ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    if max_target_tokens is not None:
+        target_ids = target_ids[: max_target_tokens - 1]
     target_ids = target_ids + [tokenizer.eos_token_id]
     return {"input_ids": prompt_ids + target_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids}
 

@@ -30,12 +30,12 @@ def set_transcription_prefix(tokenizer: Any, generation_config: Any) -> None:
         tokenizer.set_prefix_tokens(predict_timestamps=False)
 
 
-def encode_labels(text: str, tokenizer: Any, *, max_target_tokens: int, decoder_start_token_id: int) -> list[int]:
+def encode_labels(text: str, tokenizer: Any, *, max_target_tokens: int | None, decoder_start_token_id: int) -> list[int]:
     """Decoder labels for one transcript: prefix, text, end of text; cut to max_target_tokens at the end."""
     ids = tokenizer(" " + text.strip()).input_ids
     if ids and ids[0] == decoder_start_token_id:
         ids = ids[1:]
-    if len(ids) > max_target_tokens:
+    if max_target_tokens is not None and len(ids) > max_target_tokens:
         ids = ids[: max_target_tokens - 1] + [tokenizer.eos_token_id]
     return ids
 

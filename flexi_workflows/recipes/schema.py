@@ -120,7 +120,9 @@ def parse_date_string(text: str) -> datetime.date:
 
 @dataclass
 class TaskConfig:
-    """max_prompt_tokens / max_target_tokens: token budgets of the prompt and the training target.
+    """max_prompt_tokens / max_target_tokens: token budgets of the prompt and the training target
+    (a prompt keeps its last tokens, a target its first); `null` for none (every token is kept, and
+    `flexi plan` counts the model's whole context).
 
     date_string: the date chat templates see. Llama 3.x templates write "Today Date: <date>" into the
     system prompt — `strftime_now` (today) unless `date_string` is given — so a prompt would change with
@@ -139,8 +141,8 @@ class TaskConfig:
     name: str = "math"
     train: DataSource | None = None
     eval: list[DataSource] = field(default_factory=list)
-    max_prompt_tokens: int = 512
-    max_target_tokens: int = 256
+    max_prompt_tokens: int | None = 512
+    max_target_tokens: int | None = 256
     date_string: str = "26 Jul 2024"
     system_prompt: str | None = None
     chat_template: str | None = None

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 
-def router_inputs(task_name: Any, rows: Sequence[dict[str, Any]], model_ref: str, *, max_length: int = 512,
+def router_inputs(task_name: Any, rows: Sequence[dict[str, Any]], model_ref: str, *, max_length: int | None = 512,
                   trust_remote_code: bool = False) -> tuple[torch.Tensor, int]:
     """(pooled features (rows, dim), the base model's vocabulary size) for rows with the task's columns
     (`question` / `context`, or `audio` and `id` for speech). `task_name`: what get_task takes, a name or
@@ -45,7 +45,7 @@ def router_inputs(task_name: Any, rows: Sequence[dict[str, Any]], model_ref: str
 
 
 def route_rows(task_name: Any, rows: Sequence[dict[str, Any]], router_dir: str | Path, model_ref: str, *,
-               max_length: int = 512, trust_remote_code: bool = False) -> np.ndarray:
+               max_length: int | None = 512, trust_remote_code: bool = False) -> np.ndarray:
     """The router's difficulty class (0 = easiest) for each row."""
     from flexi_workflows.models.loading import load_config
     from flexi_workflows.router.model import load_router

@@ -26,7 +26,7 @@ def masked_mean_pool(embeddings: torch.Tensor, attention_mask: torch.Tensor | No
 
 @torch.no_grad()
 def pool_texts(
-    texts: Sequence[str], tokenizer, embedding: nn.Module, *, max_length: int = 512, batch_size: int = 256
+    texts: Sequence[str], tokenizer, embedding: nn.Module, *, max_length: int | None = 512, batch_size: int = 256
 ) -> torch.Tensor:
     """Pooled embeddings (len(texts), dim) for raw texts, tokenized as the model would see them."""
     device = next(embedding.parameters()).device
@@ -34,7 +34,7 @@ def pool_texts(
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(
             list(texts[start : start + batch_size]),
-            return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+            return_tensors="pt", padding=True, truncation=max_length is not None, max_length=max_length,
         ).to(device)
         out.append(masked_mean_pool(embedding(enc["input_ids"]), enc["attention_mask"]).cpu())
     return torch.cat(out) if out else torch.empty(0, embedding.weight.shape[1])

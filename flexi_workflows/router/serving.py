@@ -45,7 +45,7 @@ FORMAT_VERSION = 1
 
 
 def save_serving_router(router_dir: str | Path, out: str | Path, *, class_ranks: Sequence[int], base_model: str,
-                        max_length: int, input_template: str | None, copy_embeddings: bool = False,
+                        max_length: int | None, input_template: str | None, copy_embeddings: bool = False,
                         trust_remote_code: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
     """Write a trained router folder (route stage) as a serving artifact at `out` (atomically).
 
@@ -70,7 +70,7 @@ def save_serving_router(router_dir: str | Path, out: str | Path, *, class_ranks:
         "base_model": str(base_model),
         "embeddings": EMBEDDINGS if copy_embeddings else None,  # None: the base model's table, read on load
         "tokenizer": TOKENIZER_DIR,
-        "max_length": int(max_length),
+        "max_length": None if max_length is None else int(max_length),
         "padding_side": "right", "truncation_side": tokenizer.truncation_side,
         "input_template": input_template,
         "pooling": router.spec.pooling,

@@ -137,7 +137,7 @@ class Stage:
         """The stage folder itself, for a local storage root (remote roots are read through `result().folder`)."""
         if self.storage.remote:
             raise ValueError(f"{self.location} is in remote storage; read it through the stage's result")
-        return self.storage.local / self.rel
+        return self.storage.local_path(self.rel)
 
     def check(self) -> None:
         """Cheap validation before any stage runs (bad input fails before expensive work)."""
@@ -258,7 +258,7 @@ def run_stage(stage: Stage, *, force: bool = False, context: StageContext | None
         context = dataclasses.replace(context or StageContext(), fresh=force)
         started = time.time()
         storage = stage.storage
-        with (atomic_dir(storage.local / stage.rel) if not storage.remote else scratch_dir(stage.kind)) as tmp:
+        with (atomic_dir(storage.local_path(stage.rel)) if not storage.remote else scratch_dir(stage.kind)) as tmp:
             out = stage.run(tmp, upstream, context)
             manifest = {
                 "stage": stage.kind, "label": stage.label, "fingerprint": stage.fingerprint,

@@ -30,6 +30,7 @@ from flexi_workflows.recipes.schema import MethodConfig, Recipe, TaskConfig
 from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, recipe_storage, run_stage
 from flexi_workflows.stages.inputs import data_inputs, dataset_record, model_inputs, task_inputs
 from flexi_workflows.stages.train import ARTIFACT
+from flexi_workflows.storage import child_path
 from flexi_workflows.tasks import Row, get_task
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,7 @@ class EvalStage(Stage):
                     for group in sorted(set(groups.tolist()) - {""}):
                         summary[f"high_rank_rate_{group}"] = float((ranks_used[groups == group] == max(method.ranks)).mean())
             results["datasets"][source.label] = summary
-            pq.write_table(table, tmp / PREDICTIONS / f"{source.label}.parquet")
+            pq.write_table(table, child_path(tmp / PREDICTIONS, f"{source.label}.parquet"))
             log.info("eval %s on %s: %s", self.label, source.label,
                      {k: round(v, 4) for k, v in summary.items() if isinstance(v, float)})
         (tmp / METRICS).write_text(json.dumps(results, indent=2) + "\n")
