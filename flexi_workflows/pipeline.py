@@ -357,9 +357,9 @@ def run_stages(stages: list[Stage], *, tracker=None, parent_id: str | None = Non
         context = StageContext(tracker.uri if tracker else None, run_id, report_to_tune=stage.name == report_to_tune)
         try:
             result = run_stage(stage, force=force, context=context)
-        except BaseException:
-            if tracker:
-                tracker.end(run_id, "FAILED")
+        except BaseException as exc:
+            if tracker:  # Ctrl-C / SIGTERM: stopped by its user, as MLflow records it (KILLED), not failed
+                tracker.end(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         if tracker:
             tracker.log_stage(run_id, result, curves_logged=not result.cached,
@@ -450,6 +450,9 @@ def _run_prepared(recipe: Recipe, *, recipe_path: str | None, force: bool, track
             print_table(rows, metric, score_stats)
         status = "FINISHED"
         return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         if tracker is not None and own_parent:
             tracker.end(parent_id, status)

@@ -38,7 +38,27 @@ def ensure_ray(config: RayConfig | None = None) -> None:
         # include_dashboard=None: Ray starts its dashboard (bound to 127.0.0.1) when ray[default] is installed, as
         # the project installs it, and runs without one on a minimal Ray (an image's own packages) instead of failing
         start_watchdog()  # first: a driver killed while ray.init starts the cluster leaves nothing either
+        loopback_only()
         ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=None, dashboard_host="127.0.0.1", **kwargs)
+
+
+# Ray's switch for one-machine clusters (its default on macOS and Windows): the node's address is the loopback one
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_only() -> None:
+    """A cluster this process starts for itself listens on 127.0.0.1 only.
+
+    On Linux Ray takes the node's address from its route to the internet and its GCS, raylet, agents and
+    workers listen on every interface (Ray 2.60; `_node_ip_address="127.0.0.1"` is turned back into the
+    routable address). With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 — how Ray runs on a laptop — the node's
+    address is 127.0.0.1 and every server binds it; no other machine can join, which a cluster started
+    for one run never needs. Set in the environment for the processes Ray starts, and in Ray's constant,
+    which it read when this process imported it."""
+    from ray._private import ray_constants
+
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def start_watchdog() -> None:

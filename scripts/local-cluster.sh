@@ -42,7 +42,9 @@ case "$command" in
     ray_tmp="$(mktemp -d /tmp/flexi-ray-XXXXXX)"  # short: Ray's unix socket paths are limited to ~107 bytes
     gcs=$(free_port); dash=$(free_port); mlflow_port=$(free_port)
     # every port of its own, so another Ray cluster on this machine (Ray's defaults) is never in the way
-    setsid .venv/bin/ray start --head --block --num-cpus="${FLEXI_CLUSTER_CPUS:-$(nproc)}" --port="$gcs" \
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: a one-machine cluster whose servers all bind 127.0.0.1 (on Linux Ray
+    # otherwise listens on every interface); jobs inherit it, so their drivers join at 127.0.0.1 too
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 setsid .venv/bin/ray start --head --block --num-cpus="${FLEXI_CLUSTER_CPUS:-$(nproc)}" --port="$gcs" \
       --dashboard-host=127.0.0.1 --dashboard-port="$dash" --include-dashboard=true --temp-dir="$ray_tmp" \
       --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)" \
       --metrics-export-port="$(free_port)" --runtime-env-agent-port="$(free_port)" \

@@ -111,6 +111,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        from flexi_workflows.ray_cluster import loopback_only
+
+        loopback_only()  # as the CLI's own local cluster: every server on 127.0.0.1
         # the dashboard serves the state API that Ray Train's placement-group cleaner needs (see ray_cluster.py)
         ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=free_port(), log_to_driver=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -40,26 +41,48 @@ def test_watch_stops_what_the_driver_started_once_it_is_killed():
 
 
 @pytest.mark.slow
-def test_a_sigkilled_flexi_run_leaves_no_ray_process(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_a_driver_stopped_mid_training_leaves_no_ray_process_and_the_rerun_resumes(tmp_path, tiny_model_dir, signum):
+    """The fault drill: `flexi run` SIGKILLed (or Ctrl-C'd) while training. No Ray process it started outlives
+    it; the rerun resumes from the latest checkpoint (not an earlier one, not step 0) and no MLflow run of
+    the stopped driver stays RUNNING (a killed driver's are closed as KILLED by the rerun)."""
+    import mlflow
+
+    from flexi_workflows.stages.train import REPORT
+    from flexi_workflows.training.loop import STATE_FILE
+
+    data = small_recipe_data(tmp_path, tiny_model_dir, method={"name": "lora", "rank": 4},
+                             training={"epochs": 4, "checkpoint_every": 4}, evaluation={"include_base": False},
+                             tracking={"enabled": True})
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(small_recipe_data(tmp_path, tiny_model_dir)))
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+
+    def checkpoint_steps() -> list[int]:
+        steps = []
+        for state in out.glob(f"ray_results/*/checkpoint_*/{STATE_FILE}"):
+            try:
+                steps.append(json.loads(state.read_text())["step"])
+            except (OSError, ValueError):
+                pass  # being written
+        return sorted(steps)
+
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    driver = subprocess.Popen([str(REPO_ROOT / ".venv" / "bin" / "flexi"), "run", str(path)], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flexi = str(REPO_ROOT / ".venv" / "bin" / "flexi")
+    errors = open(tmp_path / "driver.err", "w")
+    driver = subprocess.Popen([flexi, "run", str(path)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=errors)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 300
         seen: dict[int, psutil.Process] = {}
-        while time.time() < deadline:  # until the local cluster's raylet is up, and a little longer
+        while time.time() < deadline and not any(s >= 8 for s in checkpoint_steps()):
             for child in psutil.Process(driver.pid).children(recursive=True):
                 seen.setdefault(child.pid, child)
-            if any(p.name() == "raylet" for p in seen.values() if p.is_running()):
-                break
-            time.sleep(0.2)
-        assert any(p.name() == "raylet" for p in seen.values()), "the run started no local Ray cluster"
-        time.sleep(3)
+            time.sleep(0.1)
+        assert any(s >= 8 for s in checkpoint_steps()), "training wrote no checkpoint in time"
         seen.update({c.pid: c for c in psutil.Process(driver.pid).children(recursive=True)})
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
+        assert any(p.name() == "raylet" for p in seen.values()), "the run started no local Ray cluster"
+        os.kill(driver.pid, signum)
+        driver.wait(timeout=120)
         deadline = time.time() + 30
         ray_processes = [p for p in seen.values() if "watch" not in " ".join(_cmdline(p))]
         while time.time() < deadline and [p for p in ray_processes if _alive(p)]:
@@ -68,6 +91,22 @@ def test_a_sigkilled_flexi_run_leaves_no_ray_process(tmp_path, tiny_model_dir):
         assert not left, f"still running after the driver was killed: {left}"
     finally:
         driver.kill()
+        errors.close()
+    if signum == signal.SIGINT:  # Ray Train's own handler would end the driver with a silent exit 0
+        last = (tmp_path / "driver.err").read_text().strip().splitlines()[-1]
+        assert driver.returncode == 130 and last.startswith("flexi run: interrupted. Finished stages are kept in"), last
+    latest = checkpoint_steps()[-1]
+    assert latest < 64, "the run had finished training before it was killed"
+
+    rerun = subprocess.run([flexi, "run", str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    report = json.loads(next(out.glob(f"train/*/{REPORT}")).read_text())
+    assert report["resumed_from_step"] == latest, (report["resumed_from_step"], latest)
+    assert report["steps"] == report["total_steps"] == 64
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    statuses = sorted(r.info.status for r in runs)
+    assert "RUNNING" not in statuses and "KILLED" in statuses, statuses  # SIGINT: the driver closes its own as KILLED
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -102,3 +141,32 @@ def test_sigterm_stops_a_run_with_one_line_saying_what_is_kept(tmp_path, tiny_mo
     assert driver.returncode == 128 + signal.SIGTERM, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"flexi run: terminated. Finished stages are kept in {tmp_path / 'out'}; rerun the same")
+
+
+@pytest.mark.slow
+def test_the_local_cluster_a_run_starts_listens_on_127_0_0_1_only(tmp_path):
+    """Every TCP socket the driver's Ray processes listen on is a loopback one (Ray's default on Linux is
+    every interface)."""
+    script = (
+        "import json, os, psutil, ray\n"
+        "from flexi_workflows.ray_cluster import ensure_ray\n"
+        "ensure_ray()\n"
+        "ray.get([ray.remote(lambda: 1).remote() for _ in range(2)])\n"
+        "me = psutil.Process()\n"
+        "out = []\n"
+        "for p in [me, *me.children(recursive=True)]:\n"
+        "    try:\n"
+        "        out += [[p.name(), c.laddr.ip, c.laddr.port] for c in p.net_connections('inet') if c.status == 'LISTEN']\n"
+        "    except psutil.Error:\n"
+        "        pass\n"
+        "print(json.dumps(out))\n"
+        "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    done = subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "python"), "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    listening = json.loads(done.stdout.strip().splitlines()[-1])
+    names = {name for name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, listening  # the servers that listened on every interface before
+    exposed = [entry for entry in listening if entry[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert not exposed, f"listening beyond the loopback interface: {exposed}"

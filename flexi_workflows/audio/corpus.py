@@ -379,8 +379,13 @@ def resolve_builtin_corpus(name: str, cache_dir: str | Path) -> Path:
     """`builtin:spoken-tiny` (or `spoken-tiny`) → its cached corpus folder, built on first use."""
     ref = name if name.startswith(BUILTIN_PREFIX) else BUILTIN_PREFIX + name
     spec = builtin_corpus_spec(ref)
+    from flexi_workflows.storage import file_lock
+
     folder = Path(cache_dir).expanduser() / corpus_folder_name(ref)
-    if not (folder / "corpus.json").is_file():
-        log.info("building %s (first run only) into %s", ref, folder)
-        build_corpus(folder, spec)
+    if (folder / "corpus.json").is_file():
+        return folder
+    with file_lock(folder.parent / f".{folder.name}.lock"):  # two first runs at once: one builds, the other waits
+        if not (folder / "corpus.json").is_file():
+            log.info("building %s (first run only) into %s", ref, folder)
+            build_corpus(folder, spec)
     return folder

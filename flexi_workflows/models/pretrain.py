@@ -249,18 +249,23 @@ def resolve_builtin(ref: str, cache_dir: str | Path) -> str:
         return ref
     from flexi_workflows.models.pretrain_speech import SpeechPretrainSpec, pretrain_speech_model
 
+    from flexi_workflows.storage import file_lock
+
     name = builtin_folder_name(ref, cache_dir)
     folder = Path(cache_dir).expanduser() / name
-    if not (folder / "model.safetensors").is_file():
-        if (SHIPPED / name / "model.safetensors").is_file():
-            log.info("installing the shipped %s into %s (measuring its test figures here)", ref, folder)
-            install_shipped(SHIPPED / name, folder, spec, cache_dir)
-        else:
-            log.info("building %s (first run only) into %s", ref, folder)
-            if isinstance(spec, SpeechPretrainSpec):
-                pretrain_speech_model(folder, spec, cache_dir)
+    if (folder / "model.safetensors").is_file():
+        return str(folder)
+    with file_lock(folder.parent / f".{name}.lock"):  # two first runs at once: one installs, the other waits
+        if not (folder / "model.safetensors").is_file():
+            if (SHIPPED / name / "model.safetensors").is_file():
+                log.info("installing the shipped %s into %s (measuring its test figures here)", ref, folder)
+                install_shipped(SHIPPED / name, folder, spec, cache_dir)
             else:
-                pretrain_arith_model(folder, spec)
+                log.info("building %s (first run only) into %s", ref, folder)
+                if isinstance(spec, SpeechPretrainSpec):
+                    pretrain_speech_model(folder, spec, cache_dir)
+                else:
+                    pretrain_arith_model(folder, spec)
     return str(folder)
 
 

@@ -193,8 +193,40 @@ def _steps_by_rank(per_step: dict[int, set]) -> dict[str, int]:
     return {str(k): counts[k] for k in sorted(counts)}
 
 
+def fit_stopping_on_ctrl_c(trainer):
+    """`trainer.fit()`, where Ctrl-C aborts the training run as Ray Train does (its controller stops the
+    workers) and then reaches the driver as KeyboardInterrupt, so the run ends the way every other stage does
+    (MLflow runs KILLED, one line on what is kept, exit 130). Ray Train's own handler ends the driver with
+    sys.exit(0) instead: a silent exit status 0 with the pipeline cut short."""
+    import signal
+    import threading
+
+    import ray
+
+    def register(controller) -> None:
+        def on_sigint(signum, frame):
+            try:
+                ray.get(controller.abort.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 — the controller may already be gone; the driver stops anyway
+                pass
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    if hasattr(trainer, "_register_sigint_handler"):
+        trainer._register_sigint_handler = register
+    try:
+        return trainer.fit()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
 def worker_config(recipe: Recipe, method: MethodConfig, *, total_steps: int, steps_per_epoch: int, pad_token_id: int,
-                  tracking_uri: str | None, run_id: str | None, validation: bool) -> dict[str, Any]:
+                  tracking_uri: str | None, run_id: str | None, validation: bool,
+                  latest_checkpoint: list | None = None) -> dict[str, Any]:
     """Everything `train_loop_per_worker` reads, as plain data: a worker on another node gets it in the
     TorchTrainer's config and reads no file of the driver's. Shared with bench/gpu_check.py, so the GPU
     check runs the same worker loop with the same inputs as this stage."""
@@ -217,6 +249,9 @@ def worker_config(recipe: Recipe, method: MethodConfig, *, total_steps: int, ste
         # training.resume: Ray Train V2 has no resume_from_checkpoint; the loop starts from this folder
         # (a path or a storage URI) when the run has no checkpoint of its own yet
         "resume": recipe.training.resume,
+        # [storage URI, folder, step]: this run's newest whole checkpoint, which Ray Train may not have
+        # registered (a driver stopped between the upload and the registration); training/checkpoints.py
+        "latest_checkpoint": latest_checkpoint,
     }
 
 
@@ -288,6 +323,7 @@ class TrainStage(Stage):
         from ray.train.torch import TorchTrainer
 
         from flexi_workflows.ray_cluster import ensure_ray
+        from flexi_workflows.training.checkpoints import latest_whole
         from flexi_workflows.training.loop import EXPORT_DIR, FAIL_HOOK_ENV, RANKS_FILE, train_loop_per_worker
 
         if context.report_to_tune:
@@ -343,12 +379,14 @@ class TrainStage(Stage):
         keep_best = train.final_artifact == "best"
         if context.fresh:  # --force: Ray Train would otherwise restore this run's last checkpoint
             self.storage.delete(f"{RAY_RESULTS}/{run_name}")
+        latest = None if context.fresh else latest_whole(self.storage, f"{RAY_RESULTS}/{run_name}")
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=worker_config(
                 recipe, self.method.config, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                 pad_token_id=info["pad_token_id"], tracking_uri=context.tracking_uri, run_id=context.run_id,
-                validation=bool(validation)),
+                validation=bool(validation),
+                latest_checkpoint=[self.storage.uri, latest[0], latest[1]] if latest else None),
             scaling_config=ScalingConfig(
                 num_workers=dist.num_workers,
                 use_gpu=dist.use_gpu,
@@ -372,7 +410,7 @@ class TrainStage(Stage):
             datasets=shards,
             dataset_config=DataConfig(datasets_to_split=[]),
         )
-        result = trainer.fit()
+        result = fit_stopping_on_ctrl_c(trainer)
         metrics = dict(result.metrics or {})
         chosen, chosen_metrics = result.checkpoint, metrics
         if keep_best:

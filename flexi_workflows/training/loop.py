@@ -72,6 +72,15 @@ def rank_record(worker: int, step: int, micro_batch: int, ranks: torch.Tensor) -
             "rows": {str(int(v)): int(c) for v, c in zip(values, counts)}}
 
 
+def _checkpoint_step(checkpoint) -> int:
+    """The step a Ray Train checkpoint was saved at (rank 0's trainer state), -1 if it cannot be read."""
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as handle:
+            return int(json.loads(handle.read())["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
 def _maybe_fail(step: int, rank: int) -> None:
     spec = os.environ.get(FAIL_HOOK_ENV)
     if not spec or rank != 0:
@@ -181,6 +190,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from flexi_workflows.models.loading import load_model
     from flexi_workflows.recipes.loader import build
     from flexi_workflows.recipes.schema import MethodConfig, Recipe
+    from flexi_workflows.training.checkpoints import verify_folder, write_manifest
     from flexi_workflows.training.engines import DDPEngine, DeepSpeedEngine, param_elements, partitioned_build
 
     # -- setup: recipe, devices, model + method, optimizer, engine, resumed state ------------------
@@ -238,8 +248,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.get("resume"):  # training.resume: a checkpoint of another run
         checkpoint = ray.train.Checkpoint(config["resume"])
+    newer = config.get("latest_checkpoint")  # whole, and perhaps never registered by Ray (checkpoints.py)
+    if newer and (checkpoint is None or _checkpoint_step(checkpoint) < newer[2]):
+        from flexi_workflows.storage import Storage
+
+        storage = Storage(newer[0])
+        checkpoint = ray.train.Checkpoint(storage.path(newer[1]), filesystem=storage.fs)
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
+            verify_folder(ckpt_dir)  # what the workers wrote, nothing cut short or added, before any load
             step = engine.load(Path(ckpt_dir))
             state_file = Path(ckpt_dir) / STATE_FILE
             if state_file.is_file():
@@ -285,6 +302,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 (tmp_path / STATE_FILE).write_text(json.dumps({"step": step, "loss_curve": loss_curve,
                                                                "val_loss_curve": val_curve}))
                 (tmp_path / RANKS_FILE).write_text(json.dumps(records))
+            write_manifest(tmp_path, rank=rank, world=world, step=step)  # last: what this worker wrote
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def gather_records(own: list[dict]) -> list[dict]:
