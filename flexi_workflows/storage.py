@@ -72,7 +72,7 @@ def _filesystem(uri: str):
         raise ValueError(f"storage {display(uri)!r}: {type(exc).__name__}: {exc}") from None
 
 
-def inside(rel: str | Path, storage: "Storage") -> str:
+def inside(rel: str | Path, storage: Storage) -> str:
     """`rel` as a path below the storage root, or a ValueError: every path the project writes goes through
     here, so no name taken from a recipe (an eval set's label, a method label) can reach outside the run's
     folder, even one that slipped past the recipe's own checks."""

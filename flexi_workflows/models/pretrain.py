@@ -248,7 +248,6 @@ def resolve_builtin(ref: str, cache_dir: str | Path) -> str:
     if spec is None:
         return ref
     from flexi_workflows.models.pretrain_speech import SpeechPretrainSpec, pretrain_speech_model
-
     from flexi_workflows.storage import file_lock
 
     name = builtin_folder_name(ref, cache_dir)

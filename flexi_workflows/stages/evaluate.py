@@ -27,7 +27,14 @@ from flexi_workflows.errors import ConfigError
 from flexi_workflows.methods import Accounting, Method, get_method
 from flexi_workflows.plots import rank_histogram_plot
 from flexi_workflows.recipes.schema import MethodConfig, Recipe, TaskConfig
-from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, recipe_storage, run_stage
+from flexi_workflows.stages.base import (
+    Stage,
+    StageContext,
+    StageOutput,
+    StageResult,
+    recipe_storage,
+    run_stage,
+)
 from flexi_workflows.stages.inputs import data_inputs, dataset_record, model_inputs, task_inputs
 from flexi_workflows.stages.train import ARTIFACT
 from flexi_workflows.storage import child_path

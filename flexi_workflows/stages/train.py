@@ -30,7 +30,14 @@ from flexi_workflows.errors import ConfigError
 from flexi_workflows.methods import Method, get_method
 from flexi_workflows.plots import loss_curve_plot
 from flexi_workflows.recipes.schema import MethodConfig, Recipe
-from flexi_workflows.stages.base import Stage, StageContext, StageOutput, StageResult, recipe_storage, run_stage
+from flexi_workflows.stages.base import (
+    Stage,
+    StageContext,
+    StageOutput,
+    StageResult,
+    recipe_storage,
+    run_stage,
+)
 from flexi_workflows.stages.inputs import data_inputs, dataset_record, model_inputs, task_inputs
 from flexi_workflows.tasks import get_task, metric_key, subset_counts
 

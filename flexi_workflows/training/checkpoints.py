@@ -103,7 +103,7 @@ def latest_whole(storage: Storage, run_rel: str) -> tuple[str, int] | None:
             continue
         rel = f"{run_rel}/{name}"
         sizes = storage.sizes(rel)
-        manifests = _manifests(lambda n: storage.read_text(f"{rel}/{n}"), [p for p in sizes if "/" not in p])
+        manifests = _manifests(lambda n, rel=rel: storage.read_text(f"{rel}/{n}"), [p for p in sizes if "/" not in p])
         if manifests and mismatch(sizes, manifests) is None:
             step = int(manifests[0]["step"])
             if best is None or step > best[1]:

@@ -8,7 +8,12 @@ import json
 import pytest
 
 from flexi_workflows.storage import Storage
-from flexi_workflows.training.checkpoints import CheckpointMismatch, latest_whole, verify_folder, write_manifest
+from flexi_workflows.training.checkpoints import (
+    CheckpointMismatch,
+    latest_whole,
+    verify_folder,
+    write_manifest,
+)
 
 
 def _checkpoint(folder, step: int, world: int = 2):
