@@ -164,8 +164,6 @@ def _tolerant(fn: Callable) -> Callable:
 
 class Tracker:
     def __init__(self, uri: str, experiment: str) -> None:
-        from mlflow.tracking import MlflowClient
-
         # MLflow's defaults retry a dead server for minutes per call; _tolerant records the call instead
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -173,18 +171,33 @@ class Tracker:
         self.missed: list[dict[str, Any]] = []
         self._away_until = 0.0
         self._depth = 0
-        if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         self.code_tags = {**code_tags(), **owner_tags()}  # on every run this tracker starts
+        if uri.startswith("sqlite:///"):  # processes creating one store at once (sweep trials, two runs sharing
+            # a tracking_uri) would race in MLflow's table creation ("table experiments already exists")
+            from flexi_workflows.storage import file_lock
+
+            db = Path(uri[len("sqlite:///"):])
+            with file_lock(db.parent / f".{db.name}.lock"):
+                self._open(uri, experiment, (db.parent / "mlartifacts").as_uri())
+        else:
+            self._open(uri, experiment, None)
+
+    def _open(self, uri: str, experiment: str, location: str | None) -> None:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
         self.client = MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
             self.experiment_id = found.experiment_id
-        else:
-            location = None
-            if uri.startswith("sqlite:///"):
-                location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+            return
+        try:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        except MlflowException:  # another process created it since (a tracking server has no lock to share)
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                raise
+            self.experiment_id = found.experiment_id
 
     RETRY_S = 30.0
 

@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hub lookups fail fast instead of
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
 SHARED = REPO_ROOT.parent / "shared"
 MODEL_CONFIGS = REPO_ROOT / "flexi_workflows" / "assets" / "model_configs"
 

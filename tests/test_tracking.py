@@ -11,7 +11,7 @@ import pytest
 
 from flexi_workflows.errors import ConfigError
 from flexi_workflows.stages.train import best_checkpoint
-from flexi_workflows.tracking import code_tags, git_tags
+from flexi_workflows.tracking import Tracker, code_tags, git_tags
 from tests.helpers import small_recipe
 
 
@@ -105,3 +105,27 @@ def test_a_tracker_whose_server_is_away_records_instead_of_raising(tmp_path, mon
     tracker.save_missed(tmp_path / "mlflow_missed.json")
     saved = json.loads((tmp_path / "mlflow_missed.json").read_text())
     assert saved["tracking_uri"].startswith("sqlite:///") and len(saved["missed"]) == 3
+
+
+def _open_store(uri: str, queue) -> None:
+    try:
+        queue.put(Tracker(uri, "race").experiment_id)
+    except Exception as exc:  # noqa: BLE001 — reported to the test
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_creating_one_sqlite_store_at_once_all_get_it(tmp_path):
+    """Sweep trials (or two runs sharing a tracking_uri) start together on a new store: MLflow's table
+    creation raced ("table experiments already exists") and crashed a run."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    procs = [context.Process(target=_open_store, args=(uri, queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    ids = [queue.get(timeout=5) for _ in procs]
+    assert len(set(ids)) == 1 and str(ids[0]).isdigit(), ids
