@@ -377,6 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from flexi_workflows.ray_cluster import quiet_console
+
+    quiet_console()  # before anything imports Ray Data
     func: Callable[[argparse.Namespace], int] = args.func
     # SIGTERM (a scheduler, `kill`, a container stop) ends a run the way Ctrl-C does: through Python, so
     # Ray is shut down at exit and the one line below says what is kept

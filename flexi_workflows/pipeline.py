@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -341,7 +342,8 @@ def log_trained_model(tracker, run_id: str, result: StageResult, register: str |
 
 
 def run_stages(stages: list[Stage], *, tracker=None, parent_id: str | None = None, force: bool = False,
-               report_to_tune: str | None = None, register: tuple[str, str] | None = None) -> dict[str, StageResult]:
+               report_to_tune: str | None = None, register: tuple[str, str] | None = None,
+               banners: bool = False) -> dict[str, StageResult]:
     """Run (or reuse) `stages` in order; each becomes an MLflow child run of `parent_id`, with the data it
     read as input datasets, and a train stage's artifact as a logged model. The stage named
     `report_to_tune` (a sweep trial's main training) forwards its per-epoch reports to Tune; `register`
@@ -350,7 +352,10 @@ def run_stages(stages: list[Stage], *, tracker=None, parent_id: str | None = Non
     from flexi_workflows.stages.train import ARTIFACT as TRAINED_ARTIFACT
 
     results: dict[str, StageResult] = {}
-    for stage in stages:
+    for number, stage in enumerate(stages, 1):
+        if banners:  # where a long run is, between the stages' own progress lines
+            print(f"── [{number}/{len(stages)}] {stage.name} " + "─" * max(3, 60 - len(stage.name)), flush=True)
+        started = time.time()
         run_id = tracker.start_run(stage.name, parent_id=parent_id, tags={"flexi.kind": stage.kind}) if tracker else None
         if tracker:
             tracker.log_datasets(run_id, stage.datasets())
@@ -368,6 +373,9 @@ def run_stages(stages: list[Stage], *, tracker=None, parent_id: str | None = Non
                 log_trained_model(tracker, run_id, result, register[1] if register and register[0] == stage.name else None)
             tracker.end(run_id)
         results[stage.name] = result
+        if banners:
+            print(f"   {stage.name}: " + (f"reused {result.location}" if result.cached
+                                          else f"done in {time.time() - started:.0f} s → {result.location}"), flush=True)
     return results
 
 
@@ -421,7 +429,7 @@ def _run_prepared(recipe: Recipe, *, recipe_path: str | None, force: bool, track
         register = (plan.methods[0].train.name, recipe.tracking.register_as) \
             if own_parent and recipe.tracking.register_as and plan.methods else None
         results = run_stages(stages, tracker=tracker, parent_id=parent_id, force=force, report_to_tune=report_to_tune,
-                             register=register)
+                             register=register, banners=not quiet)
         rows, metric = summary_rows(plan, results)
         score_stats = results[plan.score.name].read_json(STATS) if plan.score.name in results else None
         summary = {"recipe": recipe.name, "metric": metric, "lower_is_better": lower_is_better(metric), "rows": rows,

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from flexi_workflows.recipes.schema import RayConfig
 
 # Variables Ray workers need: they are separate processes that import the project.
 _WORKER_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-               "RAY_TRAIN_ENABLE_PRINT_PATCH",
+               "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_DATA_LOGGING_CONFIG", "MLFLOW_LOGGING_LEVEL",
+               "PYTHONWARNINGS",
                "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION", "FLEXI_STORAGE_CACHE")
+
+
+RAY_DATA_LOGGING = Path(__file__).parent / "assets" / "ray_data_logging.yaml"
+
+
+def quiet_console() -> None:
+    """Ray's and the libraries' routine INFO lines stay in their log files; the console keeps the project's
+    own progress lines and the warnings a user can act on. Set before Ray Data is imported (it reads its
+    logging config then); workers get the same through the job's environment (_WORKER_ENV). A user's own
+    settings of these variables win."""
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO: "Started monitoring system metrics", ...
+    # a deprecation inside Ray Data's own DatasetManager, printed by every training run
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:`ExecutionOptions.exclude_resources` is deprecated")
 
 
 def ensure_ray(config: RayConfig | None = None) -> None:
@@ -19,6 +35,7 @@ def ensure_ray(config: RayConfig | None = None) -> None:
 
     if ray.is_initialized():
         return
+    quiet_console()
     config = config or RayConfig()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray Train polls workers every 2 s by default, which makes every report cost ~2 s
@@ -27,6 +44,9 @@ def ensure_ray(config: RayConfig | None = None) -> None:
     # reached the console twice. Off, a print is forwarded once, as Ray forwards any worker's output.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     env_vars = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
+    # no progress bars in workers and actors: transformers' "Loading weights" bar in every one of them (the
+    # driver's own bars, e.g. a hub download, stay)
+    env_vars.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1"))
     kwargs = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
     address = config.address or os.environ.get("RAY_ADDRESS")
     if address:

@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "flexi_workflows"
 
 LAYERS = {
-    "errors": 0, "fsutil": 0, "storage": 0, "metrics": 0, "assets": 0,
+    "errors": 0, "fsutil": 0, "progress": 0, "storage": 0, "metrics": 0, "assets": 0,
     "recipes": 1, "audio": 1,
     "data": 2, "plots": 2, "adapters": 2, "tasks": 2, "scoring": 2,
     "models": 3, "report_plots": 3,

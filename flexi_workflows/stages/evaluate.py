@@ -108,12 +108,14 @@ def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None,
     import ray
 
     from flexi_workflows.generation import BatchGenerator, MethodGenerator
+    from flexi_workflows.progress import with_progress
     from flexi_workflows.ray_cluster import whole_actor_pools
     from flexi_workflows.stages.score import model_columns
 
     cfg = recipe.evaluation
     if not rows:
         return {}
+    progress_label = f"eval {method.label if method is not None else 'base'}"
     merged = cfg.merged and method is not None and method.merges_ranks
     if merged and method.routing is not None:
         # the rows' ranks are known before generation: batches of one rank each (but at the seams) run one
@@ -144,7 +146,9 @@ def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None,
     )
     where = {str(c["id"]): (c["eval_stream"], c["stream_position"]) for c in columns}
     outputs = {}
-    for r in whole_actor_pools(ds).iter_rows():  # every actor asked for takes part, on whichever node
+    ds = whole_actor_pools(ds)  # every actor asked for takes part, on whichever node
+    ds.context.enable_progress_bars = False  # one line per progress event instead (progress.py)
+    for r in with_progress(ds.iter_rows(), len(columns), progress_label):
         key = str(r["id"])
         outputs[key] = {"prediction": str(r["prediction"]), "rank": int(r.get("rank", 0)),
                         "eval_stream": where[key][0], "stream_position": where[key][1]}

@@ -66,6 +66,7 @@ def score_rows(rows: list[Row], recipe: Recipe) -> dict[str, dict]:
     import ray
 
     from flexi_workflows.generation import BatchGenerator
+    from flexi_workflows.progress import with_progress
     from flexi_workflows.ray_cluster import whole_actor_pools
 
     cfg = recipe.scoring
@@ -95,7 +96,9 @@ def score_rows(rows: list[Row], recipe: Recipe) -> dict[str, dict]:
         num_gpus=cfg.gpus_per_actor,
     )
     outputs = {}
-    for r in whole_actor_pools(ds).iter_rows():
+    ds = whole_actor_pools(ds)
+    ds.context.enable_progress_bars = False  # one line per progress event instead (progress.py)
+    for r in with_progress(ds.iter_rows(), len(columns), "score"):
         out = {"prompt": str(r["prompt"]), "prediction": str(r["prediction"])}
         if cfg.sampling:
             out["samples"] = json.loads(str(r["samples"]))

@@ -327,6 +327,7 @@ class TrainStage(Stage):
             RunConfig,
             ScalingConfig,
         )
+        from ray.train import LoggingConfig as TrainLoggingConfig
         from ray.train.torch import TorchTrainer
 
         from flexi_workflows.ray_cluster import ensure_ray
@@ -404,6 +405,9 @@ class TrainStage(Stage):
                 storage_path=self.storage.path(RAY_RESULTS),
                 storage_filesystem=self.storage.fs if self.storage.remote else None,
                 failure_config=FailureConfig(max_failures=train.max_failures),
+                # Ray Train's routine INFO lines (resources requested, worker group started, every checkpoint
+                # and report) stay in its log files; the console shows the loop's own progress lines
+                logging_config=TrainLoggingConfig(log_level="WARNING"),
                 # the latest checkpoint is always kept (a restart resumes from it); with final_artifact: best,
                 # also the two with the lowest held-out loss (training/loop.py reports it as val_score)
                 checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_score",

@@ -24,6 +24,7 @@ Each worker:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -190,6 +191,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from flexi_workflows.models.loading import load_model
     from flexi_workflows.recipes.loader import build
     from flexi_workflows.recipes.schema import MethodConfig, Recipe
+    from flexi_workflows.progress import format_eta
+
+    try:  # Ray Train logs every report at INFO under a logger named by its file, outside RunConfig's logging_config
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
     from flexi_workflows.training.checkpoints import verify_folder, write_manifest
     from flexi_workflows.training.engines import DDPEngine, DeepSpeedEngine, param_elements, partitioned_build
 
@@ -339,17 +348,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return float(total[0] / max(total[1], 1.0))
 
     # -- the loop: this worker's shard, epoch by epoch, skipping what a resumed run already did ----
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    processor = None
     if config.get("modality") == "speech":  # audio is decoded into log-mel features as batches are collated
         from flexi_workflows.data.speech import collate_speech
         from flexi_workflows.models.loading import load_processor
 
         processor = load_processor(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
 
-        def collate_fn(b):
-            return collate_speech(b, processor)
-    else:
-        def collate_fn(b):
-            return collate(b, pad)
+    class Collate(NumpyBatchCollateFn):
+        """A numpy batch of rows padded into tensors (Ray Data takes a callable class here since 2.47)."""
+
+        def __call__(self, batch):
+            return collate_speech(batch, processor) if processor is not None else collate(batch, pad)
+
+    collate_fn = Collate()
     # precision: bf16 under DeepSpeed is its bf16 engine (bf16 weights, fp32 master copy; ZeRO-0 with bf16 is
     # refused at recipe load: recipes/schema.py); under DDP it is torch.autocast, bf16 matmuls over fp32
     # weights (on CPU too), so the setting always does what it says
@@ -371,6 +385,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard(f"val_{rank}") if config.get("validation") else None
     pad = config["pad_token_id"]
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    run_start = window_start  # the ETA's clock: this run's own steps (a resumed run's earlier ones are not timed)
     every, eval_every = train_cfg.checkpoint_every, train_cfg.eval_every if val_shard is not None else 0
     engine.model.train()
     for epoch in range(step // max(1, steps_per_epoch), math.ceil(total_steps / max(1, steps_per_epoch))):
@@ -417,8 +432,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 throughput.append([step, elapsed / max(1, n_steps), tokens_per_s])
                 curves.log(step, loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s)
                 if rank == 0:
+                    done_here = step - resumed_from
+                    eta = (total_steps - step) * (time.perf_counter() - run_start) / max(1, done_here)
                     print(f"[{method.label}] step {step}/{total_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  "
-                          f"{tokens_per_s:,.0f} tokens/s", flush=True)
+                          f"{tokens_per_s:,.0f} tokens/s  ETA {format_eta(eta)}", flush=True)
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             measured = bool(eval_every) and step % eval_every == 0 and step < total_steps  # the last: below
             if measured:
