@@ -189,9 +189,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from flexi_workflows.data.causal_lm import IGNORE_INDEX, collate
     from flexi_workflows.methods import get_method
     from flexi_workflows.models.loading import load_model
+    from flexi_workflows.progress import format_eta
     from flexi_workflows.recipes.loader import build
     from flexi_workflows.recipes.schema import MethodConfig, Recipe
-    from flexi_workflows.progress import format_eta
 
     try:  # Ray Train logs every report at INFO under a logger named by its file, outside RunConfig's logging_config
         from ray.train.v2._internal.execution import context as train_context
