@@ -74,3 +74,15 @@ def test_a_damaged_file_in_a_finished_stage_is_computed_again(tmp_path, caplog):
     assert not again.cached and (stage.folder / "out.txt").read_text() == "12345"
     assert log.read_text().count("computed") == 2
     assert "out.txt is not as the stage wrote it (2 bytes, recorded 5); computing the stage again" in caplog.text
+
+
+def test_run_stages_prints_a_banner_per_stage_and_what_each_did(tmp_path, capsys):
+    from flexi_workflows.pipeline import run_stages
+
+    stage = SlowStage(tmp_path / "out", 3, tmp_path / "log.txt")
+    run_stages([stage], banners=True)
+    run_stages([stage], banners=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("── [1/1] slow") and lines[1].startswith("   slow: done in ")
+    assert lines[1].endswith(f"→ {stage.location}")
+    assert lines[2].startswith("── [1/1] slow") and lines[3] == f"   slow: reused {stage.location}"
