@@ -33,16 +33,18 @@ def ensure_ray(config: RayConfig | None = None) -> None:
     a local one. Already connected (e.g. a test's local cluster): nothing to do."""
     import ray
 
+    # Ray Train reads these in the driver at each fit() and passes them to its controller and workers, so
+    # they are set also when the cluster was joined before (a notebook's or a test's own ray.init).
+    # It polls workers every 2 s by default, which makes every report, and the end of every run, cost ~2 s.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    # Ray Train sends a worker's print() to its logger (stderr) and also to stdout: every progress line
+    # reached the console twice. Off, a print is forwarded once, as Ray forwards any worker's output.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if ray.is_initialized():
         return
     quiet_console()
     config = config or RayConfig()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray Train polls workers every 2 s by default, which makes every report cost ~2 s
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    # Ray Train sends a worker's print() to its logger (stderr) and also to stdout: every progress line
-    # reached the console twice. Off, a print is forwarded once, as Ray forwards any worker's output.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     env_vars = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
     # no progress bars in workers and actors: transformers' "Loading weights" bar in every one of them (the
     # driver's own bars, e.g. a hub download, stay)

@@ -109,7 +109,9 @@ PY
     # shellcheck disable=SC1091
     source "$state/env"
     for pgid in "$RAY_PGID" "$MLFLOW_PGID"; do kill -TERM -- "-$pgid" 2>/dev/null || true; done
-    for _ in $(seq 60); do
+    # 10 s to stop gracefully, as `ray stop` gives (16 s): a raylet told to stop can take half a minute to
+    # drain, and nothing of a local head outlives it (the MLflow store is kept, and is closed by then)
+    for _ in $(seq 10); do
       kill -0 -- "-$RAY_PGID" 2>/dev/null || kill -0 -- "-$MLFLOW_PGID" 2>/dev/null || break
       sleep 1
     done
