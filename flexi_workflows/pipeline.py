@@ -23,7 +23,7 @@ from flexi_workflows.recipes.loader import flatten, to_dict
 from flexi_workflows.recipes.schema import DataSource, Recipe
 from flexi_workflows.stages.base import Stage, StageResult, exclusive_run, recipe_storage
 from flexi_workflows.stages.plan import Plan, plan_pipeline
-from flexi_workflows.storage import Storage, scratch_dir
+from flexi_workflows.storage import Storage, is_remote, scratch_dir
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
@@ -465,8 +465,14 @@ def _run_prepared(recipe: Recipe, *, recipe_path: str | None, force: bool, track
         if tracker is not None and own_parent:
             tracker.end(parent_id, status)
         if tracker is not None and tracker.missed:  # the run went on without the server: say what it lacks
-            missed = Path(summary_dir or recipe.output_dir) / MLFLOW_MISSED
-            tracker.save_missed(missed)
+            if summary_dir and is_remote(summary_dir):  # a sweep trial's summary folder in storage
+                with scratch_dir("missed") as tmp:
+                    tracker.save_missed(tmp / MLFLOW_MISSED)
+                    Storage(summary_dir).upload(tmp, "")
+                missed = Storage(summary_dir).display(MLFLOW_MISSED)
+            else:
+                missed = Path(summary_dir or recipe.output_dir) / MLFLOW_MISSED
+                tracker.save_missed(missed)
             log.warning("MLflow did not record %d call(s) (the server at %s was away): their values are in %s; "
                         "the results themselves are complete in the stage folders and summary.json",
                         len(tracker.missed), tracker.uri, missed)

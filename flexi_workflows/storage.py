@@ -285,9 +285,18 @@ def fetch(ref: str | Path) -> Path:
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_root()))
         try:
-            pafs.copy_files(path, str(tmp / name), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
             if info.type == pafs.FileType.Directory:
-                (tmp / name).mkdir(exist_ok=True)  # an empty remote folder has no objects to copy
+                # file by file, each local folder made first: pyarrow's copy_files of an S3 "folder" does not
+                # always create the local subfolders (S3 has none, only keys), and then fails to open a file
+                (tmp / name).mkdir()  # an empty remote folder has no objects to copy
+                for item in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+                    if item.type == pafs.FileType.File:
+                        dest = tmp / name / item.path[len(path):].lstrip("/")
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        pafs.copy_files(item.path, str(dest), source_filesystem=fs,
+                                        destination_filesystem=pafs.LocalFileSystem())
+            else:
+                pafs.copy_files(path, str(tmp / name), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp / name, target)
         finally:

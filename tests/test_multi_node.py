@@ -111,3 +111,41 @@ def test_a_run_spreads_over_two_nodes_keeps_everything_in_s3_and_survives_a_work
     history = json.loads(urllib.request.urlopen(
         f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?run_id={runs[0]['info']['run_id']}&metric_key=tokens_per_s").read())
     assert len(history["metrics"]) >= 16, "every step's throughput, logged by the training worker"
+
+
+def test_a_sweep_on_two_nodes_keeps_its_trial_records_and_tune_state_in_s3_and_resumes_from_there(
+        tmp_path, tiny_model_dir, two_nodes, s3_server, monkeypatch):
+    """Trials run on any node: with `storage: s3://...` they write their records and summaries, and Tune its
+    state, to storage (sweeps/<fingerprint>/), not to the driver's output folder; the driver copies the
+    records back for the report, and a rerun restores Tune's state from S3 and runs nothing again."""
+    from flexi_workflows.sweep.run import run_sweep
+
+    monkeypatch.setenv("FLEXI_STORAGE_CACHE", str(tmp_path / "node-cache"))
+    uri = s3_server.replace("s3://flexi-test", f"s3://flexi-test/{tmp_path.name}")
+    # one worker and one eval actor of 2 CPUs per trial: the two trials run at once, one per node
+    recipe = small_recipe(tmp_path / "laptop", tiny_model_dir, method={"name": "lora", "rank": 4}, storage=uri,
+                          training={"max_steps": 2}, distribution={"num_workers": 1, "cpus_per_worker": 2},
+                          evaluation={"num_actors": 1, "cpus_per_actor": 2, "batch_size": 6, "include_base": False},
+                          sweep={"space": {"seed": [0, 1]}, "metric": "accuracy_all", "max_concurrent_trials": 2})
+    state = run_sweep(recipe)
+    assert state["finished"] == 2 and state["failed"] == 0
+
+    storage = Storage(uri)
+    home = f"sweeps/{state['fingerprint']}"
+    ids = [t["trial_id"] for t in state["trials"]]
+    records = {}
+    for trial_id in ids:
+        record = records[trial_id] = json.loads(storage.read_text(f"{home}/trials/{trial_id}.json"))
+        assert record["status"] == "FINISHED"
+        assert storage.exists(f"{home}/trials/{trial_id}/summary.json"), "the trial's summary, written from its node"
+    assert storage.exists(f"{home}/tune/sweep-{state['fingerprint']}"), "Tune's experiment state in S3"
+    sweep_dir = tmp_path / "laptop" / "out"
+    assert not (sweep_dir / "tune").exists()
+    # the driver's copies, which the report reads
+    assert {p.stem for p in (sweep_dir / "trials").glob("*.json")} == set(ids)
+    assert json.loads((sweep_dir / "report" / "report.json").read_text())["trials"] == 2
+
+    rerun = run_sweep(recipe)  # Tune restores the finished experiment from S3: no trial runs again
+    assert rerun["finished"] == 2
+    for trial_id in ids:  # a trial run again would have rewritten its record (its own seconds, summary)
+        assert json.loads(storage.read_text(f"{home}/trials/{trial_id}.json")) == records[trial_id]

@@ -10,6 +10,11 @@
 <sweep_dir>/trials/<trial>.json (+ the trial's summary folder), Tune's state under
 <sweep_dir>/tune/. Rerunning the same sweep restores Tune's state: finished trials are not run
 again, and an unfinished trial finds its finished stages and goes on from there.
+
+With `storage` somewhere else (s3://..., a folder every node mounts), trials run on any node and write
+their records, summaries and Tune's state there instead, under sweeps/<fingerprint>/ (records_home);
+the driver copies the records back into <sweep_dir>/trials/ for the report, so the sweep's
+output_dir is the driver's alone, as a run's is.
 """
 
 from __future__ import annotations
@@ -85,14 +90,16 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
 
     from flexi_workflows.methods import method_label
     from flexi_workflows.pipeline import run_pipeline
+    from flexi_workflows.storage import Storage
     from flexi_workflows.tracking import Tracker
 
     trial = Trial(config["trial"]["trial_id"], config["trial"]["overrides"])
     ctx = sweep
-    sweep_dir = Path(ctx["sweep_dir"])
-    record_path = sweep_dir / TRIALS / f"{trial.trial_id}.json"
-    if record_path.is_file():  # finished before an interruption that Tune's saved state had not caught up with
-        done = json.loads(record_path.read_text())
+    # the sweep folder, or the run's storage (records_home): on any node, never this node's own disk alone
+    store, prefix = Storage(ctx["records"]), ctx["records_prefix"]
+    record_rel = _under(prefix, f"{TRIALS}/{trial.trial_id}.json")
+    if store.exists(record_rel):  # finished before an interruption that Tune's saved state had not caught up with
+        done = json.loads(store.read_text(record_rel))
         if done.get("status") == "FINISHED":
             tune.report(done["metrics"])
             return
@@ -113,7 +120,8 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
             raise RuntimeError(f"injected failure for {fail} ({FAIL_TRIAL_ENV})")
         recipe = trial_recipe(ctx["base"], trial, ctx["source"], ctx["cwd"])
         label = method_label(recipe.method)
-        summary = run_pipeline(recipe, tracker=tracker, parent_id=run_id, summary_dir=sweep_dir / TRIALS / trial.trial_id,
+        summary = run_pipeline(recipe, tracker=tracker, parent_id=run_id,
+                               summary_dir=store.ref(_under(prefix, f"{TRIALS}/{trial.trial_id}")),
                                quiet=True, report_to_tune=f"train:{label}" if ctx.get("scheduler") else None)
         row = primary_row(summary, label, ctx["dataset"])
         metrics = _numeric(row)
@@ -125,14 +133,14 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     except Exception as exc:
         record.update(status="FAILED", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         record["seconds"] = round(time.time() - started, 2)
-        if not record_path.is_file():  # a trial the scheduler stopped is recorded by the driver
-            write_json_atomic(record_path, record)
+        if not store.exists(record_rel):  # a trial the scheduler stopped is recorded by the driver
+            write_record(store, record_rel, record)
         if tracker:
             tracker.set_tags(run_id, {"flexi.error": record["error"][:5000]})
             tracker.end(run_id, "FAILED")
         raise
     record["seconds"] = round(time.time() - started, 2)
-    write_json_atomic(record_path, record)
+    write_record(store, record_rel, record)
     if tracker:
         tracker.log_metrics(run_id, metrics)
         tracker.end(run_id, "FINISHED")
@@ -208,6 +216,45 @@ def shared_stages(recipes: list[Recipe]) -> list:
     return sorted(shared, key=lambda s: order[s.kind])
 
 
+def records_home(recipe: Recipe, sweep_dir: Path, sweep_fp: str) -> tuple[Any, str]:
+    """(storage, prefix) where trials write their records and summaries and Tune keeps its state: the
+    sweep's output_dir itself (prefix ""), or the recipe's `storage` when that is elsewhere, under
+    sweeps/<sweep fingerprint>/ (one sweep's records never mix with another's)."""
+    from flexi_workflows.stages.base import recipe_storage
+
+    store = recipe_storage(recipe)
+    if not store.remote and store.local == sweep_dir:
+        return store, ""
+    return store, f"sweeps/{sweep_fp}"
+
+
+def _under(prefix: str, rel: str) -> str:
+    return f"{prefix}/{rel}" if prefix else rel
+
+
+def write_record(store, rel: str, record: dict) -> None:
+    """A trial record, whole or not at all (a local file is renamed into place; an S3 PUT is atomic)."""
+    store.write_bytes(rel, (json.dumps(record, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def mirror_records(store, prefix: str, sweep_dir: Path, trials: list[Trial]) -> int:
+    """Copy the trials' records and summary folders from `storage` into <sweep_dir>/trials/, where the
+    driver collects them and `flexi report` reads them; returns how many records there were."""
+    copied = 0
+    for trial in trials:
+        rel = _under(prefix, f"{TRIALS}/{trial.trial_id}")
+        if not store.exists(f"{rel}.json"):
+            continue
+        local = sweep_dir / TRIALS / trial.trial_id
+        if store.sizes(rel):
+            if local.exists():
+                shutil.rmtree(local)
+            shutil.copytree(store.local_path(rel), local)
+        write_json_atomic(sweep_dir / TRIALS / f"{trial.trial_id}.json", json.loads(store.read_text(f"{rel}.json")))
+        copied += 1
+    return copied
+
+
 def check_sweep_dir_shared(recipe: Recipe, sweep_dir: Path) -> None:
     """Trials run on any node and write their records and summaries under the sweep's output_dir, and
     Tune keeps its experiment state there: on a cluster of several nodes it must be a folder every node
@@ -247,10 +294,12 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None) -> dict:
     for plan in plans:
         check_plan(plan)
     sweep_dir = Path(recipe.output_dir).resolve()
-    check_sweep_dir_shared(recipe, sweep_dir)
     # the same trials computing the same stages is the same sweep, whatever the resources or tracking
     sweep_fp = fingerprint({"trials": [[t.trial_id, [s.fingerprint for s in p.stages()]] for t, p in zip(trials, plans)],
                             **settings})
+    store, prefix = records_home(recipe, sweep_dir, sweep_fp)
+    if not prefix:  # the trials write into the sweep folder itself: every node must see it
+        check_sweep_dir_shared(recipe, sweep_dir)
     task_metric = get_task(recipe.task).metric
     sweep_file = sweep_dir / SWEEP_FILE
     previous = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
@@ -293,18 +342,20 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None) -> dict:
         if shared:
             print(f"shared stages ({len(shared)}): {', '.join(s.name for s in shared)} — {shared_seconds:.0f} s")
 
-        context = {"sweep_dir": str(sweep_dir), "base": base, "source": source, "tracking_uri": uri, "cwd": os.getcwd(),
+        context = {"records": store.uri, "records_prefix": prefix, "base": base, "source": source, "tracking_uri": uri, "cwd": os.getcwd(),
                    "experiment": recipe.tracking.experiment, "parent_run_id": parent_id, "dataset": settings["dataset"],
                    "fail_trial": os.environ.get(FAIL_TRIAL_ENV), "scheduler": recipe.sweep.scheduler is not None}
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
                                         {"cpu": recipe.sweep.trial_cpus, "memory": 1 << 20})
         scheduler = asha(recipe, recipes)
-        tune_root = sweep_dir / "tune"
+        # Tune's state beside the records: a restarted driver on another machine restores it from there
+        tune_root = store.path(_under(prefix, "tune"))
+        tune_fs = store.fs if store.remote else None
         experiment = f"sweep-{sweep_fp}"
         tune_start = time.time()
-        if tune.Tuner.can_restore(str(tune_root / experiment)):
-            tuner = tune.Tuner.restore(str(tune_root / experiment), trainable, resume_unfinished=True,
-                                       restart_errored=True)
+        if tune.Tuner.can_restore(f"{tune_root}/{experiment}", storage_filesystem=tune_fs):
+            tuner = tune.Tuner.restore(f"{tune_root}/{experiment}", trainable, resume_unfinished=True,
+                                       restart_errored=True, storage_filesystem=tune_fs)
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -313,12 +364,14 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None) -> dict:
                 tune_config=tune.TuneConfig(metric=None if scheduler else settings["metric"],
                                             mode=None if scheduler else settings["mode"], scheduler=scheduler,
                                             max_concurrent_trials=recipe.sweep.max_concurrent_trials),
-                run_config=tune.RunConfig(name=experiment, storage_path=str(tune_root),
+                run_config=tune.RunConfig(name=experiment, storage_path=tune_root, storage_filesystem=tune_fs,
                                           failure_config=tune.FailureConfig(max_failures=0), verbose=1),
             )
         grid = tuner.fit()
         tune_seconds = round(time.time() - tune_start, 2)
 
+        if prefix:
+            mirror_records(store, prefix, sweep_dir, trials)
         records = collect_records(sweep_dir, trials, grid, tracker, parent_id, scheduled=scheduler is not None)
         finished = [r for r in records if r["status"] == "FINISHED"]
         sign = 1 if settings["mode"] == "max" else -1
