@@ -66,16 +66,20 @@ def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
             capture_output=True, text=True, timeout=60).stdout)
         assert found["experiment"]["name"] == "flexi-workflows"
 
-        # the same entry point runs the recipe's sweep: two trials over the seed
-        sweep = {**recipe, "name": "job-sweep", "output_dir": str(tmp_path / "sweep"),
+        # the same entry point runs the recipe's sweep, two trials over the seed, in the same output folder:
+        # the seed-0 trial is the run above, whose finished stages it finds (only seed 1 trains)
+        sweep = {**recipe, "name": "job-sweep",
                  "sweep": {"space": {"seed": [0, 1]}, "metric": "accuracy_all", "max_concurrent_trials": 2}}
         sweep_path = tmp_path / "job-sweep.yaml"
         sweep_path.write_text(yaml.safe_dump(sweep))
         done = script("submit", "sweep", str(sweep_path))
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        state_json = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+        state_json = json.loads((REPO_ROOT / out_rel / "sweep.json").read_text())
         assert state_json["finished"] == 2 and state_json["failed"] == 0
-        assert (tmp_path / "sweep" / "report" / "report.json").is_file()
+        assert (REPO_ROOT / out_rel / "report" / "report.json").is_file()
+        by_seed = {t["overrides"]["seed"]: t["trial_id"] for t in state_json["trials"]}
+        reused = json.loads((REPO_ROOT / out_rel / "trials" / f"{by_seed[0]}.json").read_text())["summary"]["stages"]
+        assert all(stage["cached"] for stage in reused.values()), reused
     finally:
         shutil.rmtree(REPO_ROOT / out_rel, ignore_errors=True)  # the job's results in this checkout's outputs/
         stopped = script("stop", timeout=180)
