@@ -61,6 +61,10 @@ def ensure_ray(config: RayConfig | None = None) -> None:
         # the project installs it, and runs without one on a minimal Ray (an image's own packages) instead of failing
         start_watchdog()  # first: a driver killed while ray.init starts the cluster leaves nothing either
         loopback_only()
+        # this machine alone: no node of it can be drained (preempted), so Ray Train's preemption watcher,
+        # one more actor per training run, has nothing to watch (and it printed a core_worker.cc error line
+        # about its constructor arguments on every run). A cluster joined by address keeps it.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=None, dashboard_host="127.0.0.1", **kwargs)
 
 
