@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from flexi_workflows.recipes.schema import RayConfig
@@ -65,7 +66,33 @@ def ensure_ray(config: RayConfig | None = None) -> None:
         # one more actor per training run, has nothing to watch (and it printed a core_worker.cc error line
         # about its constructor arguments on every run). A cluster joined by address keeps it.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=None, dashboard_host="127.0.0.1", **kwargs)
+        with _token_auth_notice_dropped():
+            ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=None, dashboard_host="127.0.0.1",
+                     **kwargs)
+
+
+class _DropTokenAuthNotice:
+    """Ray 2.60 warns on every new local cluster that token authentication is on, suggesting
+    RAY_AUTH_MODE=disabled to opt out. For the loopback-only cluster a run starts for itself that is the
+    safe default and nothing to act on, so the line is left out of the console (every other warning of
+    that logger stays). Setting RAY_AUTH_MODE=token instead would silence it too, but Ray caches its
+    config at import and then fails to start the cluster."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+
+@contextmanager
+def _token_auth_notice_dropped():
+    import logging
+
+    auth_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    notice = _DropTokenAuthNotice()
+    auth_logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        auth_logger.removeFilter(notice)
 
 
 # Ray's switch for one-machine clusters (its default on macOS and Windows): the node's address is the loopback one

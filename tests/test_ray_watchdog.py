@@ -161,7 +161,7 @@ def test_sigterm_stops_a_run_with_one_line_saying_what_is_kept(tmp_path, tiny_mo
 @pytest.mark.slow
 def test_the_local_cluster_a_run_starts_listens_on_127_0_0_1_only(tmp_path):
     """Every TCP socket the driver's Ray processes listen on is a loopback one (Ray's default on Linux is
-    every interface)."""
+    every interface). Token authentication stays on; only Ray's notice saying so is left off the console."""
     script = (
         "import json, os, psutil, ray\n"
         "from flexi_workflows.ray_cluster import ensure_ray\n"
@@ -175,12 +175,15 @@ def test_the_local_cluster_a_run_starts_listens_on_127_0_0_1_only(tmp_path):
         "    except psutil.Error:\n"
         "        pass\n"
         "print(json.dumps(out))\n"
+        "print(os.environ.get('RAY_AUTH_MODE'))\n"
         "ray.shutdown()\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     done = subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "python"), "-c", script], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    listening = json.loads(done.stdout.strip().splitlines()[-1])
+    assert done.stdout.strip().splitlines()[-1] == "token", "Ray's default token authentication is on"
+    assert "Token authentication is enabled" not in done.stderr
+    listening = json.loads(done.stdout.strip().splitlines()[-2])
     names = {name for name, _, _ in listening}
     assert {"gcs_server", "raylet"} <= names, listening  # the servers that listened on every interface before
     exposed = [entry for entry in listening if entry[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
