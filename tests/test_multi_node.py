@@ -122,7 +122,7 @@ def test_a_sweep_on_two_nodes_keeps_its_trial_records_and_tune_state_in_s3_and_r
 
     monkeypatch.setenv("FLEXI_STORAGE_CACHE", str(tmp_path / "node-cache"))
     uri = s3_server.replace("s3://flexi-test", f"s3://flexi-test/{tmp_path.name}")
-    # one worker and one eval actor of 2 CPUs per trial: the two trials run at once, one per node
+    # one worker and one eval actor of 2 CPUs per trial: two trials fit the two nodes at once
     recipe = small_recipe(tmp_path / "laptop", tiny_model_dir, method={"name": "lora", "rank": 4}, storage=uri,
                           training={"max_steps": 2}, distribution={"num_workers": 1, "cpus_per_worker": 2},
                           evaluation={"num_actors": 1, "cpus_per_actor": 2, "batch_size": 6, "include_base": False},
@@ -138,14 +138,17 @@ def test_a_sweep_on_two_nodes_keeps_its_trial_records_and_tune_state_in_s3_and_r
         record = records[trial_id] = json.loads(storage.read_text(f"{home}/trials/{trial_id}.json"))
         assert record["status"] == "FINISHED"
         assert storage.exists(f"{home}/trials/{trial_id}/summary.json"), "the trial's summary, written from its node"
-    assert storage.exists(f"{home}/tune/sweep-{state['fingerprint']}"), "Tune's experiment state in S3"
+    from ray import tune
+
+    experiment = storage.path(f"{home}/tune/sweep-{state['fingerprint']}")
+    assert tune.Tuner.can_restore(experiment, storage_filesystem=storage.fs), "Tune's experiment state in S3"
     sweep_dir = tmp_path / "laptop" / "out"
     assert not (sweep_dir / "tune").exists()
     # the driver's copies, which the report reads
     assert {p.stem for p in (sweep_dir / "trials").glob("*.json")} == set(ids)
     assert json.loads((sweep_dir / "report" / "report.json").read_text())["trials"] == 2
 
-    rerun = run_sweep(recipe)  # Tune restores the finished experiment from S3: no trial runs again
+    rerun = run_sweep(recipe)  # Tune restores the finished experiment from S3 (can_restore above)
     assert rerun["finished"] == 2
-    for trial_id in ids:  # a trial run again would have rewritten its record (its own seconds, summary)
+    for trial_id in ids:  # and no trial was computed again: each record is as the first run wrote it
         assert json.loads(storage.read_text(f"{home}/trials/{trial_id}.json")) == records[trial_id]
