@@ -1,5 +1,6 @@
-"""`ray job submit` through scripts/local-cluster.sh, as the README shows it: a small recipe's run, then its
-sweep, each to SUCCEEDED through the one entry point jobs/run.py, tracked to the cluster's MLflow server."""
+"""The README's `ray job submit` path, verbatim: the commands of its "Running on a cluster" block — start a Ray
+head and an MLflow server from the project's environment, submit the quickstart as a Ray job, stop both — run
+exactly as written from a newcomer's shell, plus a sweep submitted through the same entry point."""
 
 from __future__ import annotations
 
@@ -8,88 +9,89 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import REPO_ROOT
-from tests.helpers import write_math_set
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def test_ray_job_submit_runs_a_recipe(tmp_path, tiny_model_dir):
-    """The README's local-cluster commands: start a head and an MLflow server from the project's environment,
-    submit a recipe (then its sweep) as Ray jobs, stop both — with no environment the README does not show."""
-    train, evals = write_math_set(tmp_path / "train.jsonl", 32), write_math_set(tmp_path / "eval.jsonl", 6)
-    # relative, as in the shipped recipes: the job runs in Ray's temporary copy of the checkout, and the
-    # script makes it absolute so the results land in this checkout
-    out_rel = f"outputs/test-job-{tmp_path.name}"
-    recipe = {
-        "name": "job", "output_dir": out_rel,
-        "model": {"name_or_path": str(tiny_model_dir)},
-        "task": {"name": "math", "train": {"path": str(train)}, "eval": [{"name": "mini", "path": str(evals)}]},
-        "method": {"name": "lora", "rank": 2},
-        "training": {"max_steps": 2, "micro_batch_size": 4},
-        "distribution": {"num_workers": 1},
-        "evaluation": {"batch_size": 6, "max_new_tokens": 4},
-        "tracking": {"enabled": True},
-    }
-    recipe_path = tmp_path / "job.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe))
+def readme_cluster_commands() -> list[str]:
+    """The shell lines of the README's first bash block under "## Running on a cluster", comments dropped."""
+    section = (REPO_ROOT / "README.md").read_text().split("\n## Running on a cluster\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_cluster_block_starts_a_head_submits_the_quickstart_and_stops(tmp_path):
+    commands = readme_cluster_commands()
+    assert commands == ["bash scripts/local-cluster.sh start", "bash scripts/local-cluster.sh submit jobs/quickstart.yaml",
+                        "bash scripts/local-cluster.sh stop"]
+    start, submit, stop = commands
     # a newcomer's shell: no virtualenv on PATH, no Ray address, no auth mode
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "VIRTUAL_ENV")}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != BIN)
     state = REPO_ROOT / ".local-cluster"
     if (state / "env").exists():
         pytest.skip("a local cluster from scripts/local-cluster.sh is already running in this checkout")
+    out = REPO_ROOT / "outputs" / "quickstart"  # where `flexi run jobs/quickstart.yaml` puts its results
+    sweep_files = [out / name for name in ("sweep.json", "trials", "report", "tune")]
+    sweep_files = [p for p in sweep_files if not p.exists()]  # the test's own, removed after
 
-    def script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "scripts/local-cluster.sh", *args], cwd=REPO_ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+    def shell(command: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", command], check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
 
-    started = script("start", timeout=300)
+    started = shell(start, timeout=300)
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:
         uri = dict(line.split("=", 1) for line in (state / "env").read_text().split())["MLFLOW_URI"]
-        done = script("submit", str(recipe_path))
+        done = shell(submit)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "succeeded" in done.stdout
-        assert (REPO_ROOT / out_rel / "summary.json").is_file()
-        # tracked to the cluster's MLflow server, not to a sqlite file beside the driver
-        assert not (REPO_ROOT / out_rel / "mlflow.db").exists()
-        found = json.loads(subprocess.run(
-            [sys.executable, "-c", "import json, sys, urllib.request; print(urllib.request.urlopen(sys.argv[1] + "
-             "'/api/2.0/mlflow/experiments/get-by-name?experiment_name=flexi-workflows').read().decode())", uri],
-            capture_output=True, text=True, timeout=60).stdout)
-        assert found["experiment"]["name"] == "flexi-workflows"
+        assert "acc all" in done.stdout and "flexi-2-8" in done.stdout  # the comparison table, in the job's log
+        summary = json.loads((out / "summary.json").read_text())
+        rows = {r["method"]: r for r in summary["rows"]}
+        assert set(rows) == {"base", "lora-8", "flexi-2-8"}
+        assert rows["flexi-2-8"]["mean_active_params"] < rows["lora-8"]["mean_active_params"]
+        # tracked to the cluster's MLflow server: the job's pipeline run and a run per stage
+        exp = json.loads(urllib.request.urlopen(
+            f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=flexi-workflows", timeout=30).read())
+        request = urllib.request.Request(f"{uri}/api/2.0/mlflow/runs/search", method="POST",
+                                         data=json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]],
+                                                          "max_results": 1000}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        names = {r["info"]["run_name"] for r in json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]}
+        assert {"quickstart", "score", "route", "train:lora-8", "train:flexi-2-8", "eval:flexi-2-8"} <= names, names
 
-        # the same entry point runs the recipe's sweep, two trials over the seed, in the same output folder:
-        # the seed-0 trial is the run above, whose finished stages it finds (only seed 1 trains)
-        sweep = {**recipe, "name": "job-sweep",
-                 "sweep": {"space": {"seed": [0, 1]}, "metric": "accuracy_all", "max_concurrent_trials": 2}}
-        sweep_path = tmp_path / "job-sweep.yaml"
-        sweep_path.write_text(yaml.safe_dump(sweep))
-        done = script("submit", "sweep", str(sweep_path))
+        # `submit sweep RECIPE` (README): the same entry point runs a sweep; here the quickstart over one seed,
+        # whose one trial is the job above, found finished (every stage reused)
+        sweep_path = tmp_path / "quickstart-sweep.yaml"
+        sweep_path.write_text((REPO_ROOT / "jobs" / "quickstart.yaml").read_text()
+                              + "sweep:\n  space:\n    seed: [0]\n  metric: accuracy_all\n")
+        done = shell(f"bash scripts/local-cluster.sh submit sweep {sweep_path}")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        state_json = json.loads((REPO_ROOT / out_rel / "sweep.json").read_text())
-        assert state_json["finished"] == 2 and state_json["failed"] == 0
-        assert (REPO_ROOT / out_rel / "report" / "report.json").is_file()
-        by_seed = {t["overrides"]["seed"]: t["trial_id"] for t in state_json["trials"]}
-        reused = json.loads((REPO_ROOT / out_rel / "trials" / f"{by_seed[0]}.json").read_text())["summary"]["stages"]
-        assert all(stage["cached"] for stage in reused.values()), reused
+        sweep = json.loads((out / "sweep.json").read_text())
+        assert sweep["finished"] == 1 and sweep["failed"] == 0
+        assert (out / "report" / "report.json").is_file()
+        (trial,) = sweep["trials"]
+        stages = json.loads((out / "trials" / f"{trial['trial_id']}.json").read_text())["summary"]["stages"]
+        assert stages and all(stage["cached"] for stage in stages.values()), stages
     finally:
-        shutil.rmtree(REPO_ROOT / out_rel, ignore_errors=True)  # the job's results in this checkout's outputs/
-        stopped = script("stop", timeout=180)
+        for path in sweep_files:  # the sweep's files; the quickstart's results stay, as after `flexi run`
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        stopped = shell(stop, timeout=180)
     assert stopped.returncode == 0, stopped.stderr
     assert not (state / "env").exists()
 
 
 def test_job_entry_point_names_the_fix_when_the_clusters_python_lacks_the_project():
     """A head started from a plain shell gives jobs the system Python: the entry point says so, first."""
-    done = subprocess.run([sys.executable, "-S", "jobs/run.py", "jobs/quickstart.yaml"], cwd=REPO_ROOT,
+    done = subprocess.run([sys.executable, "-S", "jobs/run.py", "jobs/quickstart.yaml"], check=False, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60)  # -S: no site-packages, as a bare Python
     assert done.returncode == 1
     assert "lacks torch" in done.stderr and "scripts/local-cluster.sh start" in done.stderr
