@@ -39,8 +39,7 @@ def test_the_readme_cluster_block_starts_a_head_submits_the_quickstart_and_stops
     if (state / "env").exists():
         pytest.skip("a local cluster from scripts/local-cluster.sh is already running in this checkout")
     out = REPO_ROOT / "outputs" / "quickstart"  # where `flexi run jobs/quickstart.yaml` puts its results
-    sweep_files = [out / name for name in ("sweep.json", "trials", "report", "tune")]
-    sweep_files = [p for p in sweep_files if not p.exists()]  # the test's own, removed after
+    before_sweep: set[str] = set()  # what outputs/quickstart held before the test's sweep wrote its files there
 
     def shell(command: str, timeout: int = 900) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", "-c", command], check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
@@ -70,6 +69,7 @@ def test_the_readme_cluster_block_starts_a_head_submits_the_quickstart_and_stops
 
         # `submit sweep RECIPE` (README): the same entry point runs a sweep; here the quickstart over one seed,
         # whose one trial is the job above, found finished (every stage reused)
+        before_sweep = set(os.listdir(out))
         sweep_path = tmp_path / "quickstart-sweep.yaml"
         sweep_path.write_text((REPO_ROOT / "jobs" / "quickstart.yaml").read_text()
                               + "sweep:\n  space:\n    seed: [0]\n  metric: accuracy_all\n")
@@ -82,8 +82,8 @@ def test_the_readme_cluster_block_starts_a_head_submits_the_quickstart_and_stops
         stages = json.loads((out / "trials" / f"{trial['trial_id']}.json").read_text())["summary"]["stages"]
         assert stages and all(stage["cached"] for stage in stages.values()), stages
     finally:
-        for path in sweep_files:  # the sweep's files; the quickstart's results stay, as after `flexi run`
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        for name in set(os.listdir(out)) - before_sweep if before_sweep else ():  # the sweep's files, not the run's
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
         stopped = shell(stop, timeout=180)
     assert stopped.returncode == 0, stopped.stderr
     assert not (state / "env").exists()
