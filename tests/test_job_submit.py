@@ -1,5 +1,5 @@
 """The README's `ray job submit` path, verbatim: the commands of its "Running on a cluster" block — start a Ray
-head and an MLflow server from the project's environment, submit the quickstart as a Ray job, stop both — run
+head and an MLflow server from the project's environment, submit a recipe as a Ray job, stop both — run
 exactly as written from a newcomer's shell, plus a sweep submitted through the same entry point."""
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ def readme_cluster_commands() -> list[str]:
     return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
 
 
-def test_the_readme_cluster_block_starts_a_head_submits_the_quickstart_and_stops(tmp_path):
+def test_the_readme_cluster_block_starts_a_head_submits_a_recipe_and_stops(tmp_path):
     commands = readme_cluster_commands()
-    assert commands == ["bash scripts/local-cluster.sh start", "bash scripts/local-cluster.sh submit jobs/quickstart.yaml",
+    assert commands == ["bash scripts/local-cluster.sh start", "bash scripts/local-cluster.sh submit jobs/own-data.yaml",
                         "bash scripts/local-cluster.sh stop"]
     start, submit, stop = commands
     # a newcomer's shell: no virtualenv on PATH, no Ray address, no auth mode
@@ -38,8 +38,8 @@ def test_the_readme_cluster_block_starts_a_head_submits_the_quickstart_and_stops
     state = REPO_ROOT / ".local-cluster"
     if (state / "env").exists():
         pytest.skip("a local cluster from scripts/local-cluster.sh is already running in this checkout")
-    out = REPO_ROOT / "outputs" / "quickstart"  # where `flexi run jobs/quickstart.yaml` puts its results
-    before_sweep: set[str] = set()  # what outputs/quickstart held before the test's sweep wrote its files there
+    out = REPO_ROOT / "outputs" / "own-data"  # where `flexi run jobs/own-data.yaml` puts its results
+    before_sweep: set[str] = set()  # what outputs/own-data held before the test's sweep wrote its files there
 
     def shell(command: str, timeout: int = 900) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", "-c", command], check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
@@ -65,13 +65,13 @@ def test_the_readme_cluster_block_starts_a_head_submits_the_quickstart_and_stops
                                                           "max_results": 1000}).encode(),
                                          headers={"Content-Type": "application/json"})
         names = {r["info"]["run_name"] for r in json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]}
-        assert {"quickstart", "score", "route", "train:lora-8", "train:flexi-2-8", "eval:flexi-2-8"} <= names, names
+        assert {"own-data", "score", "route", "train:lora-8", "train:flexi-2-8", "eval:flexi-2-8"} <= names, names
 
-        # `submit sweep RECIPE` (README): the same entry point runs a sweep; here the quickstart over one seed,
+        # `submit sweep RECIPE` (README): the same entry point runs a sweep; here the recipe over one seed,
         # whose one trial is the job above, found finished (every stage reused)
         before_sweep = set(os.listdir(out))
-        sweep_path = tmp_path / "quickstart-sweep.yaml"
-        sweep_path.write_text((REPO_ROOT / "jobs" / "quickstart.yaml").read_text()
+        sweep_path = tmp_path / "own-data-sweep.yaml"
+        sweep_path.write_text((REPO_ROOT / "jobs" / "own-data.yaml").read_text()
                               + "sweep:\n  space:\n    seed: [0]\n  metric: accuracy_all\n")
         done = shell(f"bash scripts/local-cluster.sh submit sweep {sweep_path}")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
