@@ -400,8 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _stop_ray_and_exit(code: int) -> None:
-    """After SIGTERM, Ray's C++ signal handler has run too, and its core worker aborts (SIGABRT) when the
-    interpreter tears it down later: stop Ray now, flush, and leave without that teardown."""
+    """After SIGTERM: stop Ray now, flush, and leave without the interpreter's teardown of Ray's core worker
+    (ensure_ray keeps Ray's C++ handler, and its 3-second abort alarm, away from SIGTERM)."""
     import os
 
     import ray

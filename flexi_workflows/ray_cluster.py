@@ -69,6 +69,22 @@ def ensure_ray(config: RayConfig | None = None) -> None:
         with _token_auth_notice_dropped():
             ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=None, dashboard_host="127.0.0.1",
                      **kwargs)
+    sigterm_to_python_alone()
+
+
+def sigterm_to_python_alone() -> None:
+    """Take SIGTERM back from the handler Ray's core worker installs at ray.init (absl's failure-signal
+    handler). That handler prints a stack trace, passes the signal on to Python's handler and arms
+    alarm(3), whose SIGALRM aborts the process: a driver that needs more than 3 s to stop cleanly after
+    SIGTERM (stop Ray, close its MLflow runs) died of SIGABRT, exit 134, with none of it done. Registering
+    Python's own handler again puts Python's C-level handler back in place for SIGTERM alone; the crash
+    handlers for SIGSEGV, SIGABRT, ... stay."""
+    import signal
+    import threading
+
+    handler = signal.getsignal(signal.SIGTERM)  # None: not set from Python, nothing of ours to put back
+    if handler is not None and threading.current_thread() is threading.main_thread():  # main thread only
+        signal.signal(signal.SIGTERM, handler)
 
 
 class _DropTokenAuthNotice:

@@ -154,6 +154,9 @@ def test_sigterm_stops_a_run_with_one_line_saying_what_is_kept(tmp_path, tiny_mo
     finally:
         driver.kill()
     assert driver.returncode == 128 + signal.SIGTERM, err[-2000:]
+    # SIGTERM reached Python alone: Ray's C++ handler (absl's) would print this, and arm alarm(3), whose SIGALRM
+    # aborted a run still stopping 3 s later (exit 134, seen once in a full test run)
+    assert "SIGTERM received" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"flexi run: terminated. Finished stages are kept in {tmp_path / 'out'}; rerun the same")
 
