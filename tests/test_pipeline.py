@@ -43,6 +43,11 @@ def test_pipeline_tracks_to_mlflow_server_and_reruns_only_what_changed(tmp_path,
     assert rows["base"]["mean_active_params"] == 0
     assert rows["lora-4"]["params_pct_of_lora8"] == pytest.approx(50.0)
     assert 0 <= rows["flexi-2-8"]["high_rank_rate"] <= 1
+    # evaluated at the ranks they were trained with: LoRA at 4, Flexi at 2 or 8 per input, and Flexi's mean
+    # active parameters are one rank's parameters times its mean rank
+    assert rows["lora-4"]["mean_rank"] == 4 and set(rows["flexi-2-8"]["rank_shares"]) <= {"2", "8"}
+    per_rank = rows["lora-4"]["mean_active_params"] / 4
+    assert rows["flexi-2-8"]["mean_active_params"] == pytest.approx(per_rank * rows["flexi-2-8"]["mean_rank"])
     assert (out / "pareto.png").is_file()
 
     # MLflow, read back over REST: one pipeline parent with the recipe as params, children per stage/method
