@@ -14,7 +14,7 @@ import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flexi_workflows.errors import ConfigError
 from flexi_workflows.fsutil import write_json_atomic
@@ -24,6 +24,9 @@ from flexi_workflows.recipes.schema import DataSource, Recipe
 from flexi_workflows.stages.base import Stage, StageResult, exclusive_run, recipe_storage
 from flexi_workflows.stages.plan import Plan, plan_pipeline
 from flexi_workflows.storage import Storage, is_remote, scratch_dir
+
+if TYPE_CHECKING:
+    from flexi_workflows.tracking import Tracker
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
@@ -379,6 +382,20 @@ def run_stages(stages: list[Stage], *, tracker=None, parent_id: str | None = Non
     return results
 
 
+
+def save_missed(tracker: Tracker, folder: str) -> str:
+    """Write the calls MLflow did not record to `folder`/mlflow_missed.json, beside the run's summary: a local
+    folder, or a sweep trial's summary folder in storage (s3://...), which is written through a scratch copy.
+    Returns where it is, for the warning."""
+    if is_remote(folder):
+        with scratch_dir("missed") as tmp:
+            tracker.save_missed(tmp / MLFLOW_MISSED)
+            Storage(folder).upload(tmp, "")
+        return Storage(folder).display(MLFLOW_MISSED)
+    tracker.save_missed(Path(folder) / MLFLOW_MISSED)
+    return str(Path(folder) / MLFLOW_MISSED)
+
+
 def run_pipeline(recipe: Recipe, *, recipe_path: str | None = None, force: bool = False, tracker=None,
                  parent_id: str | None = None, summary_dir: str | Path | None = None, quiet: bool = False,
                  report_to_tune: str | None = None) -> dict:
@@ -465,14 +482,7 @@ def _run_prepared(recipe: Recipe, *, recipe_path: str | None, force: bool, track
         if tracker is not None and own_parent:
             tracker.end(parent_id, status)
         if tracker is not None and tracker.missed:  # the run went on without the server: say what it lacks
-            if summary_dir and is_remote(summary_dir):  # a sweep trial's summary folder in storage
-                with scratch_dir("missed") as tmp:
-                    tracker.save_missed(tmp / MLFLOW_MISSED)
-                    Storage(summary_dir).upload(tmp, "")
-                missed = Storage(summary_dir).display(MLFLOW_MISSED)
-            else:
-                missed = Path(summary_dir or recipe.output_dir) / MLFLOW_MISSED
-                tracker.save_missed(missed)
+            missed = save_missed(tracker, summary_dir or recipe.output_dir)
             log.warning("MLflow did not record %d call(s) (the server at %s was away): their values are in %s; "
                         "the results themselves are complete in the stage folders and summary.json",
                         len(tracker.missed), tracker.uri, missed)

@@ -129,3 +129,24 @@ def test_processes_creating_one_sqlite_store_at_once_all_get_it(tmp_path):
         p.join(timeout=120)
     ids = [queue.get(timeout=5) for _ in procs]
     assert len(set(ids)) == 1 and str(ids[0]).isdigit(), ids
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_missed_calls_are_saved_beside_the_summary_in_a_local_folder_or_in_storage(tmp_path, kind, request):
+    """A sweep trial's summary folder may be in S3 storage: what MLflow missed is written there too."""
+    from flexi_workflows.pipeline import MLFLOW_MISSED, save_missed
+    from flexi_workflows.storage import Storage
+    from flexi_workflows.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "away")
+    tracker.log_metrics(None, {"loss": 1.0})  # a run that could not be started: recorded as missed, nothing sent
+    if kind == "local":
+        folder = str(tmp_path / "trial")
+        (tmp_path / "trial").mkdir()
+    else:
+        folder = request.getfixturevalue("s3_server").replace("s3://flexi-test", f"s3://flexi-test/{tmp_path.name}/trial")
+    where = save_missed(tracker, folder)
+    saved = json.loads(Storage(folder).read_text(MLFLOW_MISSED))
+    assert [m["call"] for m in saved["missed"]] == ["log_metrics"]
+    assert where == Storage(folder).display(MLFLOW_MISSED)
+    assert "?" not in where  # an endpoint in the URI's query stays out of the log line
