@@ -11,7 +11,10 @@ distribution.deepspeed_config's file; under ZeRO-3 the model is loaded already p
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,6 +144,33 @@ def deepspeed_config_for(recipe: Recipe) -> dict[str, Any]:
 
 
 @contextmanager
+def one_op_build() -> Iterator[None]:
+    """Around DeepSpeed's start: its comm layer compiles a C++ op on CPU (shared-memory all-reduce, about
+    25 s) with torch's cpp_extension, which runs the first `ninja` on PATH and keeps the build in one folder
+    per Python version (~/.cache/torch_extensions/py311_cpu). Two things made it compile again and again:
+    - the ninja: a Ray job's PATH starts with the virtualenv's bin (ninja 1.13), `.venv/bin/flexi` from a
+      plain shell finds the system's (1.11), and ninja 1.12 changed how its log hashes a command, so each
+      found the other's build out of date;
+    - the folder: two checkouts (two virtualenvs) compile against their own torch, in the one folder.
+    So this environment's own ninja, when it has one, and a folder of its own (a TORCH_EXTENSIONS_DIR the
+    user set wins): one build, found again by every process of the environment. PATH is restored after."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    own_ninja = os.path.isfile(os.path.join(bin_dir, "ninja"))
+    if own_ninja:
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions",
+                                                          f"flexi-{key}")
+    try:
+        yield
+    finally:
+        if own_ninja:
+            os.environ["PATH"] = path
+
+
+@contextmanager
 def partitioned_build(ds_config: dict[str, Any]) -> Iterator[None]:
     """ZeRO-3: models built or loaded inside come out already partitioned (transformers' DeepSpeed integration:
     from_pretrained runs under deepspeed.zero.Init and rank 0 alone copies the checkpoint's values in,
@@ -153,7 +183,8 @@ def partitioned_build(ds_config: dict[str, Any]) -> Iterator[None]:
 
     # zero.Init reads the world size from DeepSpeed's comm layer when it parses the config, before it starts
     # that layer itself: start it first (it adopts Ray Train's process group, as deepspeed.initialize does)
-    deepspeed.init_distributed()
+    with one_op_build():
+        deepspeed.init_distributed()
     handle = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference: hold it for the block
     try:
         yield
@@ -259,8 +290,9 @@ class DeepSpeedEngine:
             for p in params:
                 if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != torch.bfloat16:
                     p.data = p.data.to(torch.bfloat16)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=trainable.model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        with one_op_build():
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=trainable.model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         weights_only_checkpoints(self.engine)
         self.model = self.engine
 

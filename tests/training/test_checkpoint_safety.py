@@ -54,8 +54,9 @@ DEEPSPEED_SCRIPT = textwrap.dedent("""
     import os, sys, torch, deepspeed
     sys.path.insert(0, os.getcwd())
     from tests.training.test_checkpoint_safety import Planted
-    from flexi_workflows.training.engines import UnsafeCheckpointError, weights_only_checkpoints
-    deepspeed.init_distributed(dist_backend="gloo")
+    from flexi_workflows.training.engines import UnsafeCheckpointError, one_op_build, weights_only_checkpoints
+    with one_op_build():
+        deepspeed.init_distributed(dist_backend="gloo")
     ckpt, marker = sys.argv[1], sys.argv[2]
 
     def engine():

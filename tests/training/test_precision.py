@@ -30,9 +30,10 @@ SCRIPT = textwrap.dedent('''
 
     from contextlib import nullcontext
     from flexi_workflows.methods.base import Trainable
-    from flexi_workflows.training.engines import DeepSpeedEngine, partitioned_build
+    from flexi_workflows.training.engines import DeepSpeedEngine, one_op_build, partitioned_build
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    with one_op_build():
+        deepspeed.init_distributed(dist_backend="gloo")
     out = {}
     for stage, bf16, partitioned in ((0, True, False), (2, True, False), (2, False, False), (3, True, False),
                                      (3, True, True)):

@@ -1,0 +1,31 @@
+"""DeepSpeed's CPU op is compiled once per environment, whichever process starts DeepSpeed first."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from flexi_workflows.training.engines import one_op_build
+
+
+def test_the_environments_own_ninja_and_build_folder_whatever_the_callers_path(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a plain shell: a system ninja, if any, comes first
+    bin_dir = Path(sys.executable).parent
+    with one_op_build():
+        if (bin_dir / "ninja").is_file():
+            assert shutil.which("ninja") == str(bin_dir / "ninja")
+        folder = os.environ["TORCH_EXTENSIONS_DIR"]
+    assert os.environ["PATH"] == "/usr/bin:/bin"
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == folder, "kept: a later build of this process finds it"
+    # a Ray job's PATH (the environment's bin first): the same ninja, the same folder
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    with one_op_build():
+        assert os.environ["TORCH_EXTENSIONS_DIR"] == folder
+    assert folder.startswith(os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", "flexi-"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # the user's own
+    with one_op_build():
+        assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path)
