@@ -382,16 +382,15 @@ def run_stages(stages: list[Stage], *, tracker=None, parent_id: str | None = Non
     return results
 
 
-
-def save_missed(tracker: Tracker, folder: str) -> str:
+def save_missed(tracker: Tracker, folder: str | Path) -> str:
     """Write the calls MLflow did not record to `folder`/mlflow_missed.json, beside the run's summary: a local
     folder, or a sweep trial's summary folder in storage (s3://...), which is written through a scratch copy.
     Returns where it is, for the warning."""
-    if is_remote(folder):
+    if is_remote(str(folder)):
         with scratch_dir("missed") as tmp:
             tracker.save_missed(tmp / MLFLOW_MISSED)
-            Storage(folder).upload(tmp, "")
-        return Storage(folder).display(MLFLOW_MISSED)
+            Storage(str(folder)).upload(tmp, "")
+        return Storage(str(folder)).display(MLFLOW_MISSED)
     tracker.save_missed(Path(folder) / MLFLOW_MISSED)
     return str(Path(folder) / MLFLOW_MISSED)
 

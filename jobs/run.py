@@ -1,9 +1,11 @@
 """Entry point for `ray job submit`: a recipe's pipeline, or its sweep, on the cluster the job runs in.
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/run.py jobs/quickstart.yaml [key.sub=value ...]          # flexi run
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/run.py sweep jobs/sweep-quickstart.yaml [key.sub=value ...]   # flexi sweep
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/run.py RECIPE [key.sub=value ...]          # flexi run
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/run.py sweep RECIPE [key.sub=value ...]    # flexi sweep
+
+(on this machine: `bash scripts/local-cluster.sh submit [sweep] RECIPE`, README "Running on a cluster")
 
 The first argument may name the command (run, sweep, report, score, route, train, eval); without
 one it is `run`. Under `ray job submit`, RAY_ADDRESS is set, so the work joins that cluster instead

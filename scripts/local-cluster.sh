@@ -4,8 +4,8 @@
 # start (other Ray clusters on the machine are left alone).
 #
 #   bash scripts/local-cluster.sh start                       # head + MLflow server; prints their addresses
-#   bash scripts/local-cluster.sh submit jobs/quickstart.yaml [key.sub=value ...]
-#   bash scripts/local-cluster.sh submit sweep jobs/sweep-quickstart.yaml
+#   bash scripts/local-cluster.sh submit RECIPE [key.sub=value ...]  # e.g. jobs/own-data.yaml
+#   bash scripts/local-cluster.sh submit sweep RECIPE [key.sub=value ...]
 #   bash scripts/local-cluster.sh stop
 #
 # `submit` is `ray job submit --working-dir . -- python jobs/run.py ARGS tracking.tracking_uri=<the server>`
@@ -17,7 +17,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 state="$root/.local-cluster"
-usage() { sed -n '5,9p' "$0" | sed 's/^# //' >&2; exit 2; }
+usage() { sed -n '6,9p' "$0" | sed 's/^# //' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 command="$1"; shift
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO_ROOT
 
@@ -27,66 +29,90 @@ def readme_cluster_commands() -> list[str]:
     return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
 
 
+# a newcomer's shell: what a login gives, no virtualenv on PATH, no Ray address or auth mode (nothing this test
+# session's own Ray, S3 or MLflow set-up put into its environment)
+NEWCOMER = ("HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "TERM", "TMPDIR")
+
+
+def _shell(command: str, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """`bash -c command` in the checkout; on timeout its whole process group goes (`ray job submit | tee`)."""
+    process = subprocess.Popen(["bash", "-c", command], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"{command!r} ran over {timeout} s:\n{out[-2000:]}\n{err[-2000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+@pytest.mark.timeout(1800)
 def test_the_readme_cluster_block_starts_a_head_submits_a_recipe_and_stops(tmp_path):
     commands = readme_cluster_commands()
     assert commands == ["bash scripts/local-cluster.sh start", "bash scripts/local-cluster.sh submit jobs/own-data.yaml",
                         "bash scripts/local-cluster.sh stop"]
     start, submit, stop = commands
-    # a newcomer's shell: no virtualenv on PATH, no Ray address, no auth mode
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "VIRTUAL_ENV")}
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != BIN)
+    env = {k: os.environ[k] for k in NEWCOMER if k in os.environ}
+    env["PATH"] = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != BIN)
     state = REPO_ROOT / ".local-cluster"
     if (state / "env").exists():
         pytest.skip("a local cluster from scripts/local-cluster.sh is already running in this checkout")
-    out = REPO_ROOT / "outputs" / "own-data"  # where `flexi run jobs/own-data.yaml` puts its results
-    before_sweep: set[str] = set()  # what outputs/own-data held before the test's sweep wrote its files there
-
-    def shell(command: str, timeout: int = 900) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "-c", command], check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-
-    started = shell(start, timeout=300)
-    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    out = REPO_ROOT / "outputs" / "own-data"  # where the job's results land, as `flexi run jobs/own-data.yaml`'s do
+    kept = out.with_name(f"own-data.kept-by-{tmp_path.name}")  # a user's own earlier results, put back after
+    if out.exists():
+        out.rename(kept)
     try:
-        uri = dict(line.split("=", 1) for line in (state / "env").read_text().split())["MLFLOW_URI"]
-        done = shell(submit)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "succeeded" in done.stdout
-        assert "acc all" in done.stdout and "flexi-2-8" in done.stdout  # the comparison table, in the job's log
-        summary = json.loads((out / "summary.json").read_text())
-        rows = {r["method"]: r for r in summary["rows"]}
-        assert set(rows) == {"base", "lora-8", "flexi-2-8"}
-        assert rows["flexi-2-8"]["mean_active_params"] < rows["lora-8"]["mean_active_params"]
-        # tracked to the cluster's MLflow server: the job's pipeline run and a run per stage
-        exp = json.loads(urllib.request.urlopen(
-            f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=flexi-workflows", timeout=30).read())
-        request = urllib.request.Request(f"{uri}/api/2.0/mlflow/runs/search", method="POST",
-                                         data=json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]],
-                                                          "max_results": 1000}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        names = {r["info"]["run_name"] for r in json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]}
-        assert {"own-data", "score", "route", "train:lora-8", "train:flexi-2-8", "eval:flexi-2-8"} <= names, names
-
-        # `submit sweep RECIPE` (README): the same entry point runs a sweep; here the recipe over one seed,
-        # whose one trial is the job above, found finished (every stage reused)
-        before_sweep = set(os.listdir(out))
-        sweep_path = tmp_path / "own-data-sweep.yaml"
-        sweep_path.write_text((REPO_ROOT / "jobs" / "own-data.yaml").read_text()
-                              + "sweep:\n  space:\n    seed: [0]\n  metric: accuracy_all\n")
-        done = shell(f"bash scripts/local-cluster.sh submit sweep {sweep_path}")
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        sweep = json.loads((out / "sweep.json").read_text())
-        assert sweep["finished"] == 1 and sweep["failed"] == 0
-        assert (out / "report" / "report.json").is_file()
-        (trial,) = sweep["trials"]
-        stages = json.loads((out / "trials" / f"{trial['trial_id']}.json").read_text())["summary"]["stages"]
-        assert stages and all(stage["cached"] for stage in stages.values()), stages
+        started = _shell(start, env, timeout=300)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        try:
+            _submit_then_sweep(submit, env, out, state, tmp_path)
+        finally:
+            stopped = _shell(stop, env, timeout=180)
+        assert stopped.returncode == 0, stopped.stderr
+        assert not (state / "env").exists()
     finally:
-        for name in set(os.listdir(out)) - before_sweep if before_sweep else ():  # the sweep's files, not the run's
-            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-        stopped = shell(stop, timeout=180)
-    assert stopped.returncode == 0, stopped.stderr
-    assert not (state / "env").exists()
+        shutil.rmtree(out, ignore_errors=True)
+        if kept.exists():
+            kept.rename(out)
+
+
+def _submit_then_sweep(submit: str, env: dict, out: Path, state: Path, tmp_path: Path) -> None:
+    uri = dict(line.split("=", 1) for line in (state / "env").read_text().split())["MLFLOW_URI"]
+    done = _shell(submit, env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout
+    assert "acc all" in done.stdout and "flexi-2-8" in done.stdout  # the comparison table, in the job's log
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert set(rows) == {"base", "lora-8", "flexi-2-8"}
+    assert rows["flexi-2-8"]["mean_active_params"] < rows["lora-8"]["mean_active_params"]
+    assert not (out / "mlflow.db").exists(), "tracked to the cluster's server, not to a sqlite file beside the driver"
+    # on the cluster's MLflow server: the job's pipeline run and a run per stage
+    exp = json.loads(urllib.request.urlopen(
+        f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=flexi-workflows", timeout=30).read())
+    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/runs/search", method="POST",
+                                     data=json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]],
+                                                      "max_results": 1000}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    names = {r["info"]["run_name"] for r in json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]}
+    assert {"own-data", "score", "route", "train:lora-8", "train:flexi-2-8", "eval:flexi-2-8"} <= names, names
+
+    # `submit sweep RECIPE` (README): the same entry point runs a sweep; here the recipe over one seed, whose
+    # one trial is the job above, found finished (every stage reused)
+    recipe = yaml.safe_load((REPO_ROOT / "jobs" / "own-data.yaml").read_text())
+    assert "sweep" not in recipe
+    recipe["sweep"] = {"space": {"seed": [0]}, "metric": "accuracy_all"}
+    sweep_path = tmp_path / "own-data-sweep.yaml"
+    sweep_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    done = _shell(f"bash scripts/local-cluster.sh submit sweep {sweep_path}", env, timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["finished"] == 1 and sweep["failed"] == 0
+    assert (out / "report" / "report.json").is_file()
+    (trial,) = sweep["trials"]
+    stages = json.loads((out / "trials" / f"{trial['trial_id']}.json").read_text())["summary"]["stages"]
+    assert stages and all(stage["cached"] for stage in stages.values()), stages
 
 
 def test_job_entry_point_names_the_fix_when_the_clusters_python_lacks_the_project():

@@ -1,5 +1,7 @@
-"""The pure pieces of MLflow tracking and evaluation during training: git tags, recipe checks on the new
-keys, and the choice of the best checkpoint. The MLflow server side is checked in tests/test_pipeline.py."""
+"""MLflow tracking and evaluation during training, without a pipeline run: git tags, recipe checks on the new
+keys, the choice of the best checkpoint, a sqlite store opened by several processes, and what a tracker saves
+while its server is away (to a local folder or to S3 storage). The MLflow server side is checked in
+tests/test_pipeline.py."""
 
 from __future__ import annotations
 

@@ -153,21 +153,30 @@ def one_op_build() -> Iterator[None]:
       found the other's build out of date;
     - the folder: two checkouts (two virtualenvs) compile against their own torch, in the one folder.
     So this environment's own ninja, when it has one, and a folder of its own (a TORCH_EXTENSIONS_DIR the
-    user set wins): one build, found again by every process of the environment. PATH is restored after."""
+    user set wins): one build, found again by every process of the environment. PATH is restored after; it
+    is changed for the block only, in which the worker starts DeepSpeed before its training steps (a
+    subprocess another thread starts meanwhile would see this environment's bin first, nothing worse).
+    On CUDA, DeepSpeed builds no such op at start; only the folder is set, for ops it compiles later."""
     bin_dir = os.path.dirname(sys.executable)
-    path = os.environ.get("PATH", "")
+    path = os.environ.get("PATH")
     own_ninja = os.path.isfile(os.path.join(bin_dir, "ninja"))
     if own_ninja:
-        os.environ["PATH"] = bin_dir + os.pathsep + path
+        os.environ["PATH"] = bin_dir + (os.pathsep + path if path else "")
     if "TORCH_EXTENSIONS_DIR" not in os.environ:
-        key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+        # what torch's own folder name says (Python, CUDA), plus this environment and its torch
+        environment = f"{os.path.realpath(sys.prefix)}\0{torch.__version__}\0{torch.version.cuda}"
+        key = hashlib.sha256(environment.encode()).hexdigest()[:12]
+        version = f"py{sys.version_info.major}{sys.version_info.minor}"
         os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions",
-                                                          f"flexi-{key}")
+                                                          f"flexi-{version}-{key}")
     try:
         yield
     finally:
-        if own_ninja:
-            os.environ["PATH"] = path
+        if own_ninja:  # as it was, unset included
+            if path is None:
+                os.environ.pop("PATH", None)
+            else:
+                os.environ["PATH"] = path
 
 
 @contextmanager

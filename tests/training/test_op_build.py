@@ -25,7 +25,14 @@ def test_the_environments_own_ninja_and_build_folder_whatever_the_callers_path(m
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     with one_op_build():
         assert os.environ["TORCH_EXTENSIONS_DIR"] == folder
-    assert folder.startswith(os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", "flexi-"))
+    assert folder.startswith(os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", "flexi-py3"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # the user's own
     with one_op_build():
         assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path)
+
+
+def test_an_unset_path_is_unset_again(monkeypatch):
+    monkeypatch.delenv("PATH")
+    with one_op_build():
+        pass
+    assert "PATH" not in os.environ
