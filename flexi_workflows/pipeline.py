@@ -197,6 +197,9 @@ def resolve_model(recipe: Recipe) -> Recipe:
     return recipe
 
 
+# how a run is stopped by its user: Ctrl-C (KeyboardInterrupt), SIGTERM (`kill`, `ray job stop`, a scheduler:
+# SystemExit from the handler ray.init installs)
+STOPPED = (KeyboardInterrupt, SystemExit)
 MLFLOW_MISSED = "mlflow_missed.json"  # what a run could not record while its tracking server was away
 PUBLISHED = ".published"  # written last into a model folder copied to storage: the copy is whole
 
@@ -367,7 +370,7 @@ def run_stages(stages: list[Stage], *, tracker=None, parent_id: str | None = Non
             result = run_stage(stage, force=force, context=context)
         except BaseException as exc:
             if tracker:  # Ctrl-C / SIGTERM: stopped by its user, as MLflow records it (KILLED), not failed
-                tracker.end(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+                tracker.end(run_id, "KILLED" if isinstance(exc, STOPPED) else "FAILED")
             raise
         if tracker:
             tracker.log_stage(run_id, result, curves_logged=not result.cached,
@@ -474,7 +477,7 @@ def _run_prepared(recipe: Recipe, *, recipe_path: str | None, force: bool, track
             print_table(rows, metric, score_stats)
         status = "FINISHED"
         return summary
-    except KeyboardInterrupt:
+    except STOPPED:
         status = "KILLED"
         raise
     finally:

@@ -140,8 +140,10 @@ def _cmdline(process: psutil.Process) -> list[str]:
 
 @pytest.mark.slow
 def test_sigterm_stops_a_run_with_one_line_saying_what_is_kept(tmp_path, tiny_model_dir):
+    import mlflow
+
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(small_recipe_data(tmp_path, tiny_model_dir)))
+    path.write_text(yaml.safe_dump(small_recipe_data(tmp_path, tiny_model_dir, tracking={"enabled": True})))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     driver = subprocess.Popen([str(REPO_ROOT / ".venv" / "bin" / "flexi"), "run", str(path)], cwd=tmp_path, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -159,6 +161,11 @@ def test_sigterm_stops_a_run_with_one_line_saying_what_is_kept(tmp_path, tiny_mo
     assert "SIGTERM received" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"flexi run: terminated. Finished stages are kept in {tmp_path / 'out'}; rerun the same")
+    # stopped by its user, as Ctrl-C: the pipeline's run and the stopped stage's are KILLED, not FAILED or RUNNING
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    statuses = {r.info.run_name: r.info.status for r in runs}
+    assert statuses["test"] == "KILLED" and set(statuses.values()) <= {"KILLED", "FINISHED"}, statuses
 
 
 @pytest.mark.slow

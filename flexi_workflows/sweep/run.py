@@ -275,7 +275,7 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None) -> dict:
     """Run (or resume) the sweep described by the recipe's `sweep:` section; returns sweep.json's contents."""
     from ray import tune
 
-    from flexi_workflows.pipeline import check_plan, prepare, run_stages
+    from flexi_workflows.pipeline import STOPPED, check_plan, prepare, run_stages
     from flexi_workflows.ray_cluster import ensure_ray
     from flexi_workflows.report import build_report, format_table
     from flexi_workflows.stages.plan import plan_pipeline
@@ -409,6 +409,9 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None) -> dict:
               f"\nreport → {sweep_dir / 'report'}")
         status = "FINISHED" if finished else "FAILED"
         return state
+    except STOPPED:  # Ctrl-C, SIGTERM: stopped by its user, as a run's are
+        status = "KILLED"
+        raise
     finally:
         if tracker:
             tracker.end(parent_id, status)
