@@ -234,8 +234,13 @@ def main(argv=None) -> dict:
     flexi = variants["flexi mixed"][0]
     started = time.perf_counter()
     flexi.eval()
-    merged_tokens_equal = torch.equal(generate_merged(flexi, mixed, prompt, args.new_tokens),
-                                      generate(flexi, mixed, prompt, args.new_tokens))
+    merged_out = generate_merged(flexi, mixed, prompt, args.new_tokens)
+    unmerged_out = generate(flexi, mixed, prompt, args.new_tokens)
+    merged_tokens_equal = torch.equal(merged_out, unmerged_out)
+    # in bf16 a greedy near-tie can flip (adapters/merged.py): how far apart, not only whether
+    new_merged, new_unmerged = merged_out[:, -args.new_tokens:], unmerged_out[:, -args.new_tokens:]
+    merged_agreement = {"rows_equal": round((new_merged == new_unmerged).all(dim=1).float().mean().item(), 4),
+                        "first_token_equal": round((new_merged[:, 0] == new_unmerged[:, 0]).float().mean().item(), 4)}
     b = args.batch
     unmerged_stream = torch.cat([generate(flexi, ranks_stream[s:s + b], stream_prompts[s:s + b], args.new_tokens)
                                  for s in range(0, len(stream_prompts), b)])
@@ -265,7 +270,8 @@ def main(argv=None) -> dict:
         print(f"{name:<16}{step}{gen[name]:>13.4f}{gen[name] / gen[peft_name]:>9.3f}{tok_s:>11.0f}")
     print(f"\nflexi merged / frozen base, generation: {gen['flexi merged'] / gen['frozen base']:.3f} "
           f"(goal ≤ 1.05); over the base on the same groups: {gen['flexi merged'] / gen['base groups']:.3f}; "
-          f"merged tokens equal the unmerged mixed batch's: {merged_tokens_equal}")
+          f"merged tokens equal the unmerged mixed batch's: {merged_tokens_equal} "
+          f"(rows equal {merged_agreement['rows_equal']:.0%}, first new token {merged_agreement['first_token_equal']:.0%})")
     print(f"{args.stream_batches} batches sorted by rank, merged / the frozen base on the same rows: "
           f"{gen['merged stream'] / gen['base stream']:.3f}; "
           f"tokens equal the unmerged batches': {stream_tokens_equal}")
@@ -279,6 +285,7 @@ def main(argv=None) -> dict:
         "generate_ratio_mixed_vs_base": round(gen["flexi mixed"] / gen["frozen base"], 4),
         "merged_generate_ratio_vs_base_groups": round(gen["flexi merged"] / gen["base groups"], 4),
         "merged_tokens_equal_unmerged": merged_tokens_equal,
+        "merged_agreement": merged_agreement,
         "merged_sorted_generate_ratio_vs_base": round(gen["merged stream"] / gen["base stream"], 4),
         "merged_sorted_tokens_equal_unmerged": stream_tokens_equal,
         "stream_batches": args.stream_batches,

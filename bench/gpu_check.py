@@ -146,7 +146,9 @@ def train(folder: Path, args, zero_stage: int, vocab: int) -> tuple[dict, Path]:
         "setup_peak_gpu_memory_gib": (round(m["setup_peak_gpu_memory_bytes"] / 2**30, 3)
                                       if m.get("setup_peak_gpu_memory_bytes") is not None else None),
         "plan_gib": {"model_states": round(plan.states.total / 2**30, 3),
+                     "deepspeed_buffers": round(sum(plan.buffers.values()) / 2**30, 3),
                      "activations": round(plan.activations / 2**30, 3), "total": round(plan.total / 2**30, 3)},
+        "reduce_bucket_elements": m.get("reduce_bucket_elements"),
         "peak_over_plan": round(peak / plan.total, 3) if peak is not None else None,
     }
     artifact = args.work / f"artifact-zero{zero_stage}"

@@ -120,7 +120,7 @@ out = {
     "adapter": None if adapter is None else {k: adapter.get(k) for k in (
         "train_step_ratio_vs_peft", "generate_ratio_vs_peft", "train_step_ratio_rmax_vs_peft",
         "generate_ratio_rmax_vs_peft", "merged_generate_ratio_vs_base", "merged_generate_ratio_vs_base_groups",
-        "merged_tokens_equal_unmerged", "train_step_s", "generate_s", "device", "dtype", "wall_s")},
+        "merged_tokens_equal_unmerged", "merged_agreement", "train_step_s", "generate_s", "device", "dtype", "wall_s")},
     "status": {"train_and_generation": status(train_rc), "adapter": status(adapter_rc)},
     "errors": train.get("errors") or {},
     "wall_s": int(wall), "budget_s": int(budget), "logs": str(logs),

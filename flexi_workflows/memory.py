@@ -49,10 +49,28 @@ activations — a rough estimate, what the backward pass needs kept from the for
   so this is an upper bound for the batch shape. Whisper: the encoder's 1500 positions over its layers
   plus the decoder's max_target_tokens.
 
+DeepSpeed's buffers — what its engine allocates beside the model states, from the recipe's DeepSpeed config
+  (distribution.deepspeed_config merged in, DeepSpeed's defaults otherwise):
+
+      reduce bucket     ZeRO 1-3 (contiguous_gradients): reduce_bucket_size elements, allocated whole
+                        whatever is trained; 16-bit (ZeRO-1 under bf16 stages fp32), twice under ZeRO-1/2
+                        with overlap_comm. The training worker caps DeepSpeed's 5e8 at the trainable count
+                        (training/engines.reduce_bucket_elements), so for an adapter it is a few MiB.
+      resident params   ZeRO-3: up to stage3_max_live_parameters (1e9) gathered parameters stay on the GPU
+                        before DeepSpeed releases them (layers about to be reused in the backward pass,
+                        prefetched ones), in the parameters' dtype; the one gathered layer the model states
+                        count is not counted twice. With one worker the gathered copy sits beside the
+                        worker's partition, which is then the whole model.
+
+  Measured on an H200 (bench/gpu_check.sh, LLaMA-3.2-1B width, 16 layers, Flexi ranks (2, 8), micro
+  batch 8 × 512, bf16, one worker): ZeRO-3's peak fell from 15.35 to 14.42 GiB when the worker capped the
+  bucket (5e8 → 1.7 M elements); ZeRO-2's stayed at 13.15 GiB, since ZeRO-2 allocates its bucket at the
+  first backward, after the forward's peak. ZeRO-3's peak is then 1.27 GiB above ZeRO-2's, within the
+  resident-parameter bound (1.37 GiB beyond the gathered layer).
+
 What is not counted: the CUDA context (~0.5-1 GiB per process, outside torch's allocator), allocator
-fragmentation, ZeRO-3's prefetch of the next layers beyond the one gathered, DeepSpeed's communication
-buckets, temporary buffers. The warning fires when the estimate exceeds the GPU's memory; within 10 % of
-it, plan says the fit is tight.
+fragmentation, temporary buffers. The warning fires when the estimate exceeds the GPU's memory; within
+10 % of it, plan says the fit is tight.
 """
 
 from __future__ import annotations
@@ -260,6 +278,27 @@ def deepspeed_estimate(total_params: int, largest_layer_params: int, *, num_gpus
     return None
 
 
+def deepspeed_buffers(ds_config: dict[str, Any], *, total_params: int, trainable_params: int,
+                      largest_layer_params: int, bf16: bool) -> dict[str, float]:
+    """Bytes of DeepSpeed's buffers on one worker's GPU (the module docstring's table), by name."""
+    from flexi_workflows.training.engines import reduce_bucket_elements
+
+    zero = ds_config.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    w = 2.0 if bf16 else 4.0
+    out: dict[str, float] = {}
+    bucket = reduce_bucket_elements(ds_config, trainable_params)
+    if bucket is not None and zero.get("contiguous_gradients", True):
+        staged = 4.0 if stage == 1 else w
+        overlap = zero.get("overlap_comm")
+        copies = 2 if stage in (1, 2) and overlap else 1
+        out["reduce_bucket"] = bucket * staged * copies
+    if stage == 3:
+        live = min(int(float(zero.get("stage3_max_live_parameters", 1e9))), total_params)
+        out["resident_params"] = max(0, live - largest_layer_params) * w
+    return out
+
+
 # -- activations and generation ------------------------------------------------------------------------
 
 def activation_bytes(dims: ModelDims, *, micro_batch: int, seq_len: int, bf16: bool = True,
@@ -302,10 +341,11 @@ class MethodPlan:
     states: ModelStates
     activations: float
     deepspeed_gpu_bytes: int | None = None  # DeepSpeed's estimator, full fine-tuning only
+    buffers: dict[str, float] = field(default_factory=dict)  # DeepSpeed's (deepspeed_buffers)
 
     @property
     def total(self) -> float:
-        return self.states.total + self.activations
+        return self.states.total + sum(self.buffers.values()) + self.activations
 
 
 @dataclass
@@ -439,6 +479,11 @@ def plan_recipe(recipe, *, gpu_memory: float | None = None, gpu_memory_source: s
                                    gradient_checkpointing=train.gradient_checkpointing)
     from flexi_workflows.methods import get_method
 
+    ds_config = {}
+    if dist.strategy == "deepspeed":  # the config the workers get (the recipe's deepspeed_config file merged in)
+        from flexi_workflows.training.engines import deepspeed_config_for
+
+        ds_config = deepspeed_config_for(recipe)
     plans, seen = [], set()
     for method_config in (methods if methods is not None else recipe.methods):
         label = get_method(method_config).train_label  # methods that differ only at inference train once
@@ -455,7 +500,11 @@ def plan_recipe(recipe, *, gpu_memory: float | None = None, gpu_memory_source: s
             ds = deepspeed_estimate(total, dims.largest_layer_params, num_gpus=dist.num_workers,
                                     zero_stage=dist.zero_stage, offload_optimizer=offload_optimizer,
                                     offload_params=offload_params)
-        plans.append(MethodPlan(label, trainable, total, states, activations, ds))
+        buffers = {}
+        if dist.strategy == "deepspeed":
+            buffers = deepspeed_buffers(ds_config, total_params=total, trainable_params=trainable,
+                                        largest_layer_params=dims.largest_layer_params, bf16=bf16)
+        plans.append(MethodPlan(label, trainable, total, states, activations, ds, buffers))
     actors = []
     for name, cfg, samples in (("scoring", recipe.scoring, recipe.scoring.num_samples), ("evaluation", recipe.evaluation, 1)):
         prompt = prompt_limit if not dims.encoder_layers else 4  # speech: a few decoder prefix tokens
@@ -493,6 +542,8 @@ def format_plan(plan: Plan) -> str:
     row("  grads", [gib(m.states.grads) for m in plan.methods])
     row("  optimizer (master + Adam)", [gib(m.states.optimizer) for m in plan.methods])
     row("model states", [gib(m.states.total) for m in plan.methods])
+    if any(m.buffers for m in plan.methods):
+        row("DeepSpeed buffers", [gib(sum(m.buffers.values())) for m in plan.methods])
     row("activations (rough)", [gib(m.activations) for m in plan.methods])
     row("total per GPU" if plan.gpus_per_worker > 0 else "total per worker", [gib(m.total) for m in plan.methods])
     if any(m.states.cpu_offload for m in plan.methods):

@@ -19,8 +19,8 @@ LAYERS = {
     "models": 3, "report_plots": 3,
     "router": 4, "ray_cluster": 4,
     "methods": 5,
-    "generation": 6, "training": 6, "memory": 6,
-    "stages": 7, "tracking": 7,
+    "generation": 6, "training": 6,
+    "stages": 7, "tracking": 7, "memory": 7,  # memory plans what training's DeepSpeed config will allocate
     "pipeline": 8, "report": 8,
     "sweep": 9, "export": 9,
     "cli": 10,

@@ -118,6 +118,35 @@ def test_adapters_by_hand(tmp_path, dims):
     assert off.methods[0].states.optimizer == 0 < off.methods[0].states.cpu_offload
 
 
+def test_deepspeed_buffers_count_the_reduce_bucket_and_zero3_resident_parameters(tmp_path, dims):
+    """The bucket DeepSpeed allocates whole (capped at the trainable count by the worker), ZeRO-3's resident
+    gathered parameters up to stage3_max_live_parameters; a deepspeed_config file's values are read."""
+    d = dims[ONE_B]
+    L, T = d.largest_layer_params, 1_703_936
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{name_or_path: {MODEL_CONFIGS / ONE_B}}}\nmethod: {{name: lora, rank: 8}}\n"
+                    "compare: [{name: full}]\n"
+                    "task: {max_prompt_tokens: 100, max_target_tokens: 28}\n"
+                    "training: {micro_batch_size: 2}\n"
+                    "distribution: {num_workers: 2, gpus_per_worker: 1, zero_stage: 2, precision: bf16}\n")
+    lora, full = plan_recipe(load_recipe(path, [])).methods
+    assert lora.buffers == {"reduce_bucket": 2 * T}  # bf16, one buffer (overlap_comm is off below ZeRO-3)
+    assert full.buffers == {"reduce_bucket": 2 * 500_000_000}  # DeepSpeed's 5e8: fewer than P trainable elements
+    assert lora.total == lora.states.total + 2 * T + lora.activations
+    lora3, full3 = plan_recipe(load_recipe(path, ["distribution.zero_stage=3"])).methods
+    assert lora3.buffers == {"reduce_bucket": 2 * T, "resident_params": 2 * (1_000_000_000 - L)}
+    assert full3.buffers == {"reduce_bucket": 2 * 500_000_000, "resident_params": 2 * (1_000_000_000 - L)}
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {
+        "reduce_bucket_size": 1000, "overlap_comm": True, "stage3_max_live_parameters": 3 * L}}))
+    own = plan_recipe(load_recipe(path, [f"distribution.deepspeed_config={tmp_path / 'ds.json'}"])).methods[0]
+    assert own.buffers == {"reduce_bucket": 2 * 1000 * 2}  # overlap_comm under ZeRO-2: two buffers
+    own3 = plan_recipe(load_recipe(path, ["distribution.zero_stage=3",
+                                          f"distribution.deepspeed_config={tmp_path / 'ds.json'}"])).methods[0]
+    assert own3.buffers == {"reduce_bucket": 2 * 1000, "resident_params": 2 * 2 * L}
+    ddp = plan_recipe(load_recipe(path, ["distribution.strategy=ddp", "distribution.precision=fp32"])).methods[0]
+    assert ddp.buffers == {}
+
+
 def test_gradient_checkpointing_keeps_block_inputs_only(dims):
     d = dims[ONE_B]
     full = activation_bytes(d, micro_batch=8, seq_len=512)

@@ -70,6 +70,37 @@ def deepspeed_config(*, micro_batch_size: int, accumulation: int, max_grad_norm:
     }
 
 
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size, in elements
+
+
+def reduce_bucket_elements(config: dict[str, Any], trainable_elements: int) -> int | None:
+    """The gradient-reduction bucket a worker's ZeRO 1-3 engine gets (None below ZeRO-1, which has none):
+    the config's own `zero_optimization.reduce_bucket_size` where it sets one, else DeepSpeed's 5e8
+    capped at the trainable parameter count.
+
+    Why the cap: DeepSpeed allocates that bucket at its full size whatever is trained (ZeRO-3 at setup,
+    ZeRO-1/2 at the first backward; twice with overlap_comm), 5e8 elements = 0.93 GiB in bf16, while an
+    adapter's gradients are a few million elements. A bucket of the trainable count still holds every
+    gradient, so the reductions are the ones the default makes; for full fine-tuning of a model over 5e8
+    parameters nothing changes. memory.py counts the same bucket."""
+    zero = config.get("zero_optimization") or {}
+    if int(zero.get("stage", 0)) < 1:
+        return None
+    if "reduce_bucket_size" in zero:
+        return int(zero["reduce_bucket_size"])
+    return max(1, min(DEEPSPEED_REDUCE_BUCKET, int(trainable_elements)))
+
+
+def with_reduce_bucket(config: dict[str, Any], trainable_elements: int) -> dict[str, Any]:
+    """`config` with reduce_bucket_elements' value written in (a copy; the config is left as it is when it
+    sets the bucket itself or is below ZeRO-1)."""
+    zero = config.get("zero_optimization") or {}
+    bucket = reduce_bucket_elements(config, trainable_elements)
+    if bucket is None or "reduce_bucket_size" in zero:
+        return config
+    return {**config, "zero_optimization": {**zero, "reduce_bucket_size": bucket}}
+
+
 def read_deepspeed_file(path: str | Path) -> dict[str, Any]:
     """A DeepSpeed JSON config file; a missing file or invalid JSON is a ConfigError naming it."""
     file = Path(path).expanduser()
@@ -114,10 +145,15 @@ def merge_deepspeed_config(file_config: dict[str, Any], own: dict[str, Any], *, 
         return out
 
     merged = merge(file_config, own, "")
+    zero = merged.get("zero_optimization")
+    if isinstance(zero, dict) and zero.get("reduce_bucket_size") == "auto":
+        # the worker sizes it from what is trained (reduce_bucket_elements), as if the file did not set it
+        merged["zero_optimization"] = {k: v for k, v in zero.items() if k != "reduce_bucket_size"}
     auto = [k for k, v in _leaves(merged) if v == "auto"]
     if auto:
         raise ConfigError(f"{source}: {', '.join(auto)} = \"auto\": flexi-workflows fills \"auto\" only for the keys "
-                          f"the recipe sets ({', '.join(sorted(RECIPE_KEYS))}); give a value")
+                          f"the recipe sets ({', '.join(sorted(RECIPE_KEYS))}) and "
+                          f"zero_optimization.reduce_bucket_size; give a value")
     return merged
 
 
@@ -299,6 +335,9 @@ class DeepSpeedEngine:
             for p in params:
                 if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != torch.bfloat16:
                     p.data = p.data.to(torch.bfloat16)
+        # a partitioned (ZeRO-3) parameter's numel() is its empty placeholder; ds_numel is its size
+        trained = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
+        self.config = config = with_reduce_bucket(config, trained)
         with one_op_build():
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=trainable.model, optimizer=optimizer, lr_scheduler=scheduler, config=config)

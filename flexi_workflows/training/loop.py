@@ -291,7 +291,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "bf16_by": ("autocast" if dist_cfg.strategy == "ddp" else "deepspeed") if dist_cfg.bf16 else None,
                    "lr": engine.scheduler.get_last_lr()[0], "val_loss_curve": val_curve, "throughput": throughput,
                    "partitioned_build": partitioned, "param_elements_total": total_elements,
-                   "param_elements_held_by_worker": held_by_worker, "mlflow_unsent_metrics": curves.unsent}
+                   "param_elements_held_by_worker": held_by_worker, "mlflow_unsent_metrics": curves.unsent,
+                   # the gradient bucket DeepSpeed's ZeRO optimizer allocated (engines.reduce_bucket_elements)
+                   "reduce_bucket_elements": getattr(getattr(engine, "optimizer", None), "reduce_bucket_size", None)}
         if device.type == "cuda":
             metrics |= {"peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device),
                         "setup_peak_gpu_memory_bytes": setup_peak}

@@ -42,6 +42,28 @@ def test_file_keys_pass_through_and_matching_or_auto_values_merge(tmp_path, tiny
     assert cfg["train_micro_batch_size_per_gpu"] == 4  # "auto" takes the recipe's value
 
 
+def test_the_reduce_bucket_is_the_trainable_count_unless_the_file_sets_it(tmp_path, tiny_model_dir):
+    from flexi_workflows.training.engines import (
+        DEEPSPEED_REDUCE_BUCKET,
+        reduce_bucket_elements,
+        with_reduce_bucket,
+    )
+
+    own = deepspeed_config_for(_recipe(tmp_path, tiny_model_dir, zero_stage=2))
+    assert "reduce_bucket_size" not in own["zero_optimization"]  # the worker sizes it, knowing what it trains
+    assert reduce_bucket_elements(own, 1_703_936) == 1_703_936
+    assert reduce_bucket_elements(own, 10**10) == DEEPSPEED_REDUCE_BUCKET  # full fine-tuning: DeepSpeed's default
+    sized = with_reduce_bucket(own, 4096)
+    assert sized["zero_optimization"]["reduce_bucket_size"] == 4096 and "reduce_bucket_size" not in own["zero_optimization"]
+    zero0 = deepspeed_config_for(_recipe(tmp_path, tiny_model_dir, zero_stage=0, precision="fp32"))
+    assert reduce_bucket_elements(zero0, 4096) is None and with_reduce_bucket(zero0, 4096) == zero0  # no ZeRO bucket
+    # a file's own value wins; "auto" (the HF Trainer's spelling) leaves it to the worker
+    fixed = deepspeed_config_for(_recipe(tmp_path, tiny_model_dir, {"zero_optimization": {"reduce_bucket_size": 12345}}))
+    assert reduce_bucket_elements(fixed, 4096) == 12345 and with_reduce_bucket(fixed, 4096) == fixed
+    auto = deepspeed_config_for(_recipe(tmp_path, tiny_model_dir, {"zero_optimization": {"reduce_bucket_size": "auto"}}))
+    assert "reduce_bucket_size" not in auto["zero_optimization"] and reduce_bucket_elements(auto, 4096) == 4096
+
+
 @pytest.mark.parametrize("content,expect", [
     ({"zero_optimization": {"stage": 3}}, ["zero_optimization.stage", "3", "2", "distribution.zero_stage"]),
     ({"bf16": {"enabled": True}}, ["bf16.enabled", "True", "False", "distribution.precision"]),

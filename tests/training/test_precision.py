@@ -56,7 +56,8 @@ SCRIPT = textwrap.dedent('''
         steps = sorted({int(s["step"]) for s in inner.state.values()})
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
         name = f"zero{stage}-{'bf16' if bf16 else 'fp32'}" + ("-partitioned" if partitioned else "")
-        out[name] = {"adamw_steps": steps, "dtypes": dtypes, "losses": losses}
+        out[name] = {"adamw_steps": steps, "dtypes": dtypes, "losses": losses, "trainable": sum(p.numel() for p in params),
+                     "reduce_bucket": getattr(engine.engine.optimizer, "reduce_bucket_size", None)}
     print("RESULT " + json.dumps(out), flush=True)
 ''')
 
@@ -77,3 +78,6 @@ def test_deepspeed_bf16_is_bf16_with_one_adamw_step_per_step_except_without_zero
     fp32, bf16 = result["zero2-fp32"]["losses"], result["zero2-bf16"]["losses"]
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.02)
     assert result["zero3-bf16-partitioned"]["losses"] == result["zero3-bf16"]["losses"]
+    # DeepSpeed's gradient bucket (5e8 elements by default, allocated whole) is the trainable count under ZeRO
+    for name in ("zero2-bf16", "zero2-fp32", "zero3-bf16", "zero3-bf16-partitioned"):
+        assert result[name]["reduce_bucket"] == result[name]["trainable"] > 0, name
