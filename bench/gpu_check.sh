@@ -6,6 +6,7 @@
 #   - each run's peak GPU memory (torch.cuda.max_memory_allocated in the worker) against `flexi plan`'s estimate,
 #   - Ray Data generation with the trained adapter on a GPU actor (evaluation.gpus_per_actor: 1),
 #   - bench/adapter.py --device cuda --dtype bfloat16 at LLaMA-3.2-1B's width,
+#   - with the time left, bench/zero_memory.py: each phase's GPU memory under ZeRO-2 and ZeRO-3,
 # and prints ONE JSON line at the end (logs stay in the folder it names). A part that runs out of time or fails
 # is recorded as such; the others' figures still come back.
 #
@@ -43,6 +44,7 @@ setup_rc=0
 if [ "$dry" = 1 ]; then
   py="${FLEXI_PYTHON:-$root/.venv/bin/python}"
   train_args=(--cpu)
+  zero_args=(--cpu)
   adapter_args=(--device cpu --dtype bfloat16 --quick --hidden 64 --layers 1 --vocab 512 --seq 32 --batch 2
                 --prompt 8 --new-tokens 4 --repeats 1)
 else
@@ -59,6 +61,7 @@ else
     py="$root/.venv/bin/python"
   fi
   train_args=()
+  zero_args=()
   # LLaMA-3.2-1B's width and vocabulary, 8 layers: the adapter bench builds its model on CPU in fp32
   adapter_args=(--device cuda --dtype bfloat16 --quick --hidden 2048 --layers 8 --vocab 128256 --seq 512 --batch 8
                 --prompt 128 --new-tokens 64)
@@ -79,15 +82,26 @@ if [ "$setup_rc" = 0 ] && [ -x "$py" ]; then
     timeout -k 10 "$t" "$py" bench/adapter.py "${adapter_args[@]}" >"$logs/adapter.log" 2>&1
     adapter_rc=$?
   fi
+  # with what time is left: each phase's GPU memory under ZeRO-2 and ZeRO-3 (bench/zero_memory.py), on the
+  # model the training part built, so a gap between a peak and the plan can be traced
+  for stage in 2 3; do
+    t=$(limit 90 5)
+    if [ "$t" -gt 30 ] && [ -f "$logs/work/llama-random/config.json" ]; then
+      timeout -k 10 "$t" "$py" bench/zero_memory.py --stage "$stage" "${zero_args[@]}" \
+        --model "$logs/work/llama-random" >>"$logs/zero_memory.log" 2>&1
+      zero_rc="${zero_rc:-}${zero_rc:+,}$stage:$?"
+    fi
+  done
 fi
 rm -rf "$logs/work"
 
 # the one JSON line (stdlib Python: it works even when the venv could not be made)
-python3 - "$logs" "$dry" "$setup_rc" "$setup_s" "$train_rc" "$adapter_rc" "$(( SECONDS - start ))" "$budget" <<'EOF'
+python3 - "$logs" "$dry" "$setup_rc" "$setup_s" "$train_rc" "$adapter_rc" "$(( SECONDS - start ))" "$budget" \
+  "${zero_rc:-skipped}" <<'EOF'
 import json, sys
 from pathlib import Path
 
-logs, dry, setup_rc, setup_s, train_rc, adapter_rc, wall, budget = sys.argv[1:]
+logs, dry, setup_rc, setup_s, train_rc, adapter_rc, wall, budget, zero_rc = sys.argv[1:]
 logs = Path(logs)
 
 def status(rc):
@@ -121,7 +135,9 @@ out = {
         "train_step_ratio_vs_peft", "generate_ratio_vs_peft", "train_step_ratio_rmax_vs_peft",
         "generate_ratio_rmax_vs_peft", "merged_generate_ratio_vs_base", "merged_generate_ratio_vs_base_groups",
         "merged_tokens_equal_unmerged", "merged_agreement", "train_step_s", "generate_s", "device", "dtype", "wall_s")},
-    "status": {"train_and_generation": status(train_rc), "adapter": status(adapter_rc)},
+    "zero_memory": [json.loads(l) for l in ((logs / "zero_memory.log").read_text().splitlines()
+                                            if (logs / "zero_memory.log").exists() else []) if l.startswith('{"stage"')],
+    "status": {"train_and_generation": status(train_rc), "adapter": status(adapter_rc), "zero_memory": zero_rc},
     "errors": train.get("errors") or {},
     "wall_s": int(wall), "budget_s": int(budget), "logs": str(logs),
 }

@@ -52,21 +52,27 @@ activations — a rough estimate, what the backward pass needs kept from the for
 DeepSpeed's buffers — what its engine allocates beside the model states, from the recipe's DeepSpeed config
   (distribution.deepspeed_config merged in, DeepSpeed's defaults otherwise):
 
-      reduce bucket     ZeRO 1-3 (contiguous_gradients): reduce_bucket_size elements, allocated whole
-                        whatever is trained; 16-bit (ZeRO-1 under bf16 stages fp32), twice under ZeRO-1/2
-                        with overlap_comm. The training worker caps DeepSpeed's 5e8 at the trainable count
+      reduce bucket     ZeRO 1-3 (contiguous_gradients, which CPU offload forces on): reduce_bucket_size
+                        elements, allocated whole whatever is trained, in the parameters' dtype (ZeRO-3:
+                        communication_data_type where the config sets one); ZeRO-3 allocates it once at
+                        setup, ZeRO-1/2 at every backward (freed after it), twice with overlap_comm. The
+                        training worker caps DeepSpeed's 5e8 at the trainable count
                         (training/engines.reduce_bucket_elements), so for an adapter it is a few MiB.
-      resident params   ZeRO-3: up to stage3_max_live_parameters (1e9) gathered parameters stay on the GPU
-                        before DeepSpeed releases them (layers about to be reused in the backward pass,
-                        prefetched ones), in the parameters' dtype; the one gathered layer the model states
-                        count is not counted twice. With one worker the gathered copy sits beside the
-                        worker's partition, which is then the whole model.
+      resident params   ZeRO-3 over several workers: gathered parameters that DeepSpeed keeps on the GPU
+                        because they are used again within stage3_max_reuse_distance (1e9) elements, at
+                        the end of the forward the last layers, about to run backward. Estimated as up to
+                        that many elements in the parameters' dtype, less the gathered layer the model
+                        states already count; not measured with more than one worker. With one worker
+                        ZeRO-3 gathers nothing (the partition is the whole parameter; DeepSpeed's
+                        no-gather path), so this is 0, unless parameters are offloaded to the CPU.
 
   Measured on an H200 (bench/gpu_check.sh, LLaMA-3.2-1B width, 16 layers, Flexi ranks (2, 8), micro
   batch 8 × 512, bf16, one worker): ZeRO-3's peak fell from 15.35 to 14.42 GiB when the worker capped the
-  bucket (5e8 → 1.7 M elements); ZeRO-2's stayed at 13.15 GiB, since ZeRO-2 allocates its bucket at the
-  first backward, after the forward's peak. ZeRO-3's peak is then 1.27 GiB above ZeRO-2's, within the
-  resident-parameter bound (1.37 GiB beyond the gathered layer).
+  bucket (5e8 → 1.7 M elements); ZeRO-2's stayed at 13.15 GiB, since the ZeRO-2 bucket comes with the
+  backward, after the forward's peak. ZeRO-3's peak is still 1.27 GiB above ZeRO-2's with one worker,
+  which gathers nothing: the cause is not established (bench/zero_memory.py records each phase's memory
+  for the next GPU session). The plan, 14.34 GiB, is 0.5 % under that peak: the gathered layer the model
+  states count (0.49 GiB, after DeepSpeed's formula) and the rough activation term cover most of it.
 
 What is not counted: the CUDA context (~0.5-1 GiB per process, outside torch's allocator), allocator
 fragmentation, temporary buffers. The warning fires when the estimate exceeds the GPU's memory; within
@@ -279,23 +285,30 @@ def deepspeed_estimate(total_params: int, largest_layer_params: int, *, num_gpus
 
 
 def deepspeed_buffers(ds_config: dict[str, Any], *, total_params: int, trainable_params: int,
-                      largest_layer_params: int, bf16: bool) -> dict[str, float]:
+                      largest_layer_params: int, bf16: bool, num_workers: int = 1) -> dict[str, float]:
     """Bytes of DeepSpeed's buffers on one worker's GPU (the module docstring's table), by name."""
     from flexi_workflows.training.engines import reduce_bucket_elements
 
     zero = ds_config.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0))
     w = 2.0 if bf16 else 4.0
+    offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    offload_params = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
+
+    def setting(name: str, default: float) -> float:  # DeepSpeed takes stage3_x or x
+        return float(zero.get(f"stage3_{name}", zero.get(name, default)))
+
     out: dict[str, float] = {}
     bucket = reduce_bucket_elements(ds_config, trainable_params)
-    if bucket is not None and zero.get("contiguous_gradients", True):
-        staged = 4.0 if stage == 1 else w
-        overlap = zero.get("overlap_comm")
-        copies = 2 if stage in (1, 2) and overlap else 1
+    if bucket is not None and (zero.get("contiguous_gradients", True) or offload_optimizer):
+        staged = w
+        if stage == 3:
+            staged = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0}.get(str(ds_config.get("communication_data_type")), w)
+        copies = 2 if stage in (1, 2) and zero.get("overlap_comm") else 1
         out["reduce_bucket"] = bucket * staged * copies
-    if stage == 3:
-        live = min(int(float(zero.get("stage3_max_live_parameters", 1e9))), total_params)
-        out["resident_params"] = max(0, live - largest_layer_params) * w
+    if stage == 3 and (num_workers > 1 or offload_params):
+        reused = min(int(setting("max_reuse_distance", 1e9)), total_params)
+        out["resident_params"] = max(0, reused - largest_layer_params) * w
     return out
 
 
@@ -503,7 +516,8 @@ def plan_recipe(recipe, *, gpu_memory: float | None = None, gpu_memory_source: s
         buffers = {}
         if dist.strategy == "deepspeed":
             buffers = deepspeed_buffers(ds_config, total_params=total, trainable_params=trainable,
-                                        largest_layer_params=dims.largest_layer_params, bf16=bf16)
+                                        largest_layer_params=dims.largest_layer_params, bf16=bf16,
+                                        num_workers=dist.num_workers)
         plans.append(MethodPlan(label, trainable, total, states, activations, ds, buffers))
     actors = []
     for name, cfg, samples in (("scoring", recipe.scoring, recipe.scoring.num_samples), ("evaluation", recipe.evaluation, 1)):

@@ -1,11 +1,16 @@
 """bench/gpu_check.sh needs a GPU to run for real (never in CI); what can be checked without one is checked
-here: both shell scripts parse, the check's options are understood. `bash bench/gpu_check.sh --dry-run`
-runs every part tiny on CPU (a few minutes on 2 cores: by hand, not in this suite)."""
+here: both shell scripts parse, the check's options are understood, and `bash bench/gpu_check.sh --dry-run`
+runs every part tiny on CPU and reports each as ok, so the script a lent GPU's few minutes go to has not
+rotted since the last GPU session."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO_ROOT
 
@@ -28,3 +33,18 @@ def test_setup_refuses_unknown_torch_kind():
     run = subprocess.run(["bash", "scripts/setup.sh"], check=False, cwd=REPO_ROOT, capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "FLEXI_TORCH": "rocm"})
     assert run.returncode == 2 and "FLEXI_TORCH must be cpu or cuda" in run.stderr
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_part_on_cpu(tmp_path):
+    env = {**os.environ, "FLEXI_PYTHON": sys.executable, "GPU_CHECK_LOGS": str(tmp_path / "logs"),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    run = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], check=False, cwd=REPO_ROOT, capture_output=True,
+                         text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["status"] == {"train_and_generation": "ok", "adapter": "ok", "zero_memory": "2:0,3:0"}, out["errors"]
+    assert out["zero2"]["steps"] == out["zero3"]["steps"] == 4 and out["generation"]["rows"] == 8
+    assert out["zero2"]["plan_gib"]["total"] > 0 and out["adapter"]["merged_tokens_equal_unmerged"] is True
+    trainable = out["zero2"]["trainable_params"]
+    assert [(z["stage"], z["reduce_bucket_elements"]) for z in out["zero_memory"]] == [(2, trainable), (3, trainable)]

@@ -119,8 +119,9 @@ def test_adapters_by_hand(tmp_path, dims):
 
 
 def test_deepspeed_buffers_count_the_reduce_bucket_and_zero3_resident_parameters(tmp_path, dims):
-    """The bucket DeepSpeed allocates whole (capped at the trainable count by the worker), ZeRO-3's resident
-    gathered parameters up to stage3_max_live_parameters; a deepspeed_config file's values are read."""
+    """The bucket DeepSpeed allocates whole (capped at the trainable count by the worker), ZeRO-3's gathered
+    parameters kept for reuse over several workers (none with one: DeepSpeed gathers nothing then); a
+    deepspeed_config file's values are read."""
     d = dims[ONE_B]
     L, T = d.largest_layer_params, 1_703_936
     path = tmp_path / "r.yaml"
@@ -129,20 +130,32 @@ def test_deepspeed_buffers_count_the_reduce_bucket_and_zero3_resident_parameters
                     "task: {max_prompt_tokens: 100, max_target_tokens: 28}\n"
                     "training: {micro_batch_size: 2}\n"
                     "distribution: {num_workers: 2, gpus_per_worker: 1, zero_stage: 2, precision: bf16}\n")
+
+    def buffers(*overrides, file=None):
+        if file is not None:
+            (tmp_path / "ds.json").write_text(json.dumps(file))
+            overrides = (*overrides, f"distribution.deepspeed_config={tmp_path / 'ds.json'}")
+        return [m.buffers for m in plan_recipe(load_recipe(path, list(overrides))).methods]
+
     lora, full = plan_recipe(load_recipe(path, [])).methods
     assert lora.buffers == {"reduce_bucket": 2 * T}  # bf16, one buffer (overlap_comm is off below ZeRO-3)
     assert full.buffers == {"reduce_bucket": 2 * 500_000_000}  # DeepSpeed's 5e8: fewer than P trainable elements
     assert lora.total == lora.states.total + 2 * T + lora.activations
-    lora3, full3 = plan_recipe(load_recipe(path, ["distribution.zero_stage=3"])).methods
-    assert lora3.buffers == {"reduce_bucket": 2 * T, "resident_params": 2 * (1_000_000_000 - L)}
-    assert full3.buffers == {"reduce_bucket": 2 * 500_000_000, "resident_params": 2 * (1_000_000_000 - L)}
-    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {
-        "reduce_bucket_size": 1000, "overlap_comm": True, "stage3_max_live_parameters": 3 * L}}))
-    own = plan_recipe(load_recipe(path, [f"distribution.deepspeed_config={tmp_path / 'ds.json'}"])).methods[0]
-    assert own.buffers == {"reduce_bucket": 2 * 1000 * 2}  # overlap_comm under ZeRO-2: two buffers
-    own3 = plan_recipe(load_recipe(path, ["distribution.zero_stage=3",
-                                          f"distribution.deepspeed_config={tmp_path / 'ds.json'}"])).methods[0]
-    assert own3.buffers == {"reduce_bucket": 2 * 1000, "resident_params": 2 * 2 * L}
+    resident = 2 * (1_000_000_000 - L)  # stage3_max_reuse_distance, less the gathered layer the states count
+    assert buffers("distribution.zero_stage=3") == [{"reduce_bucket": 2 * T, "resident_params": resident},
+                                                    {"reduce_bucket": 2 * 500_000_000, "resident_params": resident}]
+    one = ["distribution.zero_stage=3", "distribution.num_workers=1"]
+    assert buffers(*one)[0] == {"reduce_bucket": 2 * T}  # one worker: the partition is the parameter
+    assert buffers(*one, "distribution.offload_params=cpu")[0] == {"reduce_bucket": 2 * T, "resident_params": resident}
+    assert buffers("distribution.zero_stage=1")[0] == {"reduce_bucket": 2 * T}  # bf16 under ZeRO-1 too
+    assert buffers("distribution.precision=fp32")[0] == {"reduce_bucket": 4 * T}
+    assert buffers(file={"zero_optimization": {"reduce_bucket_size": 1000, "overlap_comm": True}})[0] == {"reduce_bucket": 2 * 1000 * 2}
+    assert buffers(file={"zero_optimization": {"reduce_bucket_size": 1000, "contiguous_gradients": False}})[0] == {}
+    assert buffers("distribution.offload_optimizer=cpu", file={"zero_optimization": {"contiguous_gradients": False}})[0] == \
+        {"reduce_bucket": 2 * T}  # CPU offload turns contiguous gradients back on
+    assert buffers("distribution.zero_stage=3", file={"communication_data_type": "fp32",
+                                                    "zero_optimization": {"max_reuse_distance": 3 * L}})[0] == \
+        {"reduce_bucket": 4 * T, "resident_params": 2 * 2 * L}  # DeepSpeed takes the unprefixed name too
     ddp = plan_recipe(load_recipe(path, ["distribution.strategy=ddp", "distribution.precision=fp32"])).methods[0]
     assert ddp.buffers == {}
 

@@ -78,8 +78,8 @@ def reduce_bucket_elements(config: dict[str, Any], trainable_elements: int) -> i
     the config's own `zero_optimization.reduce_bucket_size` where it sets one, else DeepSpeed's 5e8
     capped at the trainable parameter count.
 
-    Why the cap: DeepSpeed allocates that bucket at its full size whatever is trained (ZeRO-3 at setup,
-    ZeRO-1/2 at the first backward; twice with overlap_comm), 5e8 elements = 0.93 GiB in bf16, while an
+    Why the cap: DeepSpeed allocates that bucket at its full size whatever is trained (ZeRO-3 once at setup,
+    ZeRO-1/2 with every backward, twice with overlap_comm), 5e8 elements = 0.93 GiB in bf16, while an
     adapter's gradients are a few million elements. A bucket of the trainable count still holds every
     gradient, so the reductions are the ones the default makes; for full fine-tuning of a model over 5e8
     parameters nothing changes. memory.py counts the same bucket."""
@@ -120,7 +120,8 @@ def read_deepspeed_file(path: str | Path) -> dict[str, Any]:
 def merge_deepspeed_config(file_config: dict[str, Any], own: dict[str, Any], *, source: str) -> dict[str, Any]:
     """`own` (the recipe's config) over the file's: keys only in the file pass through, a key both set
     to different values is a ConfigError naming the file, the key, both values and the recipe key.
-    "auto" (the Hugging Face Trainer's placeholder) takes the recipe's value where the recipe sets one."""
+    "auto" (the Hugging Face Trainer's placeholder) takes the recipe's value where the recipe sets one;
+    `zero_optimization.reduce_bucket_size: "auto"` is dropped, so the worker sizes it (reduce_bucket_elements)."""
     for section, owner in OWNED.items():
         if section in file_config:
             raise ConfigError(f"{source}: `{section}` is set by the recipe ({owner}); remove it from the file")

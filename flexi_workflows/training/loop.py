@@ -234,7 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # the same seed on every worker: a rank drawn per optimizer step (DyLoRA) must agree across workers
     trainable = method.build(base, seed=recipe.seed, total_steps=total_steps)
     params = [p for p in trainable.model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
+    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # a ZeRO-3 partition's numel() is 0
     optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, train_cfg.warmup_ratio, train_cfg.schedule))
     if ds_config is not None:

@@ -58,6 +58,31 @@ SCRIPT = textwrap.dedent('''
         name = f"zero{stage}-{'bf16' if bf16 else 'fp32'}" + ("-partitioned" if partitioned else "")
         out[name] = {"adamw_steps": steps, "dtypes": dtypes, "losses": losses, "trainable": sum(p.numel() for p in params),
                      "reduce_bucket": getattr(engine.engine.optimizer, "reduce_bucket_size", None)}
+    # full fine-tuning under a partitioned ZeRO-3 build (every parameter a partition whose numel() is 0: the bucket
+    # must be counted from ds_numel), and ZeRO-2 with DeepSpeed's own 5e8 bucket (the capped one trains the same)
+    for name, stage, bucket, full in (("zero3-full-partitioned", 3, None, True), ("zero2-bf16-5e8", 2, 500_000_000, False)):
+        torch.manual_seed(0)
+        config = deepspeed_config(micro_batch_size=2, accumulation=1, max_grad_norm=1.0, zero_stage=stage, bf16=True)
+        if bucket:
+            config["zero_optimization"]["reduce_bucket_size"] = bucket
+        if full:
+            config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        with partitioned_build(config) if full else nullcontext():
+            base = load_model(sys.argv[1])
+        model = base if full else inject_flexi_lora(base, FlexiLoraConfig(r_max=4))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        engine = DeepSpeedEngine(Trainable(model, uses_row_ranks=not full), optimizer, scheduler, config)
+        ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+        losses = []
+        for step in range(3):
+            loss = (engine.model(input_ids=ids, labels=ids) if full else engine.model(input_ids=ids, labels=ids, ranks=[2, 4])).loss
+            engine.backward_step(loss, step)
+            losses.append(float(loss))
+        out[name] = {"losses": losses, "reduce_bucket": engine.engine.optimizer.reduce_bucket_size,
+                     "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+                     "numel": sum(p.numel() for p in params)}
     print("RESULT " + json.dumps(out), flush=True)
 ''')
 
@@ -81,3 +106,7 @@ def test_deepspeed_bf16_is_bf16_with_one_adamw_step_per_step_except_without_zero
     # DeepSpeed's gradient bucket (5e8 elements by default, allocated whole) is the trainable count under ZeRO
     for name in ("zero2-bf16", "zero2-fp32", "zero3-bf16", "zero3-bf16-partitioned"):
         assert result[name]["reduce_bucket"] == result[name]["trainable"] > 0, name
+    full = result["zero3-full-partitioned"]
+    assert full["reduce_bucket"] == full["trainable"] > full["numel"]  # counted from ds_numel, not the empty partitions
+    assert result["zero2-bf16-5e8"]["reduce_bucket"] == 500_000_000  # a value the config sets is kept
+    assert result["zero2-bf16-5e8"]["losses"] == result["zero2-bf16"]["losses"]  # the capped bucket trains the same
