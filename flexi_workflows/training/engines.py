@@ -338,7 +338,7 @@ class DeepSpeedEngine:
                     p.data = p.data.to(torch.bfloat16)
         # a partitioned (ZeRO-3) parameter's numel() is its empty placeholder; ds_numel is its size
         trained = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
-        self.config = config = with_reduce_bucket(config, trained)
+        config = with_reduce_bucket(config, trained)
         with one_op_build():
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=trainable.model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
