@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     engine = DeepSpeedEngine(Trainable(model, uses_row_ranks=True), optimizer, scheduler, config)
     record("engine ready")
-    vocab = model.config.vocab_size if hasattr(model, "config") else base.config.vocab_size
+    vocab = base.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     half = args.seq // 2
     ranks = [8 if i % 4 == 0 else 2 for i in range(args.batch)]
@@ -113,11 +113,13 @@ def main(argv=None) -> dict:
         engine.backward_step(loss, step)
         del loss
         record(f"step {step} backward+step")
-    held = {"params": 0, "partitions": 0}
-    for p in base.parameters():
-        held["params"] += p.numel() * p.element_size()
+    # bytes this worker holds: whole parameters (ZeRO-2, and the adapters), and ZeRO-3's partitions
+    held = {"whole": 0, "partitions": 0}
+    for p in model.parameters():
         if hasattr(p, "ds_tensor"):
             held["partitions"] += p.ds_tensor.numel() * p.ds_tensor.element_size()
+        else:
+            held["whole"] += p.numel() * p.element_size()
     result = {"stage": args.stage, "device": str(device), "layers": args.layers, "batch": args.batch, "seq": args.seq,
               "tied_embeddings": tied, "reduce_bucket_elements": getattr(engine.optimizer, "reduce_bucket_size", None),
               "param_bytes_gib": {k: round(v / gib, 3) for k, v in held.items()},
