@@ -381,22 +381,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quiet_console()  # before anything imports Ray Data
     func: Callable[[argparse.Namespace], int] = args.func
-    # SIGTERM (a scheduler, `kill`, a container stop) ends a run the way Ctrl-C does: through Python, so
-    # Ray is shut down at exit and the one line below says what is kept
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM (a scheduler, `kill`, `ray job stop`, a container stop) ends a run the way Ctrl-C does: through
+    # Python, so Ray is shut down at exit and the one line below says what is kept (ensure_ray puts this
+    # handler back after ray.init replaced it)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: _raise_swallowed_stop_again(unraisable, previous_hook)
     try:
         return func(args)
     except FlexiError as exc:
         print(f"flexi {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nflexi {args.command}: interrupted. {_what_is_kept(args)}", file=sys.stderr)
-        return 130
+        _STOP.handled = True
+        if not _STOP.terminated:
+            print(f"\nflexi {args.command}: interrupted. {_what_is_kept(args)}", file=sys.stderr)
+            return 130
     except SystemExit as exc:
-        if exc.code != signal.SIGTERM:  # ray.init replaces the SIGTERM handler with sys.exit(SIGTERM)
+        _STOP.handled = True
+        # ray.init's own handler (sys.exit(SIGTERM)) if a SIGTERM came while Ray was starting
+        if exc.code != signal.SIGTERM and not _STOP.terminated:
             raise
-        print(f"\nflexi {args.command}: terminated. {_what_is_kept(args)}", file=sys.stderr)
-        _stop_ray_and_exit(128 + signal.SIGTERM)
+    print(f"\nflexi {args.command}: terminated. {_what_is_kept(args)}", file=sys.stderr)
+    _stop_ray_and_exit(128 + signal.SIGTERM)
+    return 128 + signal.SIGTERM  # not reached: _stop_ray_and_exit leaves the process
 
 
 def _stop_ray_and_exit(code: int) -> None:
@@ -413,8 +421,36 @@ def _stop_ray_and_exit(code: int) -> None:
     os._exit(code)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+class _STOP:
+    """What the SIGTERM handler saw: `terminated` once a SIGTERM came, `handled` once main() caught the stop."""
+
+    terminated = False
+    handled = False
+
+
+def _on_sigterm(signum, frame) -> None:
+    """A SIGTERM stops the run as Ctrl-C does, by raising KeyboardInterrupt, and says it was a SIGTERM.
+    Not SystemExit: Ray's ray.get passes a KeyboardInterrupt raised in a handler on unchanged, but turns a
+    SystemExit into SystemExit(1), so a run stopped while it waited for its actors ended with exit 1 and
+    not one line saying so."""
+    _STOP.terminated = True
+    if not _STOP.handled:  # a second SIGTERM while the run stops (stopping Ray) leaves that alone
+        raise KeyboardInterrupt
+
+
+def _raise_swallowed_stop_again(unraisable, previous_hook: Callable) -> None:
+    """sys.unraisablehook: Python drops an exception raised while it runs a finalizer (a __del__, a weakref
+    callback, a generator closed by the garbage collector; Ray's object references have them) after printing
+    it. A SIGTERM whose handler ran there would be lost and the run would go on, so it is delivered to the
+    main thread again, from another thread once this hook has returned (raised in the hook, it would be
+    dropped as well); the next raise lands in ordinary code."""
+    if _STOP.terminated and not _STOP.handled and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        import _thread
+        import threading
+
+        threading.Timer(0.05, _thread.interrupt_main, (signal.SIGTERM,)).start()
+        return
+    previous_hook(unraisable)
 
 
 def _what_is_kept(args: argparse.Namespace) -> str:

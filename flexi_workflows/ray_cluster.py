@@ -43,6 +43,7 @@ def ensure_ray(config: RayConfig | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if ray.is_initialized():
         return
+    own_handler = _sigterm_handler_set_from_python()  # the CLI's: ray.init replaces it
     quiet_console()
     config = config or RayConfig()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -69,20 +70,31 @@ def ensure_ray(config: RayConfig | None = None) -> None:
         with _token_auth_notice_dropped():
             ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=None, dashboard_host="127.0.0.1",
                      **kwargs)
-    sigterm_to_python_alone()
+    sigterm_to_python_alone(own_handler)
 
 
-def sigterm_to_python_alone() -> None:
+def _sigterm_handler_set_from_python():
+    """The process's SIGTERM handler if one was set from Python (a function), else None."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
+    return handler if callable(handler) else None
+
+
+def sigterm_to_python_alone(own_handler=None) -> None:
     """Take SIGTERM back from the handler Ray's core worker installs at ray.init (absl's failure-signal
     handler). That handler prints a stack trace, passes the signal on to Python's handler and arms
     alarm(3), whose SIGALRM aborts the process: a driver that needs more than 3 s to stop cleanly after
     SIGTERM (stop Ray, close its MLflow runs) died of SIGABRT, exit 134, with none of it done. Registering
-    Python's own handler again puts Python's C-level handler back in place for SIGTERM alone; the crash
-    handlers for SIGSEGV, SIGABRT, ... stay."""
+    a Python handler again puts Python's C-level handler back in place for SIGTERM alone; the crash
+    handlers for SIGSEGV, SIGABRT, ... stay.
+
+    The handler registered is `own_handler`, the one the process had before ray.init (the CLI's), which
+    ray.init replaced with its sys.exit(SIGTERM); else that one of Ray's."""
     import signal
     import threading
 
-    handler = signal.getsignal(signal.SIGTERM)  # None: not set from Python, nothing of ours to put back
+    handler = own_handler or signal.getsignal(signal.SIGTERM)  # None: not set from Python, nothing to put back
     if handler is not None and threading.current_thread() is threading.main_thread():  # main thread only
         signal.signal(signal.SIGTERM, handler)
 

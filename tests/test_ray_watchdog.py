@@ -168,6 +168,82 @@ def test_sigterm_stops_a_run_with_one_line_saying_what_is_kept(tmp_path, tiny_mo
     assert statuses["test"] == "KILLED" and set(statuses.values()) <= {"KILLED", "FINISHED"}, statuses
 
 
+# `flexi main` with one command of the test's own: main()'s stop handling, around what the command does
+_ONE_COMMAND = """
+import argparse, os, signal, sys, threading, time
+from flexi_workflows import cli
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="flexi")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("probe").set_defaults(func=probe)
+    return parser
+
+cli.build_parser = build_parser
+"""
+
+
+def _run_probe(body: str, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
+    script = _ONE_COMMAND + body + "\nsys.exit(cli.main(['probe']))\n"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = time.time()
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO_ROOT)
+    return done, time.time() - started
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_driver_waits_in_ray_get_ends_the_run_as_terminated():
+    """Ray's ray.get turns a SystemExit raised by a signal handler into SystemExit(1): a run stopped while it
+    waited for its actors (Ray Data's pool starting) exited 1 without a word. The CLI's own handler, which
+    ensure_ray puts back after ray.init, raises KeyboardInterrupt, which ray.get passes on."""
+    done, _ = _run_probe("""
+def probe(args):
+    import ray
+    from flexi_workflows.ray_cluster import ensure_ray
+    ensure_ray()
+
+    @ray.remote(num_cpus=0)
+    class Starting:
+        def __init__(self):
+            time.sleep(120)
+
+        def ready(self):
+            return 1
+
+    actor = Starting.remote()
+    threading.Timer(3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    ray.get(actor.ready.remote())
+    return 0
+""", timeout=240)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("flexi probe: terminated."), done.stderr[-2000:]
+
+
+def test_a_sigterm_whose_handler_ran_inside_a_finalizer_still_stops_the_run():
+    """Python drops an exception raised in a __del__ (Ray's object references have finalizers) after printing
+    it; the stop is delivered to the main thread again instead of being lost while the run goes on."""
+    done, seconds = _run_probe("""
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        until = time.time() + 0.5
+        while time.time() < until:  # the handler runs here, inside __del__
+            pass
+
+def probe(args):
+    Finalized()  # collected at once: its __del__ runs
+    until = time.time() + 60
+    while time.time() < until:
+        sum(range(1000))
+    return 0
+""", timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert seconds < 30, "the run went on after its SIGTERM"
+    assert done.stderr.strip().splitlines()[-1].startswith("flexi probe: terminated."), done.stderr[-2000:]
+    assert "Exception ignored" not in done.stderr, done.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_the_local_cluster_a_run_starts_listens_on_127_0_0_1_only(tmp_path):
     """Every TCP socket the driver's Ray processes listen on is a loopback one (Ray's default on Linux is
