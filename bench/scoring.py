@@ -19,6 +19,9 @@ Scale-out and fixed cost, on the same rows (the largest size), `--repeat` times,
                     The same pipeline over all the rows gives `ray_trivial_pipeline_s`, and its excess over
                     the one-block run per further block `ray_per_block_ms`: Ray Data's cost per block,
                     which grows with the rows and so is not start-up.
+  two_actors_cpu_percent  where the CPUs went during the last 2-actor run: each process's CPU time over
+                    the run's wall time, in percent of one core, grouped (the scoring actors, this driver,
+                    Ray's own processes by name, anything else): what the actors do not get.
 Medians and best over repeats are printed; the machine's load average is in the JSON, since other
 processes on 2 shared cores move every figure.
 
@@ -37,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -123,6 +127,47 @@ def trivial_plain(rows, batch_size: int) -> float:
     return time.perf_counter() - started
 
 
+class CpuSplit:
+    """Each process's CPU time while the `with` block runs, over its wall time (percent of one core),
+    grouped: the scoring actors, this driver, Ray's processes by name, and everything else."""
+
+    def __enter__(self) -> Self:
+        self.started, self.before = time.perf_counter(), self._cpu_seconds()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        after, wall = self._cpu_seconds(), time.perf_counter() - self.started
+        shares: dict[str, float] = {}
+        for pid, (group, seconds) in after.items():
+            shares[group] = shares.get(group, 0.0) + (seconds - self.before.get(pid, (group, 0.0))[1]) / wall
+        self.percent = {g: round(100 * v, 1) for g, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 0.001}
+
+    @staticmethod
+    def _group(proc) -> str:
+        if proc.pid == os.getpid():
+            return "driver (Ray Data's executor, this script)"
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith("ray::MapWorker"):
+            return "scoring actors"
+        if cmd.startswith("ray::"):
+            return "ray " + cmd.split()[0][5:]
+        if proc.info["name"] in ("raylet", "gcs_server"):
+            return "ray " + proc.info["name"]
+        script = next((Path(a).name for a in proc.info["cmdline"] or [] if "/ray/" in a and a.endswith(".py")), None)
+        return f"ray {script}" if script else "other processes"
+
+    @classmethod
+    def _cpu_seconds(cls) -> dict[int, tuple[str, float]]:
+        import psutil
+
+        out = {}
+        for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+            times = proc.info["cpu_times"]
+            if times is not None:
+                out[proc.pid] = (cls._group(proc), times.user + times.system)
+        return out
+
+
 def scale_out(all_rows, recipe: Recipe, n: int, repeat: int) -> dict:
     """1 actor vs 2 actors on the same rows, and Ray Data's fixed cost, interleaved `repeat` times."""
     import dataclasses
@@ -140,7 +185,8 @@ def scale_out(all_rows, recipe: Recipe, n: int, repeat: int) -> dict:
         runs["trivial"].append(trivial_pipeline(rows, bs) - trivial_plain(rows, bs))
         runs["one_batch_1"].append(ray_stage(rows[:bs], with_actors(1))[0])
         runs["one"].append(ray_stage(rows, with_actors(1))[0])
-        runs["two"].append(ray_stage(rows, with_actors(2))[0])
+        with CpuSplit() as split:
+            runs["two"].append(ray_stage(rows, with_actors(2))[0])
         runs["one_batch_2"].append(ray_stage(rows[:2 * bs], with_actors(2))[0])
         print(f"  scale-out round: 1 actor {runs['one'][-1]:.1f} s, 2 actors {runs['two'][-1]:.1f} s, "
               f"trivial pipeline {runs['fixed'][-1]:.2f} s on one block, {runs['trivial'][-1]:.2f} s on all rows",
@@ -161,6 +207,7 @@ def scale_out(all_rows, recipe: Recipe, n: int, repeat: int) -> dict:
         "ray_fixed_cost_s_all": [round(x, 2) for x in runs["fixed"]],
         "ray_trivial_pipeline_s": round(med["trivial"], 2),
         "ray_per_block_ms": round(1000 * (med["trivial"] - med["fixed"]) / max(1, batches - 1), 2),
+        "two_actors_cpu_percent": split.percent,
     }
 
 
@@ -221,6 +268,8 @@ def main(argv=None) -> dict:
           f"steady part {scale['actors_speedup_steady']}); Ray Data fixed cost {scale['ray_fixed_cost_s']} s "
           f"(first pipeline {scale['ray_fixed_cost_first_s']} s; ray.init {ray_init_s:.1f} s); "
           f"{scale['ray_per_block_ms']} ms per further block")
+    print("CPU during the last 2-actor run (% of one core): "
+          + ", ".join(f"{g} {v}" for g, v in scale["two_actors_cpu_percent"].items()))
     load = os.getloadavg()
     summary = {"rows_per_s_ray": last["rows_per_s_ray"], "rows_per_s_plain": last["rows_per_s_plain"],
                "ratio": last["ratio"], "rows": last["rows"], "amortised_at": amortised, "sizes": results,
