@@ -385,8 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Python, so Ray is shut down at exit and the one line below says what is kept (ensure_ray puts this
     # handler back after ray.init replaced it)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    previous_hook = sys.unraisablehook
-    sys.unraisablehook = lambda unraisable: _raise_swallowed_stop_again(unraisable, previous_hook)
+    if not getattr(sys.unraisablehook, "flexi_stop", False):  # once per process (tests call main() again)
+        previous_hook = sys.unraisablehook
+
+        def hook(unraisable) -> None:
+            _raise_swallowed_stop_again(unraisable, previous_hook)
+
+        hook.flexi_stop = True
+        sys.unraisablehook = hook
     try:
         return func(args)
     except FlexiError as exc:
