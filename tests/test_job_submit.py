@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -67,6 +69,7 @@ def test_the_readme_cluster_block_starts_a_head_submits_a_recipe_and_stops(tmp_p
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         try:
             _submit_then_sweep(submit, env, out, state, tmp_path)
+            _a_stopped_job_ends_as_a_sigterm_does(env, state, tmp_path)
         finally:
             stopped = _shell(stop, env, timeout=180)
         assert stopped.returncode == 0, stopped.stderr
@@ -113,6 +116,47 @@ def _submit_then_sweep(submit: str, env: dict, out: Path, state: Path, tmp_path:
     (trial,) = sweep["trials"]
     stages = json.loads((out / "trials" / f"{trial['trial_id']}.json").read_text())["summary"]["stages"]
     assert stages and all(stage["cached"] for stage in stages.values()), stages
+
+
+def _a_stopped_job_ends_as_a_sigterm_does(env: dict, state: Path, tmp_path: Path) -> None:
+    """`ray job stop` sends the driver SIGTERM and SIGKILLs it after RAY_JOB_STOP_WAIT_TIME_S (3 s): a job stopped
+    mid-training says what is kept, its MLflow runs end KILLED, and Ray saw it end within those 3 s."""
+    cluster = dict(line.split("=", 1) for line in (state / "env").read_text().split())
+    ray_env = {**env, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    ray = [str(REPO_ROOT / ".venv" / "bin" / "ray"), "job"]
+    address = ["--address", cluster["RAY_DASHBOARD"]]
+
+    def ray_job(verb: str, *args: str, timeout: int = 120) -> str:
+        done = subprocess.run([*ray, verb, *address, *args], cwd=REPO_ROOT, env=ray_env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout + done.stderr  # Ray's CLI says some of it on stderr (a stopped job's status)
+
+    submitted = ray_job("submit", "--no-wait", "--working-dir", ".", "--", "python", "jobs/run.py",
+                        "jobs/own-data.yaml", f"output_dir={tmp_path / 'stopped'}",
+                        f"tracking.tracking_uri={cluster['MLFLOW_URI']}", "tracking.experiment=stopped-job")
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submitted).group(0)
+    deadline = time.monotonic() + 300
+    while "train:lora-8 ─" not in ray_job("logs", job_id):  # mid-training: the stop Ray Train has to survive
+        assert time.monotonic() < deadline and "RUNNING" in ray_job("status", job_id), ray_job("logs", job_id)[-3000:]
+        time.sleep(2)
+    time.sleep(5)
+    ray_job("stop", job_id)
+    assert f"Job '{job_id}' was stopped" in ray_job("status", job_id)
+    assert "flexi run: terminated. Finished stages are kept" in ray_job("logs", job_id)
+    supervisor = Path(cluster["RAY_TMP"], "session_latest", "logs", "jobs", f"supervisor-{job_id}.log").read_text()
+    assert "terminated gracefully with SIGTERM" in supervisor, supervisor[-2000:]  # not SIGKILLed after 3 s
+    uri = cluster["MLFLOW_URI"]
+    exp = json.loads(urllib.request.urlopen(
+        f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=stopped-job", timeout=30).read())
+    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/runs/search", method="POST",
+                                     data=json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]],
+                                                      "max_results": 100}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    status = {r["info"]["run_name"]: r["info"]["status"]
+              for r in json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]}
+    assert status["own-data"] == status["train:lora-8"] == "KILLED", status
+    assert status["score"] == "FINISHED", status
 
 
 def test_job_entry_point_names_the_fix_when_the_clusters_python_lacks_the_project():
