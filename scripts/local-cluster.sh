@@ -44,6 +44,11 @@ case "$command" in
     # every port of its own, so another Ray cluster on this machine (Ray's defaults) is never in the way
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: a one-machine cluster whose servers all bind 127.0.0.1 (on Linux Ray
     # otherwise listens on every interface); jobs inherit it, so their drivers join at 127.0.0.1 too
+    # RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` SIGTERMs a job's driver and SIGKILLs it this many seconds later
+    # (Ray's default: 3); each job's supervisor inherits it from the head. A driver stopped mid-training closes
+    # its MLflow runs and disconnects in well under a second when idle, but under load it took over 3 s
+    # (1 of 6 stops here), and a SIGKILLed driver leaves its runs RUNNING.
+    RAY_JOB_STOP_WAIT_TIME_S="${RAY_JOB_STOP_WAIT_TIME_S:-30}" \
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 setsid .venv/bin/ray start --head --block --num-cpus="${FLEXI_CLUSTER_CPUS:-$(nproc)}" --port="$gcs" \
       --dashboard-host=127.0.0.1 --dashboard-port="$dash" --include-dashboard=true --temp-dir="$ray_tmp" \
       --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)" \
