@@ -125,6 +125,10 @@ def launcher_problems(config: dict) -> list[str]:
             problems.append(f"{kind}: `ray start` does not run in {home} (jobs without --working-dir run there)")
         if "RAY_AUTH_MODE=token" not in before:
             problems.append(f"{kind}: `ray start` without RAY_AUTH_MODE=token")
+        if kind == "head_start_ray_commands" and not re.search(r"RAY_JOB_STOP_WAIT_TIME_S=[1-9]\d", before):
+            # `ray job stop` SIGKILLs a driver 3 s after its SIGTERM by default; under load a stopping driver
+            # overran that (README, Reliability), and the job supervisors on the head inherit this
+            problems.append(f"{kind}: `ray start` without RAY_JOB_STOP_WAIT_TIME_S of 10 s or more")
         if kind == "head_start_ray_commands" and "--dashboard-host=127.0.0.1" not in command:
             problems.append(f"{kind}: the dashboard is not bound to 127.0.0.1 (reach it with `ray dashboard`)")
     if "~/.ray/auth_token" not in config.get("file_mounts", {}):
@@ -145,7 +149,9 @@ def test_launcher_starts_ray_from_the_projects_environment(path):
     (lambda c: c["head_start_ray_commands"].__setitem__(0, "ray stop"), "is not"),
     (lambda c: c["file_mounts"].pop("~/.ray/auth_token"), "token"),
     (lambda c: c.__setitem__("setup_commands", ["cd ~/flexi-workflows && pip install -e ."]), "setup.sh"),
-], ids=["dashboard-open", "system-ray-start", "system-ray-stop", "no-token", "no-setup-sh"])
+    (lambda c: c["head_start_ray_commands"].__setitem__(1, c["head_start_ray_commands"][1].replace(
+        " RAY_JOB_STOP_WAIT_TIME_S=30", "")), "RAY_JOB_STOP_WAIT_TIME_S"),
+], ids=["dashboard-open", "system-ray-start", "system-ray-stop", "no-token", "no-setup-sh", "3-s-job-stop"])
 def test_launcher_check_catches_broken_commands(break_it, complaint):
     config = copy.deepcopy(docs(CLUSTER / "on-prem.yaml")[0])
     break_it(config)
@@ -194,6 +200,8 @@ def test_kuberay_cluster_spec_agrees_with_the_pinned_ray(where, spec):
     assert spec.get("authOptions", {}).get("mode") == "token", "token auth (Ray 2.60) is off"
     for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
         assert group["template"]["spec"]["containers"][0]["image"].endswith(f"ray{pinned_ray()}-py311-gpu")
+    head_env = {e["name"]: e.get("value") for e in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    assert int(head_env.get("RAY_JOB_STOP_WAIT_TIME_S") or 0) >= 10, "`ray job stop` would SIGKILL a driver after 3 s"
 
 
 def test_rayjob_brings_up_the_same_cluster_as_raycluster():
