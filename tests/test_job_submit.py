@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -93,13 +94,7 @@ def _submit_then_sweep(submit: str, env: dict, out: Path, state: Path, tmp_path:
     assert rows["flexi-2-8"]["mean_active_params"] < rows["lora-8"]["mean_active_params"]
     assert not (out / "mlflow.db").exists(), "tracked to the cluster's server, not to a sqlite file beside the driver"
     # on the cluster's MLflow server: the job's pipeline run and a run per stage
-    exp = json.loads(urllib.request.urlopen(
-        f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=flexi-workflows", timeout=30).read())
-    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/runs/search", method="POST",
-                                     data=json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]],
-                                                      "max_results": 1000}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    names = {r["info"]["run_name"] for r in json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]}
+    names = {r["info"]["run_name"] for r in _mlflow_runs(uri, "flexi-workflows")}
     assert {"own-data", "score", "route", "train:lora-8", "train:flexi-2-8", "eval:flexi-2-8"} <= names, names
 
     # `submit sweep RECIPE` (README): the same entry point runs a sweep; here the recipe over one seed, whose
@@ -124,7 +119,7 @@ def _a_stopped_job_ends_as_a_sigterm_does(env: dict, state: Path, tmp_path: Path
     script's head sets 30, as over 3 s was seen under load): a job stopped mid-training says what is kept, its MLflow
     runs end KILLED, and Ray saw it end before the SIGKILL."""
     cluster = dict(line.split("=", 1) for line in (state / "env").read_text().split())
-    experiment = f"stopped-job-{tmp_path.name}"  # the server's store outlives a cluster: this run's own experiment
+    experiment = f"stopped-job-{uuid.uuid4().hex[:8]}"  # the server's store outlives a cluster: an experiment of its own
     ray_env = {**env, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     ray = [str(REPO_ROOT / ".venv" / "bin" / "ray"), "job"]
     address = ["--address", cluster["RAY_DASHBOARD"]]
@@ -149,17 +144,20 @@ def _a_stopped_job_ends_as_a_sigterm_does(env: dict, state: Path, tmp_path: Path
     assert "flexi run: terminated. Finished stages are kept" in ray_job("logs", job_id)
     supervisor = Path(cluster["RAY_TMP"], "session_latest", "logs", "jobs", f"supervisor-{job_id}.log").read_text()
     assert "terminated gracefully with SIGTERM" in supervisor, supervisor[-2000:]  # not SIGKILLed
-    uri = cluster["MLFLOW_URI"]
+    status = {r["info"]["run_name"]: r["info"]["status"] for r in _mlflow_runs(cluster["MLFLOW_URI"], experiment)}
+    assert status["own-data"] == status["train:lora-8"] == "KILLED", status
+    assert status["score"] == "FINISHED", status
+
+
+def _mlflow_runs(uri: str, experiment: str) -> list[dict]:
+    """Every run of `experiment` on the MLflow server at `uri`, through its REST API."""
     exp = json.loads(urllib.request.urlopen(
         f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}", timeout=30).read())
     request = urllib.request.Request(f"{uri}/api/2.0/mlflow/runs/search", method="POST",
                                      data=json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]],
-                                                      "max_results": 100}).encode(),
+                                                      "max_results": 1000}).encode(),
                                      headers={"Content-Type": "application/json"})
-    status = {r["info"]["run_name"]: r["info"]["status"]
-              for r in json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]}
-    assert status["own-data"] == status["train:lora-8"] == "KILLED", status
-    assert status["score"] == "FINISHED", status
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]
 
 
 def test_job_entry_point_names_the_fix_when_the_clusters_python_lacks_the_project():
