@@ -68,11 +68,13 @@ DeepSpeed's buffers — what its engine allocates beside the model states, from 
 
   Measured on an H200 (bench/gpu_check.sh, LLaMA-3.2-1B width, 16 layers, Flexi ranks (2, 8), micro
   batch 8 × 512, bf16, one worker): ZeRO-3's peak fell from 15.35 to 14.42 GiB when the worker capped the
-  bucket (5e8 → 1.7 M elements); ZeRO-2's stayed at 13.15 GiB, since the ZeRO-2 bucket comes with the
-  backward, after the forward's peak. ZeRO-3's peak is still 1.27 GiB above ZeRO-2's with one worker,
-  which gathers nothing: the cause is not established (bench/zero_memory.py records each phase's memory
-  for the next GPU session). The plan, 14.34 GiB, is 0.5 % under that peak: the gathered layer the model
-  states count (0.49 GiB, after DeepSpeed's formula) and the rough activation term cover most of it.
+  bucket (5e8 → 1.7 M elements), then to 13.15 GiB, ZeRO-2's, when the worker stopped DeepSpeed's ZeRO-3
+  F.linear from saving the input of every frozen linear for backward, 1.27 GiB after the forward here
+  (training/engines.frozen_aware_zero3_linear, bench/zero_memory.py). ZeRO-2's peak
+  stayed at 13.15 GiB, since the ZeRO-2 bucket comes with the backward, after the forward's peak. The
+  ZeRO-3 plan, 14.34 GiB, is now 9 % over that peak: with one worker the gathered layer the model states
+  count (0.49 GiB, after DeepSpeed's formula) is never allocated. It is kept, as DeepSpeed's estimator
+  keeps it, since with several workers it is.
 
 What is not counted: the CUDA context (~0.5-1 GiB per process, outside torch's allocator), allocator
 fragmentation, temporary buffers. The warning fires when the estimate exceeds the GPU's memory; within
