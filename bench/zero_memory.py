@@ -10,7 +10,13 @@ ZeRO-3) and driven by the worker's DeepSpeedEngine.
     python bench/zero_memory.py --stage 3 --out z3.json        # on a GPU
     python bench/zero_memory.py --cpu --stage 3 --out z3.json  # tiny, on CPU: checks that it runs
 
-The last line printed (and --out) is one JSON object; sizes are GiB.
+The last line printed (and --out) is one JSON object; sizes are GiB. Beside the allocator's figures (GPU
+only) each forward records, on CPU too, `saved_activations_mib` (what autograd kept for the backward,
+parameters' storages left out) and, under ZeRO-3, `gathered` (parameters materialised at that point and
+whether they hold storage beside their partition), `saved_weight_views_mib` (views of weights kept
+for the backward, which would pin gathered copies with several workers); `linear` names the F.linear
+the process ran. These found ZeRO-3's extra 1.27 GiB on the H200: DeepSpeed's ZeRO-3 linear saving the
+input of every frozen linear (training/engines.frozen_aware_zero3_linear).
 """
 
 from __future__ import annotations
@@ -62,6 +68,15 @@ def main(argv=None) -> dict:
         partitioned_build,
     )
 
+    def linear_kind() -> str:
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+        from flexi_workflows.training.engines import _zero3_linear
+
+        f = torch.nn.functional.linear
+        return {torch._C._nn.linear: "torch", zero3_linear_wrap: "deepspeed",
+                _zero3_linear: "frozen-aware"}.get(f, repr(f))
+
     cuda = not args.cpu
     device = torch.device("cuda:0" if cuda else "cpu")
     if cuda:
@@ -77,6 +92,20 @@ def main(argv=None) -> dict:
             torch.cuda.reset_peak_memory_stats()
         else:
             phases[name] = {}
+
+    def gathered(module) -> dict:
+        """ZeRO-3 parameters whose full tensor is materialised (status AVAILABLE) at this point, and
+        whether that tensor is a storage of its own beside the partition (a second copy) or the partition."""
+        out = {"params": 0, "gib": 0.0, "own_storage_gib": 0.0}
+        for p in module.parameters():
+            if not hasattr(p, "ds_tensor") or getattr(p.ds_status, "name", "") != "AVAILABLE":
+                continue
+            size = p.data.numel() * p.data.element_size()
+            out["params"] += 1
+            out["gib"] += size / gib
+            if p.data.untyped_storage().data_ptr() != p.ds_tensor.untyped_storage().data_ptr():
+                out["own_storage_gib"] += size / gib
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
     folder = args.model
     if folder is None or not (folder / "config.json").is_file():
@@ -108,8 +137,31 @@ def main(argv=None) -> dict:
         ids = torch.randint(4, vocab, (args.batch, args.seq), generator=generator).to(device)
         labels = ids.clone()
         labels[:, :half] = -100
-        loss = engine.model(input_ids=ids, labels=labels, ranks=ranks).loss
+        saved: dict[int, int] = {}
+        # activations only: a saved weight (or its transposed view, or ZeRO's flat buffer of partitions)
+        # is a parameter's storage, the same under either stage; each storage counted once
+        weights = {p.data.untyped_storage().data_ptr() for p in model.parameters()}
+        weights |= {p.ds_tensor.untyped_storage().data_ptr() for p in model.parameters() if hasattr(p, "ds_tensor")}
+
+        views: dict[int, int] = {}
+
+        def pack(t, saved=saved, views=views, weights=weights):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                saved[storage.data_ptr()] = storage.nbytes()
+            elif not isinstance(t, torch.nn.Parameter):
+                # a view of a weight's data (torch's linear saves weight.t()): under ZeRO-3 over several
+                # workers it would keep that weight's gathered copy alive until the backward
+                views[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = engine.model(input_ids=ids, labels=labels, ranks=ranks).loss
         record(f"step {step} forward")
+        phases[f"step {step} forward"]["saved_activations_mib"] = round(sum(saved.values()) / 2**20, 3)
+        phases[f"step {step} forward"]["saved_weight_views_mib"] = round(sum(views.values()) / 2**20, 3)
+        if args.stage == 3:
+            phases[f"step {step} forward"]["gathered"] = gathered(model)
         engine.backward_step(loss, step)
         del loss
         record(f"step {step} backward+step")
@@ -120,7 +172,9 @@ def main(argv=None) -> dict:
             held["partitions"] += p.ds_tensor.numel() * p.ds_tensor.element_size()
         else:
             held["whole"] += p.numel() * p.element_size()
-    result = {"stage": args.stage, "device": str(device), "layers": args.layers, "batch": args.batch, "seq": args.seq,
+    result = {"stage": args.stage, "device": str(device),
+              # which F.linear the process ran (ZeRO-3: engines.frozen_aware_zero3_linear)
+              "linear": linear_kind(), "layers": args.layers, "batch": args.batch, "seq": args.seq,
               "tied_embeddings": tied, "reduce_bucket_elements": getattr(engine.optimizer, "reduce_bucket_size", None),
               "param_bytes_gib": {k: round(v / gib, 3) for k, v in held.items()},
               "phases": phases}

@@ -48,3 +48,10 @@ def test_dry_run_runs_every_part_on_cpu(tmp_path):
     assert out["zero2"]["plan_gib"]["total"] > 0 and out["adapter"]["merged_tokens_equal_unmerged"] is True
     trainable = out["zero2"]["trainable_params"]
     assert [(z["stage"], z["reduce_bucket_elements"]) for z in out["zero_memory"]] == [(2, trainable), (3, trainable)]
+    # ZeRO-3's forward saves what ZeRO-2's does: DeepSpeed's ZeRO-3 linear saved the input of every frozen
+    # linear too (1.27 GiB more on the H200 check); the worker's own keeps the weight parameters, not views
+    z2, z3 = ({k: (v["saved_activations_mib"], v["saved_weight_views_mib"]) for k, v in z["phases"].items()
+               if k.endswith("forward")} for z in out["zero_memory"])
+    assert [z["linear"] for z in out["zero_memory"]] == ["torch", "frozen-aware"]
+    assert {k: a for k, (a, _) in z3.items()} == {k: a for k, (a, _) in z2.items()} and len(z2) == 3
+    assert min(a for a, _ in z2.values()) > 0 and all(v == 0 for _, v in z3.values())
