@@ -10,6 +10,9 @@ ZeRO-3) and driven by the worker's DeepSpeedEngine.
     python bench/zero_memory.py --stage 3 --out z3.json        # on a GPU
     python bench/zero_memory.py --cpu --stage 3 --out z3.json  # tiny, on CPU: checks that it runs
 
+One process is one worker. RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the environment
+make several: two processes with WORLD_SIZE=2 (and RANK 0 and 1) run a 2-worker ZeRO-3 on CPU (gloo).
+
 The last line printed (and --out) is one JSON object; sizes are GiB. Beside the allocator's figures (GPU
 only) each forward records, on CPU too, `saved_activations_mib` (what autograd kept for the backward,
 parameters' storages left out) and, under ZeRO-3, `gathered` (parameters materialised at that point and
@@ -117,7 +120,7 @@ def main(argv=None) -> dict:
     with one_op_build():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     config = deepspeed_config(micro_batch_size=args.batch, accumulation=1, max_grad_norm=1.0, zero_stage=args.stage,
-                              bf16=True)
+                              bf16=True, num_workers=int(os.environ["WORLD_SIZE"]))
     record("start")
     with partitioned_build(config) if args.stage == 3 else nullcontext():
         base = load_model(folder, dtype=torch.float32)
@@ -147,12 +150,14 @@ def main(argv=None) -> dict:
 
         def pack(t, saved=saved, views=views, weights=weights):
             storage = t.untyped_storage()
-            if storage.data_ptr() not in weights:
-                saved[storage.data_ptr()] = storage.nbytes()
-            elif not isinstance(t, torch.nn.Parameter):
+            if isinstance(t, torch.nn.Parameter):
+                pass  # the parameter itself (ZeRO-3 may gather it during this forward: a storage not in weights)
+            elif storage.data_ptr() in weights or isinstance(t._base, torch.nn.Parameter):
                 # a view of a weight's data (torch's linear saves weight.t()): under ZeRO-3 over several
                 # workers it would keep that weight's gathered copy alive until the backward
                 views[storage.data_ptr()] = storage.nbytes()
+            else:
+                saved[storage.data_ptr()] = storage.nbytes()
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
