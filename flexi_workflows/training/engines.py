@@ -397,7 +397,7 @@ class DeepSpeedEngine:
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=trainable.model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         weights_only_checkpoints(self.engine)
-        self.frozen_aware_linear = frozen_aware_zero3_linear()
+        frozen_aware_zero3_linear()  # ZeRO-3: DeepSpeed installed its F.linear in initialize (or zero.Init)
         self.model = self.engine
 
     def backward_step(self, loss: torch.Tensor, step: int) -> bool:
