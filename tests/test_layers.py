@@ -17,7 +17,7 @@ LAYERS = {
     "recipes": 1, "audio": 1,
     "data": 2, "plots": 2, "adapters": 2, "tasks": 2, "scoring": 2,
     "models": 3, "report_plots": 3,
-    "router": 4, "ray_cluster": 4,
+    "router": 4, "ray_cluster": 4, "placement_groups": 4,
     "methods": 5,
     "generation": 6, "training": 6,
     "stages": 7, "tracking": 7, "memory": 7,  # memory plans what training's DeepSpeed config will allocate

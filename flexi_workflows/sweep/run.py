@@ -276,6 +276,7 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None) -> dict:
     from ray import tune
 
     from flexi_workflows.pipeline import STOPPED, check_plan, prepare, run_stages
+    from flexi_workflows.placement_groups import reaping_orphaned_train_groups
     from flexi_workflows.ray_cluster import ensure_ray
     from flexi_workflows.report import build_report, format_table
     from flexi_workflows.stages.plan import plan_pipeline
@@ -367,7 +368,9 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None) -> dict:
                 run_config=tune.RunConfig(name=experiment, storage_path=tune_root, storage_filesystem=tune_fs,
                                           failure_config=tune.FailureConfig(max_failures=0), verbose=1),
             )
-        grid = tuner.fit()
+        # a stopped trial's Ray Train controller can die before removing its workers' placement group
+        with reaping_orphaned_train_groups() as reaper:
+            grid = tuner.fit()
         tune_seconds = round(time.time() - tune_start, 2)
 
         if prefix:
@@ -383,6 +386,7 @@ def run_sweep(recipe: Recipe, *, recipe_path: str | None = None) -> dict:
                      stopped=sum(r["status"] == "STOPPED" for r in records),
                      wall_seconds=round(time.time() - wall_start, 2), shared_stage_seconds=shared_seconds,
                      tune_seconds=tune_seconds, trial_seconds_sum=trial_seconds,
+                     orphaned_train_groups_removed=len(reaper.removed),
                      tune_overhead_per_trial_s=round(max(0.0, tune_seconds * min(recipe.sweep.max_concurrent_trials, len(trials))
                                                          - trial_seconds) / max(1, len(trials)), 2))
         write_json_atomic(sweep_file, state)

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from flexi_workflows.cli import main
+from flexi_workflows.placement_groups import train_groups
 from flexi_workflows.recipes import load_recipe
 from tests.conftest import REPO_ROOT
 from tests.helpers import record_scores, small_recipe_data
@@ -203,6 +204,8 @@ def test_asha_stops_a_weak_trial_on_its_validation_loss(tmp_path, tiny_model_dir
     assert records[1e-7]["val_loss"] > report["val_loss_curve"][0][1]
     state = json.loads((tmp_path / "asha" / "sweep.json").read_text())
     assert state["stopped"] == 1 and state["finished"] == 1
+    assert state["orphaned_train_groups_removed"] in (0, 1)  # 1 when the stopped trial's controller died mid-abort
+    assert train_groups() == []  # the stopped trial's placement group is gone, by Ray Train or by the sweep
     _assert_cpus_come_back(ray_local)  # the stopped trial's training workers are gone
 
 

@@ -1,0 +1,119 @@
+"""A Ray Train run's placement group left behind by a dead controller is found and removed.
+
+The leak is reproduced as Ray 2.60's abort race leaves it (flexi_workflows/placement_groups.py): a
+real TorchTrainer run, launched from a task as a Tune trial launches it, has its PlacementGroupCleaner
+stopped (here: its process killed) and then its controller killed. The group then stays reserved;
+the reaper removes it, and leaves a live run's group alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+import pytest
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
+
+from flexi_workflows.placement_groups import (
+    reaping_orphaned_train_groups,
+    remove_orphaned_train_groups,
+    train_groups,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_for(predicate, what: str, within: float = 120.0, every: float = 0.5):
+    deadline = time.time() + within
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {within:.0f} s waiting for {what}")
+
+
+def _alive_actor_pid(class_name: str, actor_id: str | None = None) -> int:
+    """The process of the one live actor of that class (waiting for it to start)."""
+    from ray._private.state import state
+
+    def pids():
+        table = state.actor_table(actor_id) if actor_id else state.actor_table(None)
+        rows = [table] if actor_id else list(table.values())
+        return [r["Pid"] for r in rows if r.get("ActorClassName") == class_name and r.get("State") == "ALIVE"]
+
+    found = _wait_for(pids, f"a live {class_name}")
+    assert len(found) == 1, f"expected one live {class_name}, found {len(found)}"
+    return found[0]
+
+
+def test_a_dead_controllers_group_is_removed_and_a_live_ones_is_kept(ray_local, tmp_path):
+    ray = ray_local
+    release = tmp_path / "release"
+
+    def train_loop(config):
+        deadline = time.time() + 180
+        while not os.path.exists(config["release"]) and time.time() < deadline:
+            time.sleep(0.2)
+
+    @ray.remote(num_cpus=0)
+    def trial():
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        TorchTrainer(train_loop, train_loop_config={"release": str(release)},
+                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                     run_config=RunConfig(name="orphan", storage_path=str(tmp_path / "runs"))).fit()
+
+    @ray.remote(num_cpus=0)
+    class Other:  # an actor of another kind that leaves its placement group behind when it dies
+        def reserve(self):
+            from ray.util.placement_group import placement_group
+
+            group = placement_group([{"memory": 1 << 20}])
+            ray.get(group.ready())
+            return group.id.hex()
+
+    assert train_groups() == [], "another test left a Ray Train group reserved"
+    own = placement_group([{"memory": 1 << 20}])  # the driver's own: not a Ray Train group
+    other = Other.remote()
+    other_group = ray.get(other.reserve.remote())
+    ray.kill(other)
+    run = trial.remote()
+    try:
+        group = _wait_for(lambda: [g for g in train_groups() if g["state"] == "CREATED"], "the run's placement group")
+        assert len(group) == 1 and not group[0]["controller_dead"]
+        group = group[0]
+        _wait_for(lambda: ray.available_resources().get("CPU", 0) <= 1, "the worker's CPU to be reserved")
+        assert remove_orphaned_train_groups() == [], "a live controller's group was removed"
+
+        # the abort race's end state: the cleaner already gone, then the controller dies
+        os.kill(_alive_actor_pid("PlacementGroupCleaner"), signal.SIGKILL)
+        os.kill(_alive_actor_pid("TrainController", group["controller"]), signal.SIGKILL)
+        _wait_for(lambda: [g for g in train_groups() if g["id"] == group["id"] and g["controller_dead"]],
+                  "GCS to record the controller dead")
+        time.sleep(5)
+        assert [g["id"] for g in train_groups()] == [group["id"]], "the group should be left behind (the leak)"
+        assert ray.available_resources().get("CPU", 0) <= 1, "nothing should have released the worker's CPU"
+
+        with reaping_orphaned_train_groups(interval_s=0.5) as reaper:
+            _wait_for(lambda: reaper.removed, "the reaper to remove the group", within=30)
+        assert reaper.removed == [group["id"]]
+        assert train_groups() == []
+        assert placement_group_table(own)["state"] == "CREATED", "the driver's own group was removed"
+        others = {g["placement_group_id"]: g["state"] for g in placement_group_table().values()}
+        assert others[other_group] == "CREATED", "a dead actor of another class had its group removed"
+        _wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, "the CPU to come back", within=30)
+    finally:
+        remove_placement_group(own)
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(other_group))))
+        release.touch()
+        with contextlib.suppress(ray.exceptions.RayError):  # its controller was killed (unless the test failed before)
+            ray.get(run, timeout=60)
