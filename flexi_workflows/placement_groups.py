@@ -90,11 +90,15 @@ class OrphanedTrainGroupReaper:
         import ray
 
         self.interval_s = interval_s
-        self.job_id = ray.get_runtime_context().get_job_id()
         self.removed: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="flexi-train-group-reaper", daemon=True)
-        self._failed = False
+        self._failed = self._warned = False
+        try:
+            self.job_id = ray.get_runtime_context().get_job_id()
+        except Exception as error:  # noqa: BLE001 — e.g. a Ray Client driver, which cannot read GCS tables
+            logger.warning("not watching for placement groups left by dead Ray Train controllers: %r", error)
+            self.job_id, self._failed = None, True
 
     def start(self) -> OrphanedTrainGroupReaper:
         self._thread.start()
@@ -108,7 +112,9 @@ class OrphanedTrainGroupReaper:
             self.removed += remove_orphaned_train_groups(self.job_id)
             return train_groups(self.job_id)
         except Exception as error:  # noqa: BLE001 — a cleanup aid must never fail the sweep it guards
-            logger.warning("could not check for placement groups left by dead Ray Train controllers: %r", error)
+            (logger.debug if self._warned else logger.warning)(
+                "could not check for placement groups left by dead Ray Train controllers: %r", error)
+            self._warned = True
             # a private table reader that changed shape will not recover; GCS briefly unreachable will
             self._failed = isinstance(error, (AttributeError, ImportError, TypeError))
             return []
