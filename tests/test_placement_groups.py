@@ -2,8 +2,9 @@
 
 The leak is reproduced as Ray 2.60's abort race leaves it (flexi_workflows/placement_groups.py): a
 real TorchTrainer run, launched from a task as a Tune trial launches it, has its PlacementGroupCleaner
-stopped (here: its process killed) and then its controller killed with the task that owns it. The group then stays reserved;
-the reaper removes it, and leaves a live run's group alone.
+stopped (here: its process killed) and then its controller killed with the task that owns it. The
+group then stays reserved; the reaper removes it, and leaves a live run's group, the driver's own group
+and a dead actor of another class's group alone.
 """
 
 from __future__ import annotations
