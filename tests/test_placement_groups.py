@@ -1,10 +1,14 @@
 """A Ray Train run's placement group left behind by a dead controller is found and removed.
 
 The leak is reproduced as Ray 2.60's abort race leaves it (flexi_workflows/placement_groups.py): a
-real TorchTrainer run, launched from a task as a Tune trial launches it, has its PlacementGroupCleaner
-stopped (here: its process killed) and then its controller killed with the task that owns it. The
-group then stays reserved; the reaper removes it, and leaves a live run's group, the driver's own group
-and a dead actor of another class's group alone.
+real TorchTrainer run, launched on a thread of an actor as a Tune trial launches it, has its
+PlacementGroupCleaner stopped (here: its process killed) and then its controller killed with the actor
+that owns it (`ray.kill`, as Tune stops a trial). The group then stays reserved; the reaper removes it,
+and leaves a live run's group, the driver's own group and a dead actor of another class's group alone.
+
+The run is not a task ended with `ray.cancel`: that interrupts the task's main thread first, where
+`fit()` registered a SIGINT handler that aborts the run gracefully, and the group goes with it (seen in
+CI: the controller's group was REMOVED before the controller died, so there was no leak to reap).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -64,13 +69,21 @@ def test_a_dead_controllers_group_is_removed_and_a_live_ones_is_kept(ray_local, 
             time.sleep(0.2)
 
     @ray.remote(num_cpus=0)
-    def trial():
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
+    class Trial:  # as Tune's function trainable: fit() on a thread, so no SIGINT handler is registered
+        def start(self):
+            self.thread = threading.Thread(target=self.fit, daemon=True)
+            self.thread.start()
 
-        TorchTrainer(train_loop, train_loop_config={"release": str(release)},
-                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                     run_config=RunConfig(name="orphan", storage_path=str(tmp_path / "runs"))).fit()
+        def fit(self):
+            from ray.train import RunConfig, ScalingConfig
+            from ray.train.torch import TorchTrainer
+
+            TorchTrainer(train_loop, train_loop_config={"release": str(release)},
+                         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                         run_config=RunConfig(name="orphan", storage_path=str(tmp_path / "runs"))).fit()
+
+        def join(self):
+            self.thread.join()
 
     @ray.remote(num_cpus=0)
     class Other:  # an actor of another kind that leaves its placement group behind when it dies
@@ -86,7 +99,8 @@ def test_a_dead_controllers_group_is_removed_and_a_live_ones_is_kept(ray_local, 
     other = Other.remote()
     other_group = ray.get(other.reserve.remote())
     ray.kill(other)
-    run = trial.remote()
+    run = Trial.remote()
+    ray.get(run.start.remote())
     try:
         group = _wait_for(lambda: [g for g in train_groups() if g["state"] == "CREATED"], "the run's placement group")
         assert len(group) == 1 and not group[0]["controller_dead"]
@@ -97,7 +111,7 @@ def test_a_dead_controllers_group_is_removed_and_a_live_ones_is_kept(ray_local, 
         # the abort race's end state: the cleaner already gone, then the controller dies with its owner,
         # as a stopped Tune trial's controller dies with the trial's actor
         os.kill(_alive_actor_pid("PlacementGroupCleaner"), signal.SIGKILL)
-        ray.cancel(run, force=True)
+        ray.kill(run)
         _wait_for(lambda: [g for g in train_groups() if g["id"] == group["id"] and g["controller_dead"]],
                   "GCS to record the controller dead")
         time.sleep(5)
@@ -116,5 +130,6 @@ def test_a_dead_controllers_group_is_removed_and_a_live_ones_is_kept(ray_local, 
         remove_placement_group(own)
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(other_group))))
         release.touch()
-        with contextlib.suppress(ray.exceptions.RayError):  # cancelled (unless the test failed before)
-            ray.get(run, timeout=60)
+        with contextlib.suppress(ray.exceptions.RayError):  # killed (unless the test failed before)
+            ray.get(run.join.remote(), timeout=60)
+        ray.kill(run)
