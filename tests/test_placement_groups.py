@@ -133,3 +133,50 @@ def test_a_dead_controllers_group_is_removed_and_a_live_ones_is_kept(ray_local, 
         with contextlib.suppress(ray.exceptions.RayError):  # killed (unless the test failed before)
             ray.get(run.join.remote(), timeout=60)
         ray.kill(run)
+
+
+ANOTHER_JOB = """
+import sys, ray
+from ray.util.placement_group import placement_group
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+
+
+@ray.remote(num_cpus=0)
+class TrainController:  # the class name is what the reaper looks at; this one stands in for Ray Train's
+    def reserve(self):
+        group = placement_group([{"memory": 1 << 20}])
+        ray.get(group.ready())
+        return group.id.hex()
+
+
+controller = TrainController.remote()
+print(ray.get_runtime_context().get_job_id(), ray.get(controller.reserve.remote()), flush=True)
+ray.kill(controller)
+sys.stdin.read()  # the job, and with it the group, lives until the test closes stdin
+"""
+
+
+def test_another_jobs_group_is_left_alone(ray_local):
+    """A dead TrainController's group belongs to the job that created it: a sweep's reaper never removes
+    another driver's groups, even one that would be an orphan in its own job."""
+    import subprocess
+    import sys
+
+    ray = ray_local
+    other = subprocess.Popen([sys.executable, "-c", ANOTHER_JOB, ray.get_runtime_context().gcs_address],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        job, group = other.stdout.readline().split()
+        assert job != ray.get_runtime_context().get_job_id()
+        _wait_for(lambda: [g for g in train_groups(job) if g["id"] == group and g["controller_dead"]],
+                  "GCS to record the other job's controller dead")
+        assert remove_orphaned_train_groups() == [] and train_groups() == []
+        with reaping_orphaned_train_groups(interval_s=0.2) as reaper:
+            time.sleep(1)
+        assert reaper.removed == []
+        assert placement_group_table(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))["state"] == "CREATED"
+        assert remove_orphaned_train_groups(job) == [group], "in its own job it is an orphan"
+    finally:
+        other.stdin.close()
+        other.wait(timeout=60)
