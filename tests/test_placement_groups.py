@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -160,9 +162,6 @@ sys.stdin.read()  # the job, and with it the group, lives until the test closes 
 def test_another_jobs_group_is_left_alone(ray_local):
     """A dead TrainController's group belongs to the job that created it: a sweep's reaper never removes
     another driver's groups, even one that would be an orphan in its own job."""
-    import subprocess
-    import sys
-
     ray = ray_local
     other = subprocess.Popen([sys.executable, "-c", ANOTHER_JOB, ray.get_runtime_context().gcs_address],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
