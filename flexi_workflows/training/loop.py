@@ -23,6 +23,7 @@ Each worker:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 FAIL_HOOK_ENV = "FLEXI_TEST_FAIL_AT_STEP"  # "k:/path/marker" — test-only fault injection, fires once
 EXPORT_DIR = "export"
@@ -80,6 +83,31 @@ def _checkpoint_step(checkpoint) -> int:
             return int(json.loads(handle.read())["step"])
     except (OSError, ValueError, KeyError):
         return -1
+
+
+@contextlib.contextmanager
+def checkpoint_folder(checkpoint, attempts: int = 3, wait_s: float = 0.5):
+    """`checkpoint.as_directory()`, tried again when Ray's per-node download lost a race.
+
+    Workers on one node share one download of a remote checkpoint (a file lock, then a folder in /tmp
+    that the last reader deletes). A worker that waits on the lock while another deletes the folder
+    finds it gone and Ray raises ("... does not exist, even though it should have been created by
+    another process"): seen when restarted workers resumed from a checkpoint in S3. Entering again
+    downloads it afresh.
+    """
+    for attempt in range(1, attempts + 1):
+        with contextlib.ExitStack() as stack:
+            try:
+                folder = stack.enter_context(checkpoint.as_directory())
+            except RuntimeError as error:
+                if "should have been created by another process" not in str(error) or attempt == attempts:
+                    raise
+                logger.warning("checkpoint %s: its shared download went away; downloading again (%d/%d)",
+                               checkpoint.path, attempt + 1, attempts)
+                time.sleep(wait_s)
+                continue
+            yield folder  # leaving the stack deletes the download, as as_directory's own `with` would
+            return
 
 
 def _maybe_fail(step: int, rank: int) -> None:
@@ -264,7 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         storage = Storage(newer[0])
         checkpoint = ray.train.Checkpoint(storage.path(newer[1]), filesystem=storage.fs)
     if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
+        with checkpoint_folder(checkpoint) as ckpt_dir:
             verify_folder(ckpt_dir)  # what the workers wrote, nothing cut short or added, before any load
             step = engine.load(Path(ckpt_dir))
             state_file = Path(ckpt_dir) / STATE_FILE
