@@ -63,6 +63,17 @@ def train_groups(job_id: str | None = None) -> list[dict]:
     return groups
 
 
+def live_train_controllers(job_id: str | None = None) -> list[str]:
+    """The ids of this job's Ray Train controllers that GCS does not record dead (starting, alive, restarting)."""
+    import ray
+
+    state, _ = _gcs()
+    job_id = job_id or ray.get_runtime_context().get_job_id()
+    table = state.actor_table(None, job_id=ray.JobID(bytes.fromhex(job_id)))
+    return [actor for actor, row in table.items()
+            if row.get("ActorClassName") == TRAIN_CONTROLLER and row.get("State") != "DEAD"]
+
+
 def remove_orphaned_train_groups(job_id: str | None = None) -> list[str]:
     """Removes this job's Ray Train placement groups whose controller is dead; returns their ids."""
     from ray import PlacementGroupID
@@ -123,17 +134,34 @@ class OrphanedTrainGroupReaper:
         while not self._stop.wait(self.interval_s):
             self.reap()
 
+    def live_controllers(self) -> list[str]:
+        """This job's Ray Train controllers not yet recorded dead ([] where the tables cannot be read)."""
+        if self._failed:
+            return []
+        try:
+            return live_train_controllers(self.job_id)
+        except Exception as error:  # noqa: BLE001 — as in reap()
+            logger.debug("could not list Ray Train controllers: %r", error)
+            return []
+
     def stop(self, drain_s: float = 30.0) -> list[str]:
-        """Stops the thread, then removes what dead controllers left, waiting up to `drain_s` for dying
-        ones; returns every group id removed. A group whose controller outlives the wait is left (logged)."""
+        """Stops the thread, then removes what dead controllers left, waiting up to `drain_s` until this
+        job has no Ray Train group and no live controller; returns every group id removed.
+
+        A live controller counts even between two worker groups: a stopped trial's controller may still
+        be tearing down or restarting its workers, and the group it makes next must not outlive it
+        unseen. What outlives the wait is left (logged)."""
         self._stop.set()
         self._thread.join()
         deadline = time.monotonic() + drain_s
-        while (left := self.reap()) and time.monotonic() < deadline:
+        while True:
+            left, alive = self.reap(), self.live_controllers()
+            if not (left or alive) or time.monotonic() >= deadline:
+                break
             time.sleep(min(self.interval_s, 1.0))
-        if left:
-            logger.warning("Ray Train placement groups still reserved after %.0f s: %s (their controllers "
-                           "are alive)", drain_s, [g["id"] for g in left])
+        if left or alive:
+            logger.warning("after %.0f s, Ray Train placement groups still reserved: %s; Ray Train controllers "
+                           "still alive: %s", drain_s, [g["id"] for g in left], alive)
         return self.removed
 
 

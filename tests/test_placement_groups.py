@@ -30,6 +30,7 @@ from ray.util.placement_group import (
 )
 
 from flexi_workflows.placement_groups import (
+    live_train_controllers,
     reaping_orphaned_train_groups,
     remove_orphaned_train_groups,
     train_groups,
@@ -109,6 +110,7 @@ def test_a_dead_controllers_group_is_removed_and_a_live_ones_is_kept(ray_local, 
         group = group[0]
         _wait_for(lambda: ray.available_resources().get("CPU", 0) <= 1, "the worker's CPU to be reserved")
         assert remove_orphaned_train_groups() == [], "a live controller's group was removed"
+        assert live_train_controllers() == [group["controller"]]
 
         # the abort race's end state: the cleaner already gone, then the controller dies with its owner,
         # as a stopped Tune trial's controller dies with the trial's actor
@@ -118,6 +120,7 @@ def test_a_dead_controllers_group_is_removed_and_a_live_ones_is_kept(ray_local, 
                   "GCS to record the controller dead")
         time.sleep(5)
         assert [g["id"] for g in train_groups()] == [group["id"]], "the group should be left behind (the leak)"
+        assert live_train_controllers() == []
         assert ray.available_resources().get("CPU", 0) <= 1, "nothing should have released the worker's CPU"
 
         with reaping_orphaned_train_groups(interval_s=0.5) as reaper:
