@@ -182,3 +182,43 @@ def test_another_jobs_group_is_left_alone(ray_local):
     finally:
         other.stdin.close()
         other.wait(timeout=60)
+
+
+class TrainController:
+    """Stands in for Ray Train's (the reaper goes by the class's qualified name): a live controller that holds no
+    group, as one does between two worker groups."""
+
+    def ping(self):
+        return True
+
+
+def test_the_drain_waits_for_a_live_controller_then_warns(ray_local, caplog):
+    """`stop(drain_s)` ends only when the job has no Ray Train group *and* no live controller: a stopped trial's
+    controller between two worker groups may still make one. It returns as soon as the controller dies, and
+    names one that outlives the wait."""
+    ray = ray_local
+
+    def live(controller) -> bool:
+        return controller._actor_id.hex() in live_train_controllers()
+
+    caplog.set_level("WARNING", logger="flexi_workflows.placement_groups")
+    lingering = ray.remote(num_cpus=0)(TrainController).remote()
+    ray.get(lingering.ping.remote())
+    try:
+        started = time.monotonic()
+        with reaping_orphaned_train_groups(interval_s=0.2, drain_s=3.0):
+            pass
+        assert time.monotonic() - started >= 3.0, "the drain ended while a controller was alive"
+        assert f"still alive: ['{lingering._actor_id.hex()}']" in caplog.text
+
+        caplog.clear()
+        threading.Timer(1.0, ray.kill, args=(lingering,)).start()  # it dies a second into the drain
+        started = time.monotonic()
+        with reaping_orphaned_train_groups(interval_s=0.2, drain_s=30.0):
+            pass
+        waited = time.monotonic() - started
+        assert 1.0 <= waited < 15.0, f"the drain took {waited:.1f} s for a controller that died after 1 s"
+        assert "still alive" not in caplog.text
+    finally:
+        ray.kill(lingering)
+        _wait_for(lambda: not live(lingering), "the stand-in controller to be recorded dead", within=30)
