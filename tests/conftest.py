@@ -115,6 +115,8 @@ def ray_local():
         from flexi_workflows.ray_cluster import loopback_only
 
         loopback_only()  # as the CLI's own local cluster: every server on 127.0.0.1
+        # as the CLI's own local cluster (ray_cluster.ensure_ray): no preemption watcher actor per training run
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # the dashboard serves the state API that Ray Train's placement-group cleaner needs (see ray_cluster.py)
         ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=free_port(), log_to_driver=False)
