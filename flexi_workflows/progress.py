@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TextIO, TypeVar
 
 T = TypeVar("T")
@@ -24,23 +24,30 @@ def format_eta(seconds: float) -> str:
 
 
 def with_progress(items: Iterable[T], total: int, label: str, *, unit: str = "rows", every_s: float = 15.0,
-                  out: TextIO | None = None) -> Iterator[T]:
-    """`items`, unchanged, with progress lines on `out` (stdout) as they are consumed."""
+                  out: TextIO | None = None, clock: Callable[[], float] = time.perf_counter) -> Iterator[T]:
+    """`items`, unchanged, with progress lines on `out` (stdout) as they are consumed.
+
+    The time left comes from the rate since the first item arrived, not since the start: what comes before
+    it (actors starting, the model loading) is paid once, and counted in it the first lines said hours for
+    a minute's work. Until items have come for a second there is no rate to tell, and no ETA."""
     out = out or sys.stdout
-    start = last = time.perf_counter()
+    start = last = clock()
+    first = None
     next_quarter = 1
     done = 0
     for item in items:
         yield item
         done += 1
-        now = time.perf_counter()
+        now = clock()
+        first = now if first is None else first
         quarter = total and done * 4 >= next_quarter * total
         if quarter or now - last >= every_s or done == total:
             while total and done * 4 >= next_quarter * total:
                 next_quarter += 1
             elapsed = now - start
             share = f" ({100 * done / total:.0f} %)" if total else ""
-            eta = f"  ETA {format_eta((total - done) * elapsed / done)}" if total and done < total else ""
+            known = total and done < total and now - first >= 1.0  # then done > 1: the items after the first
+            eta = f"  ETA {format_eta((total - done) * (now - first) / (done - 1))}" if known else ""
             print(f"   {label}: {done}/{total} {unit}{share}  {elapsed:.0f} s{eta}", file=out, flush=True)
             last = now
 

@@ -8,14 +8,43 @@ import io
 from flexi_workflows.progress import format_eta, with_progress
 
 
+class Clock:
+    """A stand-in for time.perf_counter that the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _arriving(clock: Clock, n: int, *, start_up_s: float, every_s: float):
+    """n items, the first after `start_up_s`, each later one `every_s` after the one before."""
+    for i in range(n):
+        clock.now += start_up_s if i == 0 else every_s
+        yield i
+
+
 def test_one_line_per_quarter_with_the_time_left():
-    out = io.StringIO()
-    assert list(with_progress(range(10), 10, "score", out=out, every_s=3600)) == list(range(10))
+    out, clock = io.StringIO(), Clock()
+    items = _arriving(clock, 10, start_up_s=1.0, every_s=2.0)
+    assert list(with_progress(items, 10, "score", out=out, every_s=3600, clock=clock)) == list(range(10))
     lines = out.getvalue().splitlines()
     assert [line.split(" rows")[0].strip() for line in lines] == ["score: 3/10", "score: 5/10", "score: 8/10",
                                                                   "score: 10/10"]
     assert "(30 %)" in lines[0] and "ETA " in lines[0]
     assert lines[-1].endswith(" s") and "ETA" not in lines[-1]  # done: the time taken, nothing left
+
+
+def test_the_time_left_leaves_the_start_up_out():
+    """Two minutes of actors starting, then a row a second: the time left is the rows left at that rate."""
+    out, clock = io.StringIO(), Clock()
+    list(with_progress(_arriving(clock, 400, start_up_s=120.0, every_s=1.0), 400, "eval", out=out, every_s=15,
+                       clock=clock))
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("   eval: 1/400 rows (0 %)  120 s") and "ETA" not in lines[0]  # no rate yet
+    quarter = next(line for line in lines if "100/400" in line)
+    assert quarter.endswith("ETA 5:00"), quarter  # 300 rows at 1 s each: not 300 × 219 s / 100 (10:57)
 
 
 def test_eta_format():
