@@ -35,3 +35,40 @@ def test_greedy_generation_has_no_samples_column(tiny_model_dir):
     out = _generator(tiny_model_dir)(BATCH)
     assert set(out) == {"id", "prompt", "prediction"}
     assert out["prediction"].tolist() == _generator(tiny_model_dir)(BATCH)["prediction"].tolist()
+
+
+def test_whisper_generation_logs_none_of_transformers_notices_about_its_own_calls(tmp_path):
+    """The speech quickstart printed three transformers notices per actor, one of them per batch, that no
+    recipe setting causes or fixes (GenerateNotices); any other transformers warning still goes out."""
+    import logging
+
+    import soundfile as sf
+
+    from tests.conftest import REPO_ROOT
+
+    class Seen(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    (model_dir,) = (REPO_ROOT / "flexi_workflows" / "assets" / "builtin_models").glob("whisper-tiny-spoken-*")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"u{i}.flac"))
+        sf.write(paths[-1], (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
+    generation_logger, seen = logging.getLogger("transformers.generation.utils"), Seen()
+    generation_logger.addHandler(seen)
+    try:
+        generator = BatchGenerator(str(model_dir), "speech", max_new_tokens=5, device="cpu", num_threads=1)
+        for _ in range(2):
+            out = generator({"id": np.asarray(["u0", "u1"]), "audio": np.asarray(paths)})
+        assert len(out["prediction"]) == 2
+        assert seen.messages == [], seen.messages
+        generation_logger.warning("a notice a user can act on")
+        assert seen.messages == ["a notice a user can act on"]
+    finally:
+        generation_logger.removeHandler(seen)
