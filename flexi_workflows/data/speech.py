@@ -69,8 +69,9 @@ def collate_speech(batch: dict[str, Any] | Sequence[dict[str, Any]], processor: 
     longest = max(len(r["labels"]) for r in rows)
     labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids = np.asarray(r["labels"], dtype=np.int64)
-        labels[i, : len(ids)] = torch.from_numpy(ids)
+        # a copy: Ray Data hands the worker read-only arrays, which torch.from_numpy warns about on every run
+        ids = torch.tensor(np.asarray(r["labels"], dtype=np.int64), dtype=torch.long)
+        labels[i, : len(ids)] = ids
     out = {"input_features": features, "labels": labels}
     if "rank" in rows[0]:
         out["ranks"] = torch.tensor([int(r["rank"]) for r in rows], dtype=torch.long)

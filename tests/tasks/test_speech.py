@@ -105,6 +105,32 @@ def test_audio_is_decoded_at_16k_and_features_are_whisper_log_mels(tmp_path):
     assert np.allclose(feats[0].numpy(), feats[1].numpy())  # a path and its bytes decode the same
 
 
+def test_a_training_batch_from_read_only_label_arrays_warns_nothing(tmp_path):
+    """Ray Data hands a worker's collate function read-only numpy arrays; torch.from_numpy warned about that
+    on every speech training run's console."""
+    import warnings
+
+    from transformers import WhisperFeatureExtractor
+
+    from flexi_workflows.data.speech import collate_speech
+
+    path = tmp_path / "a.flac"
+    sf.write(path, np.zeros(16000, dtype=np.float32) + 0.1, 16000, subtype="PCM_16")
+
+    class Processor:  # only the feature extractor is read
+        feature_extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=4)
+
+    labels = [np.asarray([5, 6, 7], dtype=np.int64), np.asarray([8], dtype=np.int64)]
+    for ids in labels:
+        ids.setflags(write=False)
+    batch = {"audio": np.asarray([str(path), str(path)]), "labels": labels, "id": np.asarray(["a", "b"])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = collate_speech(batch, Processor())
+    assert out["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
+    assert tuple(out["input_features"].shape) == (2, 80, 400)
+
+
 def test_whisper_normaliser_then_wer_and_cer_on_hand_checked_pairs():
     assert normalize_transcript("Mr. Smith's colour, isn't it?") == "mister smith is color is not it"  # 's → is, as Whisper's own
     # one substitution (dinner → diner) in eight words; case and punctuation do not count
