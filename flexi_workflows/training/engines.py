@@ -12,11 +12,13 @@ distribution.deepspeed_config's file; under ZeRO-3 the model is loaded already p
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +182,9 @@ def deepspeed_config_for(recipe: Recipe) -> dict[str, Any]:
                                   source=f"distribution.deepspeed_config {dist.deepspeed_config}")
 
 
+OP_BUILT = re.compile(r"DeepSpeed \S+ built successfully")  # deepspeed/comm/torch.py, on every load of its op
+
+
 @contextmanager
 def one_op_build() -> Iterator[None]:
     """Around DeepSpeed's start: its comm layer compiles a C++ op on CPU (shared-memory all-reduce, about
@@ -193,7 +198,9 @@ def one_op_build() -> Iterator[None]:
     user set wins): one build, found again by every process of the environment. PATH is restored after; it
     is changed for the block only, in which the worker starts DeepSpeed before its training steps (a
     subprocess another thread starts meanwhile would see this environment's bin first, nothing worse).
-    On CUDA, DeepSpeed builds no such op at start; only the folder is set, for ops it compiles later."""
+    On CUDA, DeepSpeed builds no such op at start; only the folder is set, for ops it compiles later.
+    DeepSpeed prints "DeepSpeed <op> built successfully" each time it loads the op, on every training run's
+    console; the block's stdout is held and given back without that line (and given back on failure too)."""
     bin_dir = os.path.dirname(sys.executable)
     path = os.environ.get("PATH")
     own_ninja = os.path.isfile(os.path.join(bin_dir, "ninja"))
@@ -206,9 +213,13 @@ def one_op_build() -> Iterator[None]:
         version = f"py{sys.version_info.major}{sys.version_info.minor}"
         os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions",
                                                           f"flexi-{version}-{key}")
+    held = io.StringIO()
     try:
-        yield
+        with redirect_stdout(held):
+            yield
     finally:
+        kept = [line for line in held.getvalue().splitlines(keepends=True) if not OP_BUILT.fullmatch(line.rstrip("\n"))]
+        sys.stdout.write("".join(kept))
         if own_ninja:  # as it was, unset included
             if path is None:
                 os.environ.pop("PATH", None)

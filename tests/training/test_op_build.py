@@ -36,3 +36,17 @@ def test_an_unset_path_is_unset_again(monkeypatch):
     with one_op_build():
         pass
     assert "PATH" not in os.environ
+
+
+def test_deepspeeds_op_loaded_line_is_dropped_and_the_rest_kept(capsys):
+    with one_op_build():
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        print("something a user should see")
+    assert capsys.readouterr().out == "something a user should see\n"
+    try:
+        with one_op_build():
+            print("printed before a failure")
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert capsys.readouterr().out == "printed before a failure\n"
