@@ -67,10 +67,26 @@ def ensure_ray(config: RayConfig | None = None) -> None:
         # one more actor per training run, has nothing to watch (and it printed a core_worker.cc error line
         # about its constructor arguments on every run). A cluster joined by address keeps it.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # the state API the cleaner asks is found by address: in a Ray worker, with none given, Ray looks for
+        # *a* cluster on the machine. With another local cluster running (a second `flexi run`, a notebook's)
+        # that raised "Found multiple active Ray instances" and ended the cleaner's watch with a traceback on
+        # the console; next to a `ray start` head it would ask that cluster, not find the controller, and
+        # remove a live run's group. So the dashboard gets a port chosen here, and every process of the
+        # cluster (they inherit this environment) is pointed at it (an inherited value names another cluster).
+        dashboard_port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
         with _token_auth_notice_dropped():
             ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=None, dashboard_host="127.0.0.1",
-                     **kwargs)
+                     dashboard_port=dashboard_port, **kwargs)
     sigterm_to_python_alone(own_handler)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _sigterm_handler_set_from_python():
