@@ -29,10 +29,12 @@ def with_progress(items: Iterable[T], total: int, label: str, *, unit: str = "ro
 
     The time left comes from the rate since the first item arrived, not since the start: what comes before
     it (actors starting, the model loading) is paid once, and counted in it the first lines said hours for
-    a minute's work. Until items have come for a second there is no rate to tell, and no ETA."""
+    a minute's work. Items come a batch at a time: those that came with the first (within 50 ms) are its
+    batch, and the rate counts the items after it. Until items have come for a second there is no rate to
+    tell, and no ETA."""
     out = out or sys.stdout
     start = last = clock()
-    first = None
+    first, burst = None, 0
     next_quarter = 1
     done = 0
     for item in items:
@@ -40,14 +42,16 @@ def with_progress(items: Iterable[T], total: int, label: str, *, unit: str = "ro
         done += 1
         now = clock()
         first = now if first is None else first
+        if now - first < 0.05:
+            burst = done
         quarter = total and done * 4 >= next_quarter * total
         if quarter or now - last >= every_s or done == total:
             while total and done * 4 >= next_quarter * total:
                 next_quarter += 1
             elapsed = now - start
             share = f" ({100 * done / total:.0f} %)" if total else ""
-            known = total and done < total and now - first >= 1.0  # then done > 1: the items after the first
-            eta = f"  ETA {format_eta((total - done) * (now - first) / (done - 1))}" if known else ""
+            known = total and done < total and now - first >= 1.0  # then done > burst: items after the first batch
+            eta = f"  ETA {format_eta((total - done) * (now - first) / (done - burst))}" if known else ""
             print(f"   {label}: {done}/{total} {unit}{share}  {elapsed:.0f} s{eta}", file=out, flush=True)
             last = now
 

@@ -49,3 +49,21 @@ def test_the_time_left_leaves_the_start_up_out():
 
 def test_eta_format():
     assert [format_eta(s) for s in (0, 42, 725, 3729, -5)] == ["0:00", "0:42", "12:05", "1:02:09", "0:00"]
+
+
+def test_the_time_left_counts_the_rows_after_the_first_batch():
+    """Rows come a batch at a time: 15 s of start-up, then a batch of 100 every 2 s. At row 200 one batch came
+    in 2 s after the first, so 200 rows are left at 100 per 2 s: 4 s, not the 2 s that counting the first
+    batch's rows as taking no time would say."""
+    out, clock = io.StringIO(), Clock()
+
+    def batches():
+        for b in range(4):
+            clock.now += 15.0 if b == 0 else 2.0
+            yield from range(b * 100, (b + 1) * 100)
+
+    list(with_progress(batches(), 400, "eval", out=out, every_s=3600, clock=clock))
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("   eval: 100/400 rows (25 %)  15 s") and "ETA" not in lines[0]
+    assert lines[1].startswith("   eval: 200/400 rows (50 %)  17 s") and lines[1].endswith("ETA 0:04"), lines[1]
+
