@@ -48,7 +48,10 @@ case "$command" in
     # (Ray's default: 3); each job's supervisor inherits it from the head. A driver stopped mid-training closes
     # its MLflow runs and disconnects in well under a second when idle, but under load it took over 3 s
     # (1 of 6 stops here), and a SIGKILLed driver leaves its runs RUNNING.
-    RAY_JOB_STOP_WAIT_TIME_S="${RAY_JOB_STOP_WAIT_TIME_S:-30}" \
+    # RAY_API_SERVER_ADDRESS: the state API of this head for every process of it (Ray Train's placement-group
+    # cleaner asks it, with no address, whether a run's controller died; with two clusters on the machine Ray
+    # could not tell which to ask, and the cleaner stopped watching)
+    RAY_JOB_STOP_WAIT_TIME_S="${RAY_JOB_STOP_WAIT_TIME_S:-30}" RAY_API_SERVER_ADDRESS="http://127.0.0.1:$dash" \
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 setsid .venv/bin/ray start --head --block --num-cpus="${FLEXI_CLUSTER_CPUS:-$(nproc)}" --port="$gcs" \
       --dashboard-host=127.0.0.1 --dashboard-port="$dash" --include-dashboard=true --temp-dir="$ray_tmp" \
       --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)" \
