@@ -114,8 +114,10 @@ def evaluate_speech_base(folder: str | Path, corpus: Path, splits: tuple[str, ..
     computes them (same features, greedy decoding, Whisper's normaliser)."""
     from flexi_workflows.data.speech import audio_features
     from flexi_workflows.models.loading import load_model, load_processor
+    from flexi_workflows.models.notices import quiet_generate_notices
     from flexi_workflows.tasks.speech import SpeechTask
 
+    quiet_generate_notices()  # transformers' notices about Whisper's own generate() calls, as in the pipeline
     task = SpeechTask()
     processor, model = load_processor(str(folder)), load_model(str(folder)).eval()
     record: dict = {"splits": list(splits), "rows": {}}
