@@ -34,13 +34,18 @@ def _train(tmp_path, model_dir, **sections):
 
 
 def test_zero2_and_zero3_train_flexi_identically_on_two_workers(tmp_path, tiny_model_dir, ray_local):
+    """ZeRO-3 builds the model partitioned and, here, recomputes activations in the backward pass
+    (training.gradient_checkpointing, per-row Flexi ranks held through the recomputation): it trains to
+    ZeRO-2's losses without either. (Checkpointing alone, in one process: tests/training/test_gradient_checkpointing.py.)"""
     dist = {"num_workers": 2, "cpus_per_worker": 1}
-    _, out2 = _train(tmp_path / "z2", tiny_model_dir, distribution={**dist, "zero_stage": 2}, training={"epochs": 3, "lr": 0.01})
-    _, out3 = _train(tmp_path / "z3", tiny_model_dir, distribution={**dist, "zero_stage": 3}, training={"epochs": 3, "lr": 0.01})
+    training = {"epochs": 3, "lr": 0.01}
+    _, out2 = _train(tmp_path / "z2", tiny_model_dir, distribution={**dist, "zero_stage": 2}, training=training)
+    _, out3 = _train(tmp_path / "z3", tiny_model_dir, distribution={**dist, "zero_stage": 3},
+                     training={**training, "gradient_checkpointing": True})
     z2, z3 = _losses(out2), _losses(out3)
     assert len(z2) == 24  # 64 rows / 2 workers / micro-batch 4 = 8 steps per epoch, 3 epochs
     _assert_learns(z2)
-    assert z2 == pytest.approx(z3, rel=1e-4, abs=1e-4)  # ZeRO-3 builds the model partitioned, trains the same
+    assert z2 == pytest.approx(z3, rel=1e-4, abs=1e-4)
     # ZeRO-3 loads the model already partitioned: right after the build each worker holds half of the base
     # model (each parameter split in two, the odd element padding it); ZeRO-2 holds all of it on every worker
     r3 = json.loads((out3 / REPORT).read_text())
@@ -50,17 +55,27 @@ def test_zero2_and_zero3_train_flexi_identically_on_two_workers(tmp_path, tiny_m
     assert total == sum(p.numel() for p in model.parameters())
     assert r3["partitioned_build"] is True and len(held) == 2
     assert all(total / 2 <= h <= total / 2 + n_params for h in held), (held, total)
+    assert r3["gradient_checkpointing"] is True
     r2 = json.loads((out2 / REPORT).read_text())
     assert r2["partitioned_build"] is False and r2["param_elements_held_by_worker"] == [total, total]
+    assert r2["gradient_checkpointing"] is False
     report = r2
     assert report["routing"]["rank_shares"]["2"] > 0 and report["routing"]["rank_shares"]["8"] > 0
     assert (out2 / "artifact" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_ddp_trains_flexi_on_two_workers(tmp_path, tiny_model_dir, ray_local):
-    _, out = _train(tmp_path, tiny_model_dir, distribution={"num_workers": 2, "strategy": "ddp"},
-                    training={"epochs": 3, "lr": 0.01})
-    _assert_learns(_losses(out))
+@pytest.fixture(scope="module")
+def ddp_fp32(tmp_path_factory, tiny_model_dir, ray_local):
+    """Flexi under DDP on two workers in fp32 (the CPU default): checked to learn, and the reference the
+    bf16 run is compared with."""
+    _, out = _train(tmp_path_factory.mktemp("ddp-fp32"), tiny_model_dir,
+                    distribution={"num_workers": 2, "strategy": "ddp"}, training={"epochs": 3, "lr": 0.01})
+    return out
+
+
+def test_ddp_trains_flexi_on_two_workers(ddp_fp32):
+    _assert_learns(_losses(ddp_fp32))
+    assert json.loads((ddp_fp32 / REPORT).read_text())["precision"] == "fp32"
 
 
 @pytest.mark.parametrize(
@@ -109,31 +124,18 @@ def test_failed_worker_resumes_from_last_checkpoint(tmp_path, tiny_model_dir, ra
         "the rank record keeps what the checkpoint held and goes on from there, each micro-batch once"
 
 
-def test_gradient_checkpointing_trains_flexi_to_the_same_losses(tmp_path, tiny_model_dir, ray_local):
-    """Under Ray Train + ZeRO-2, with per-row ranks held through the backward recomputation."""
-    training = {"max_steps": 4, "lr": 0.01}
-    _, plain = _train(tmp_path / "plain", tiny_model_dir, training=training)
-    _, ckpt = _train(tmp_path / "ckpt", tiny_model_dir, training={**training, "gradient_checkpointing": True})
-    assert len(_losses(plain)) == 4
-    assert _losses(ckpt) == pytest.approx(_losses(plain), rel=1e-5, abs=1e-6)
-    assert json.loads((ckpt / REPORT).read_text())["gradient_checkpointing"] is True
-    assert json.loads((plain / REPORT).read_text())["gradient_checkpointing"] is False
-
-
-def test_bf16_under_ddp_is_autocast_not_silently_fp32(tmp_path, tiny_model_dir, ray_local):
+def test_bf16_under_ddp_is_autocast_not_silently_fp32(tmp_path, tiny_model_dir, ddp_fp32):
     """precision: bf16 with DDP runs the forward under bf16 autocast (on CPU too): the losses move off the
-    fp32 run's by bf16 rounding, stay close to them, and the report says how bf16 was applied."""
-    training = {"max_steps": 4, "lr": 0.01}
-    _, fp32 = _train(tmp_path / "fp32", tiny_model_dir, training=training,
-                     distribution={"strategy": "ddp", "precision": "fp32"})
-    _, bf16 = _train(tmp_path / "bf16", tiny_model_dir, training=training,
-                     distribution={"strategy": "ddp", "precision": "bf16"})
-    a, b = _losses(fp32), _losses(bf16)
+    fp32 run's by bf16 rounding, stay close to them, and the report says how bf16 was applied. (A constant
+    learning rate: the fp32 run's first steps are those of a run of these 4 steps.)"""
+    _, bf16 = _train(tmp_path, tiny_model_dir, training={"max_steps": 4, "lr": 0.01},
+                     distribution={"num_workers": 2, "strategy": "ddp", "precision": "bf16"})
+    a, b = _losses(ddp_fp32)[:4], _losses(bf16)
+    assert len(b) == 4
     assert b != a  # bf16 matmuls round differently: a run that ignored the setting would match exactly
     assert b == pytest.approx(a, rel=0.05)
     report = json.loads((bf16 / REPORT).read_text())
     assert (report["precision"], report["bf16_by"]) == ("bf16", "autocast")
-    assert json.loads((fp32 / REPORT).read_text())["precision"] == "fp32"
 
 
 def test_zero3_partitioned_build_resumes_after_a_failure_and_exports_the_adapter(tmp_path, tiny_model_dir, ray_local,
