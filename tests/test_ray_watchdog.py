@@ -41,23 +41,30 @@ def test_watch_stops_what_the_driver_started_once_it_is_killed():
 
 
 @pytest.mark.slow
-def test_a_driver_stopped_mid_training_leaves_no_ray_process_and_each_rerun_resumes(tmp_path, tiny_model_dir):
+def test_a_driver_stopped_mid_training_leaves_no_ray_process_and_each_rerun_resumes(tmp_path, tiny_model_dir,
+                                                                                     ray_local):
     """The fault drill, three runs of one recipe: `flexi run` Ctrl-C'd while training, rerun and SIGKILLed
     while training, rerun to the end. Neither stopped driver leaves a Ray process it started; each rerun
     resumes from the newest checkpoint (not an earlier one, not step 0); the Ctrl-C'd run says so in one
-    line with exit 130 (Ray Train's own handler exited 0 silently); no MLflow run stays RUNNING."""
+    line with exit 130 (Ray Train's own handler exited 0 silently); no MLflow run stays RUNNING.
+
+    Each run's own local cluster runs beside another one (this test session's): Ray Train's
+    PlacementGroupCleaner asks the state API for its controller with no address, and Ray, finding two
+    clusters, raised "Found multiple active Ray instances", which ended the cleaner's watch with a
+    traceback on the run's console. A run points its cluster's processes at its own dashboard."""
     import mlflow
 
     from flexi_workflows.stages.train import REPORT
     from flexi_workflows.training.loop import STATE_FILE
 
     data = small_recipe_data(tmp_path, tiny_model_dir, method={"name": "lora", "rank": 4},
-                             training={"epochs": 4, "checkpoint_every": 4}, evaluation={"include_base": False},
+                             training={"epochs": 3, "checkpoint_every": 4}, evaluation={"include_base": False},
                              tracking={"enabled": True})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    assert ray_local.is_initialized()  # the other cluster
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     flexi = str(REPO_ROOT / ".venv" / "bin" / "flexi")
 
     def checkpoint_steps() -> list[int]:
@@ -84,14 +91,14 @@ def test_a_driver_stopped_mid_training_leaves_no_ray_process_and_each_rerun_resu
                 time.sleep(0.1)
             assert checkpoint_steps()[-1] > after_step, f"run {run} wrote no checkpoint past step {after_step}"
             seen.update({c.pid: c for c in psutil.Process(driver.pid).children(recursive=True)})
-            assert any(p.name() == "raylet" for p in seen.values()), "the run started no local Ray cluster"
+            assert any(_name(p) == "raylet" for p in seen.values()), "the run started no local Ray cluster"
             os.kill(driver.pid, signum)
             driver.wait(timeout=120)
             deadline = time.time() + 30
             ray_processes = [p for p in seen.values() if "watch" not in " ".join(_cmdline(p))]
             while time.time() < deadline and [p for p in ray_processes if _alive(p)]:
                 time.sleep(0.5)
-            left = [f"{p.pid} {p.name()}" for p in ray_processes if _alive(p)]
+            left = [f"{p.pid} {_name(p)}" for p in ray_processes if _alive(p)]
             assert not left, f"still running after run {run} was stopped: {left}"
         finally:
             driver.kill()
@@ -108,15 +115,18 @@ def test_a_driver_stopped_mid_training_leaves_no_ray_process_and_each_rerun_resu
                   if "[lora-4] step " in line]
     assert steps_run2 and steps_run2[0] == first_stop + 1, (first_stop, steps_run2[:3])  # resumed after Ctrl-C
     second_stop = checkpoint_steps()[-1]
-    assert second_stop < 64, "the second run had finished training before it was killed"
+    assert second_stop < 48, "the second run had finished training before it was killed"
 
     rerun = subprocess.run([flexi, "run", str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     # a cluster of this machine alone: no preemption watcher actor (nor its core_worker.cc error line)
-    assert "PreemptionWatcher" not in rerun.stdout + rerun.stderr
+    console = rerun.stdout + rerun.stderr
+    assert "PreemptionWatcher" not in console
+    # beside the session's cluster, the group cleaner kept watching (no traceback from it)
+    assert "PlacementGroupCleaner" not in console and "multiple active Ray instances" not in console, console[-4000:]
     report = json.loads(next(out.glob(f"train/*/{REPORT}")).read_text())
     assert report["resumed_from_step"] == second_stop, (report["resumed_from_step"], second_stop)  # after SIGKILL
-    assert report["steps"] == report["total_steps"] == 64
+    assert report["steps"] == report["total_steps"] == 48
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     statuses = sorted(r.info.status for r in runs)
@@ -129,6 +139,14 @@ def _alive(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _name(process: psutil.Process) -> str:
+    """A seen child's name; "" for one gone since (a short-lived helper process of Ray's or DeepSpeed's)."""
+    try:
+        return process.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
