@@ -71,7 +71,7 @@ def test_the_readme_cluster_block_starts_a_head_submits_a_recipe_and_stops(tmp_p
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         try:
             _submit_then_sweep(submit, env, out, state, tmp_path)
-            _a_stopped_job_ends_as_a_sigterm_does(env, state, tmp_path)
+            _a_stopped_job_ends_as_a_sigterm_does(env, state, tmp_path, finished=out)
         finally:
             stopped = _shell(stop, env, timeout=180)
         assert stopped.returncode == 0, stopped.stderr
@@ -116,10 +116,17 @@ def _submit_then_sweep(submit: str, env: dict, out: Path, state: Path, tmp_path:
     assert stages and all(stage["cached"] for stage in stages.values()), stages
 
 
-def _a_stopped_job_ends_as_a_sigterm_does(env: dict, state: Path, tmp_path: Path) -> None:
+def _a_stopped_job_ends_as_a_sigterm_does(env: dict, state: Path, tmp_path: Path, finished: Path) -> None:
     """`ray job stop` sends the driver SIGTERM and SIGKILLs it RAY_JOB_STOP_WAIT_TIME_S later (Ray's 3 s; the
     script's head sets 30, as over 3 s was seen under load): a job stopped mid-training says what is kept, its MLflow
-    runs end KILLED, and Ray saw it end before the SIGKILL."""
+    runs end KILLED, and Ray saw it end before the SIGKILL. The job's output folder starts with the stages before
+    training that the submitted job above finished (`finished`), as a rerun would find them: it reaches training
+    without scoring and evaluating again."""
+    stopped = tmp_path / "stopped"
+    for kind in ("score", "route", "eval"):
+        for folder in (finished / kind).glob("[!.]*" if kind != "eval" else "base-*"):  # not the lock files
+            if folder.is_dir():
+                shutil.copytree(folder, stopped / kind / folder.name)
     cluster = dict(line.split("=", 1) for line in (state / "env").read_text().split())
     experiment = f"stopped-job-{uuid.uuid4().hex[:8]}"  # the server's store outlives a cluster: an experiment of its own
     ray_env = {**env, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -133,7 +140,7 @@ def _a_stopped_job_ends_as_a_sigterm_does(env: dict, state: Path, tmp_path: Path
         return done.stdout + done.stderr  # Ray's CLI says some of it on stderr (a stopped job's status)
 
     submitted = ray_job("submit", "--no-wait", "--working-dir", ".", "--", "python", "jobs/run.py",
-                        "jobs/own-data.yaml", f"output_dir={tmp_path / 'stopped'}",
+                        "jobs/own-data.yaml", f"output_dir={stopped}",
                         f"tracking.tracking_uri={cluster['MLFLOW_URI']}", f"tracking.experiment={experiment}")
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submitted).group(0)
     deadline = time.monotonic() + 300
@@ -143,7 +150,9 @@ def _a_stopped_job_ends_as_a_sigterm_does(env: dict, state: Path, tmp_path: Path
     time.sleep(5)
     ray_job("stop", job_id)
     assert f"Job '{job_id}' was stopped" in ray_job("status", job_id)
-    assert "flexi run: terminated. Finished stages are kept" in ray_job("logs", job_id)
+    logs = ray_job("logs", job_id)
+    assert "flexi run: terminated. Finished stages are kept" in logs
+    assert all(f"{stage}: reused" in logs for stage in ("score", "route", "eval:base")), logs[-3000:]
     supervisor = Path(cluster["RAY_TMP"], "session_latest", "logs", "jobs", f"supervisor-{job_id}.log").read_text()
     assert "terminated gracefully with SIGTERM" in supervisor, supervisor[-2000:]  # not SIGKILLed
     status = {r["info"]["run_name"]: r["info"]["status"] for r in _mlflow_runs(cluster["MLFLOW_URI"], experiment)}
