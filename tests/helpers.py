@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -84,3 +85,14 @@ def score_and_route(recipe: Recipe) -> None:
 
     record_scores(recipe)
     run_route(recipe)
+
+
+class WarningsSeen(logging.Handler):
+    """The messages of the WARNING-or-above records a logger passed on (add it as a handler)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())

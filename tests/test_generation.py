@@ -45,14 +45,7 @@ def test_whisper_generation_logs_none_of_transformers_notices_about_its_own_call
     import soundfile as sf
 
     from tests.conftest import REPO_ROOT
-
-    class Seen(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__(logging.WARNING)
-            self.messages: list[str] = []
-
-        def emit(self, record: logging.LogRecord) -> None:
-            self.messages.append(record.getMessage())
+    from tests.helpers import WarningsSeen
 
     (model_dir,) = (REPO_ROOT / "flexi_workflows" / "assets" / "builtin_models").glob("whisper-tiny-spoken-*")
     rng = np.random.default_rng(0)
@@ -60,7 +53,7 @@ def test_whisper_generation_logs_none_of_transformers_notices_about_its_own_call
     for i in range(2):
         paths.append(str(tmp_path / f"u{i}.flac"))
         sf.write(paths[-1], (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
-    generation_logger, seen = logging.getLogger("transformers.generation.utils"), Seen()
+    generation_logger, seen = logging.getLogger("transformers.generation.utils"), WarningsSeen()
     generation_logger.addHandler(seen)
     try:
         generator = BatchGenerator(str(model_dir), "speech", max_new_tokens=5, device="cpu", num_threads=1)

@@ -7,16 +7,8 @@ import logging
 from flexi_workflows.models.notices import GenerateNotices
 from flexi_workflows.models.pretrain_speech import evaluate_speech_base
 from tests.conftest import REPO_ROOT
+from tests.helpers import WarningsSeen
 from tests.tasks.test_speech import write_librispeech
-
-
-class Seen(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def test_measuring_the_installed_whisper_prints_none_of_transformers_notices_about_its_own_calls(tmp_path):
@@ -24,7 +16,7 @@ def test_measuring_the_installed_whisper_prints_none_of_transformers_notices_abo
     generate() calls printed the same transformers notices the pipeline's generation drops (GenerateNotices)."""
     write_librispeech(tmp_path / "LibriSpeech")
     (model_dir,) = (REPO_ROOT / "flexi_workflows" / "assets" / "builtin_models").glob("whisper-tiny-spoken-*")
-    generation_logger, seen = logging.getLogger("transformers.generation.utils"), Seen()
+    generation_logger, seen = logging.getLogger("transformers.generation.utils"), WarningsSeen()
     installed = [f for f in generation_logger.filters if isinstance(f, GenerateNotices)]  # by an earlier test
     for f in installed:
         generation_logger.removeFilter(f)
