@@ -34,9 +34,9 @@ def _train(tmp_path, model_dir, **sections):
 
 
 def test_zero2_and_zero3_train_flexi_identically_on_two_workers(tmp_path, tiny_model_dir, ray_local):
-    """ZeRO-3 builds the model partitioned and, here, recomputes activations in the backward pass
-    (training.gradient_checkpointing, per-row Flexi ranks held through the recomputation): it trains to
-    ZeRO-2's losses without either. (Checkpointing alone, in one process: tests/training/test_gradient_checkpointing.py.)"""
+    """ZeRO-3 builds the model partitioned and, here, also recomputes activations in the backward pass
+    (training.gradient_checkpointing): it trains to ZeRO-2's losses without either. (Checkpointing alone, to a
+    tighter tolerance: test_gradient_checkpointing_trains_flexi_to_the_same_losses below.)"""
     dist = {"num_workers": 2, "cpus_per_worker": 1}
     training = {"epochs": 3, "lr": 0.01}
     _, out2 = _train(tmp_path / "z2", tiny_model_dir, distribution={**dist, "zero_stage": 2}, training=training)
@@ -122,6 +122,17 @@ def test_failed_worker_resumes_from_last_checkpoint(tmp_path, tiny_model_dir, ra
     records = json.loads((out / RANKS_USED).read_text())
     assert [(r["step"], r["rank"]) for r in records] == [(step, 4) for step in range(16)], \
         "the rank record keeps what the checkpoint held and goes on from there, each micro-batch once"
+
+
+def test_gradient_checkpointing_trains_flexi_to_the_same_losses(tmp_path, tiny_model_dir, ray_local):
+    """Under Ray Train + ZeRO-2, with per-row ranks held through the backward recomputation."""
+    training = {"max_steps": 4, "lr": 0.01}
+    _, plain = _train(tmp_path / "plain", tiny_model_dir, training=training)
+    _, ckpt = _train(tmp_path / "ckpt", tiny_model_dir, training={**training, "gradient_checkpointing": True})
+    assert len(_losses(plain)) == 4
+    assert _losses(ckpt) == pytest.approx(_losses(plain), rel=1e-5, abs=1e-6)
+    assert json.loads((ckpt / REPORT).read_text())["gradient_checkpointing"] is True
+    assert json.loads((plain / REPORT).read_text())["gradient_checkpointing"] is False
 
 
 def test_bf16_under_ddp_is_autocast_not_silently_fp32(tmp_path, tiny_model_dir, ddp_fp32):
