@@ -183,13 +183,31 @@ def deepspeed_config_for(recipe: Recipe) -> dict[str, Any]:
 
 
 OP_BUILT = re.compile(r"DeepSpeed \S+ built successfully")  # deepspeed/comm/torch.py, on every load of its op
+SHM_COMM_OP = "deepspeed_shm_comm"  # deepspeed/ops/op_builder/cpu/comm.py: ShareMemCommBuilder.NAME
+
+
+def skip_cpu_inference_comm_op() -> None:
+    """On a CPU accelerator, DeepSpeed's comm layer starts without its shared-memory all-reduce op (see
+    one_op_build); elsewhere nothing changes (no other accelerator builds that op)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
 @contextmanager
 def one_op_build() -> Iterator[None]:
-    """Around DeepSpeed's start: its comm layer compiles a C++ op on CPU (shared-memory all-reduce, about
-    25 s) with torch's cpp_extension, which runs the first `ninja` on PATH and keeps the build in one folder
-    per Python version (~/.cache/torch_extensions/py311_cpu). Two things made it compile again and again:
+    """Around DeepSpeed's start. On CPU its comm layer compiles a C++ op (shared-memory all-reduce, 25–32 s
+    on 2 cores, and a C++ compiler needed) that only `inference_all_reduce` uses, DeepSpeed's tensor-parallel
+    inference: training reduces through torch.distributed (gloo) with or without it. So on a CPU
+    accelerator the op is marked incompatible (`deepspeed.ops.__compatible_ops__`, the dict DeepSpeed
+    probes once and keeps for edits) and DeepSpeed starts without it: no build on a fresh machine, and
+    `inference_all_reduce` falls back to torch.distributed, as DeepSpeed does on a CPU without AVX2.
+    Ops DeepSpeed compiles later (e.g. its CPU Adam) still build, with torch's cpp_extension, which runs
+    the first `ninja` on PATH and keeps the build in one folder per Python version
+    (~/.cache/torch_extensions/py311_cpu). Two things made such a build run again and again:
     - the ninja: a Ray job's PATH starts with the virtualenv's bin (ninja 1.13), `.venv/bin/flexi` from a
       plain shell finds the system's (1.11), and ninja 1.12 changed how its log hashes a command, so each
       found the other's build out of date;
@@ -199,8 +217,9 @@ def one_op_build() -> Iterator[None]:
     is changed for the block only, in which the worker starts DeepSpeed before its training steps (a
     subprocess another thread starts meanwhile would see this environment's bin first, nothing worse).
     On CUDA, DeepSpeed builds no such op at start; only the folder is set, for ops it compiles later.
-    DeepSpeed prints "DeepSpeed <op> built successfully" each time it loads the op, on every training run's
-    console; the block's stdout is held and given back without that line (and given back on failure too)."""
+    DeepSpeed prints "DeepSpeed <op> built successfully" each time it loads an op; the block's stdout is
+    held and given back without that line (and given back on failure too)."""
+    skip_cpu_inference_comm_op()
     bin_dir = os.path.dirname(sys.executable)
     path = os.environ.get("PATH")
     own_ninja = os.path.isfile(os.path.join(bin_dir, "ninja"))

@@ -50,3 +50,15 @@ def test_deepspeeds_op_loaded_line_is_dropped_and_the_rest_kept(capsys):
     except RuntimeError:
         pass
     assert capsys.readouterr().out == "printed before a failure\n"
+
+
+def test_deepspeed_starts_on_cpu_without_compiling_its_inference_all_reduce_op(monkeypatch, tmp_path):
+    """The op costs a 25–32 s compile on a fresh machine (and a C++ compiler) for tensor-parallel inference
+    alone; training on CPU reduces through torch.distributed whether it exists or not."""
+    import importlib
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` as a name is torch itself
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty build folder: a build would land here
+    with one_op_build():
+        assert ds_torch.build_shm_op() is None
+    assert list(tmp_path.iterdir()) == [], "nothing was compiled"
