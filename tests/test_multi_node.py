@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 
 from flexi_workflows.errors import ConfigError
+from flexi_workflows.stages.train import RANKS_USED, REPORT
 from flexi_workflows.storage import Storage
 from tests.conftest import free_port
 from tests.helpers import small_recipe
@@ -83,9 +84,15 @@ def test_a_run_spreads_over_two_nodes_keeps_everything_in_s3_and_survives_a_work
     assert {r["method"] for r in summary["rows"]} == {"lora-4"}
     train = next(s for name, s in summary["stages"].items() if name.startswith("train"))
     assert train["folder"].startswith("s3://flexi-test/")
-    report = json.loads(storage.read_text(train["folder"].split("flexi-test/", 1)[1].split("/", 1)[1] + "/train_report.json"))
+    train_folder = train["folder"].split("flexi-test/", 1)[1].split("/", 1)[1]
+    report = json.loads(storage.read_text(f"{train_folder}/{REPORT}"))
     assert report["steps"] == report["total_steps"] == 16
     assert report["resumed_from_step"] == 4, "the restarted workers resumed from the step-4 checkpoint in S3"
+    assert [s for s, _ in report["loss_curve"]] == list(range(1, 17)), "the checkpoint's curve, then the rest"
+    records = json.loads(storage.read_text(f"{train_folder}/{RANKS_USED}"))
+    assert sorted((r["step"], r["worker"], r["micro_batch"], r["rank"]) for r in records) == \
+        [(step, worker, 0, 4) for step in range(16) for worker in (0, 1)], \
+        "the rank record keeps what the checkpoint held and goes on from there, each micro-batch once"
     assert report["checkpoint"].startswith(f"flexi-test/{tmp_path.name}/ray_results/")
     assert storage.exists("ray_results")
     # the driver's output folder: nothing of the run (the tracking store is the server)
