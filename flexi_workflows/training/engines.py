@@ -205,9 +205,10 @@ def one_op_build() -> Iterator[None]:
     accelerator the op is marked incompatible (`deepspeed.ops.__compatible_ops__`, the dict DeepSpeed
     probes once and keeps for edits) and DeepSpeed starts without it: no build on a fresh machine, and
     `inference_all_reduce` falls back to torch.distributed, as DeepSpeed does on a CPU without AVX2.
-    Ops DeepSpeed compiles later (e.g. its CPU Adam) still build, with torch's cpp_extension, which runs
-    the first `ninja` on PATH and keeps the build in one folder per Python version
-    (~/.cache/torch_extensions/py311_cpu). Two things made such a build run again and again:
+    An op DeepSpeed compiles on demand later still builds, with torch's cpp_extension, which runs the
+    first `ninja` on PATH and keeps the build in one folder per Python version
+    (~/.cache/torch_extensions/py311_cpu). Two things made such a build (the shared-memory op's, before)
+    run again and again:
     - the ninja: a Ray job's PATH starts with the virtualenv's bin (ninja 1.13), `.venv/bin/flexi` from a
       plain shell finds the system's (1.11), and ninja 1.12 changed how its log hashes a command, so each
       found the other's build out of date;
