@@ -153,8 +153,9 @@ class MethodGenerator(BatchGenerator):
     seed and shard assignment give the same ranks whichever actor runs the batch.
     The ranks actually used come back as a column, so mean active parameters are measured, not assumed.
 
-    With `merged` (evaluation.merged, nested-adapter methods) each batch is generated one rank group at a
-    time on the base weights with that rank merged in (adapters/merged.py), restored after the batch.
+    With `merged` (evaluation.merged, nested-adapter methods) each batch is generated in one call on the
+    base weights with its most common rank merged in and its other rows corrected (adapters/merged.py),
+    restored after the batch.
     """
 
     def __init__(self, model_ref: str, task_name: str | TaskConfig, *, method: dict[str, Any], artifact_dir: str,
@@ -174,10 +175,9 @@ class MethodGenerator(BatchGenerator):
     def generate_ranked(self, inputs: dict[str, torch.Tensor], ranks: np.ndarray) -> list[str]:
         if not self.merged:
             return self.generate(inputs, ranks=ranks.tolist())
-        from flexi_workflows.adapters.merged import generate_per_rank
+        from flexi_workflows.adapters.merged import generate_merged
 
-        return generate_per_rank(self.model, ranks.tolist(), inputs,
-                                 lambda base, group: self.generate(group, model=base))
+        return generate_merged(self.model, ranks.tolist(), inputs, lambda base, batch: self.generate(batch, model=base))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = self.prompts(batch)

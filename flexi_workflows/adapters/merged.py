@@ -1,24 +1,32 @@
-"""Per-class merged inference: each rank's rows run on the base weights with that rank folded in.
+"""Per-class merged inference: a mixed-rank batch generated in one decoding loop on merged base weights.
 
 A mixed-rank batch through `FlexiLoraModel` pays for an r_max LoRA in every adapted layer (and a mask).
-Here the batch is split by rank instead; for each rank r the target layers' weights become
-W + γ(r)·B[:, :r]·A[:r] in place and the wrapped modules are swapped back for the plain nn.Linear, so
-that group generates on exactly the bare base model's module tree: no adapter matmuls, no wrapper.
+Here the batch's most common rank m is folded into the base weights instead, W_m = W + γ(m)·B[:, :m]·A[:m],
+in place; the rows at every other rank r are sorted into one contiguous slice per rank and get, in the
+same forward, only the difference between their rank's update and m's:
 
-    batch ──► rank groups {r: rows} ──► for each r: merge r ─► base_model.generate(rows)
-                                                    ──► outputs back in row order, W restored bit for bit
+    x_r · (W_r − W_m)ᵀ = ((x_r · Aᵀ) ⊙ c_r) · Bᵀ,   c_r[j] = γ(r)·[j < r] − γ(m)·[j < m]
+
+    batch ──► sort rows: rank m first, then one slice per other rank
+          ──► merge m into W; each target layer becomes  y = x·W_mᵀ,  y[slice r] += (x[slice r]·a_r)·b
+          ──► one base_model.generate(...)  ──► outputs back in row order, W restored bit for bit
+
+So a single-rank batch runs on exactly the bare base model's module tree (plain nn.Linear, no adapter
+matmuls), and a mixed one adds two rank-≤r_max matmuls on its minority rows per adapted layer: one
+decoding loop either way, never one loop per rank (on a CPU or a latency-bound GPU a loop costs about
+the same for 2 rows as for 8, so a loop per rank would cost a whole batch per rank).
 
 Restoring is exact because the original weights are copied, not recomputed: (W + Δ) − Δ in floating
 point is not W. The copy is in the weights' own dtype (already exact, so no fp32 copy is needed); it costs
 one extra copy of the touched weights for as long as a rank is merged (LLaMA-3.2-1B's q/k/v/o in bf16:
-16 layers × (2·2048² + 2·2048·512) × 2 bytes ≈ 0.34 GB), plus one layer's fp32 merge at a time. Each rank
-is merged from the copy, so moving from one rank to the next costs one merge, not an unmerge and a merge.
+16 layers × (2·2048² + 2·2048·512) × 2 bytes ≈ 0.34 GB), plus one layer's fp32 merge at a time.
 
 The merged weight is computed as merge_and_unload computes it (fp32 sum, rounded once to the weight's
-dtype), so a group sees the weights an exported merged model at that rank would have. In fp32 the
-predictions equal the unmerged path's up to float rounding (the sum is associated differently), which
-flips a greedy token only on a near-tie; in bf16 the merged weight is rounded to bf16 once more, an error
-the size of the base weights' own rounding, so a near-tie flips more easily.
+dtype), so rows at rank m see the weights an exported merged model at that rank would have; the other
+rows' correction is computed in the weights' dtype. In fp32 the predictions equal the unmerged path's
+up to float rounding (the sums are associated differently), which flips a greedy token only on a
+near-tie; in bf16 the merged weight is rounded to bf16 once more, an error the size of the base weights'
+own rounding, so a near-tie flips more easily.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from flexi_workflows.adapters.layer import FlexiLoraLinear
 from flexi_workflows.adapters.model import FlexiLoraModel, _set_submodule
@@ -39,12 +49,57 @@ def rank_groups(ranks: torch.Tensor | Sequence[int]) -> list[tuple[int, torch.Te
     return [(int(r), torch.nonzero(ranks == r).flatten()) for r in torch.unique(ranks).tolist()]
 
 
+def merge_order(ranks: torch.Tensor | Sequence[int]) -> tuple[int, torch.Tensor, list[tuple[int, int, int]]]:
+    """The rank to merge (the most common; a tie goes to the lower rank), the row order that puts its rows
+    first and every other rank's rows after them in one contiguous slice per rank (lowest rank first, rows
+    in their order), and those slices as (rank, start, end) in the sorted batch."""
+    groups = rank_groups(ranks)
+    merged, _ = max(groups, key=lambda group: (len(group[1]), -group[0]))
+    order, slices, start = [], [], 0
+    for rank, rows in sorted(groups, key=lambda group: group[0] != merged):  # stable: lowest rank first
+        order.append(rows)
+        if rank != merged:
+            slices.append((rank, start, start + len(rows)))
+        start += len(rows)
+    return merged, torch.cat(order), slices
+
+
+class RankCorrectedLinear(nn.Module):
+    """A target layer while a rank m is merged into its weight: y = x·W_mᵀ + b, and for each slice of rows
+    at another rank r, y[slice] += (x[slice]·a_r)·b_r with a_r = (A ⊙ c_r)ᵀ, b_r = Bᵀ (module docstring).
+
+    The slices are rows of the batch the ranks were given for; `generate` may repeat each row (beams,
+    returned sequences: repeat_interleave) and a model may flatten (batch, seq) before a linear, so the
+    rows seen here are n·k with each of the batch's rows k consecutive rows, and a slice is scaled by k."""
+
+    def __init__(self, base_layer: nn.Linear, corrections: list[tuple[int, int, torch.Tensor, torch.Tensor]],
+                 batch_size: int) -> None:
+        super().__init__()
+        self.weight, self.bias = base_layer.weight, base_layer.bias  # the merged weight itself, not a copy
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.corrections, self.batch_size = corrections, batch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if x.shape[0] % self.batch_size:
+            raise RankError(f"the ranks were given for {self.batch_size} rows but a layer saw {x.shape[0]}")
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        per = x2.shape[0] // self.batch_size  # rows of x2 per row of the batch: k · the flattened middle dims
+        for start, end, a, b in self.corrections:
+            y2[start * per:end * per].addmm_(x2[start * per:end * per] @ a, b)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, corrected slices={len(self.corrections)}"
+
+
 class RankMerger:
     """Folds one rank at a time into a FlexiLoraModel's base weights, in place, and puts them back exactly.
 
     While a rank is merged, `model.base_model` is the plain base model (its target modules are the
-    original nn.Linear again) with merged weights; `restore()` puts back the original weights and the
-    Flexi-LoRA layers. `generate_per_rank` restores in a finally block, so an exception restores too.
+    original nn.Linear again, or a RankCorrectedLinear over the same weight when `correct` gives other
+    ranks' rows their difference) with merged weights; `restore()` puts back the original weights and the
+    Flexi-LoRA layers. `generate_merged` restores in a finally block, so an exception restores too.
     """
 
     def __init__(self, model: FlexiLoraModel) -> None:
@@ -90,6 +145,27 @@ class RankMerger:
         self.rank = rank
 
     @torch.no_grad()
+    def correct(self, slices: Sequence[tuple[int, int, int]], batch_size: int) -> None:
+        """With a rank m merged, give the rows of each (rank r, start, end) slice of a `batch_size`-row batch
+        their rank's update instead of m's: each target layer becomes a RankCorrectedLinear over its merged
+        weight, until the next `merge` or `restore`."""
+        merged = self.rank
+        if merged is None:
+            raise RankError("merge a rank before correcting other ranks' rows")
+        for name, layer in self.layers.items():
+            weight = layer.base_layer.weight
+            corrections = []
+            for rank, start, end in slices:
+                width = max(rank, merged)
+                coefficients = torch.zeros(width, device=weight.device)
+                coefficients[:rank] += float(layer.gamma(rank))
+                coefficients[:merged] -= float(layer.gamma(merged))
+                a = (layer.lora_A[:width].float() * coefficients[:, None]).t().to(weight.dtype).contiguous()
+                b = layer.lora_B[:, :width].float().t().to(weight.dtype).contiguous()
+                corrections.append((start, end, a, b))
+            _set_submodule(self.model.base_model, name, RankCorrectedLinear(layer.base_layer, corrections, batch_size))
+
+    @torch.no_grad()
     def restore(self) -> None:
         """Every weight copied so far goes back and every Flexi-LoRA layer is put back in place (also after
         a merge that failed half-way)."""
@@ -111,34 +187,38 @@ def _batch_size(inputs: dict[str, Any]) -> int:
 
 
 @torch.no_grad()
-def generate_per_rank(
+def generate_merged(
     model: FlexiLoraModel,
     ranks: torch.Tensor | Sequence[int] | int,
     inputs: dict[str, Any],
     generate: Callable[[torch.nn.Module, dict[str, Any]], Sequence[Any]],
 ) -> list[Any]:
-    """Row b's output from `generate(base_model, group_inputs)` run with rank ranks[b] merged; in row order.
+    """Row b's output at rank ranks[b], from one `generate(base_model, sorted_inputs)` call on the base
+    weights with the batch's most common rank merged in and the other rows corrected (module docstring).
 
     `inputs` are the whole batch's model inputs (tensors with the batch first; anything else is passed
-    to every group as is). Each group keeps its rows' tensors exactly as they are in the batch (same
-    padding), so a row sees the same inputs as in the unmerged mixed batch. `generate` returns one
-    output per row of the group, in the group's order. The weights are restored when this returns or raises.
+    as is). Rows are only reordered: each keeps its tensors exactly as they are in the batch (same
+    padding), so a row sees the same inputs as in the unmerged mixed batch. `generate` returns one output
+    per row, in the order it was given them; they come back in the batch's order. The weights are
+    restored when this returns or raises.
     """
     n = _batch_size(inputs)
     ranks, _ = model.resolve_ranks(ranks, n, None, None)
-    outputs: list[Any] = [None] * n
+    merged, order, slices = merge_order(ranks)
     merger = RankMerger(model)
     try:
-        for rank, rows in rank_groups(ranks):
-            merger.merge(rank)
-            group = {k: v.index_select(0, rows.to(v.device))
-                     if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
-                     for k, v in inputs.items()}
-            results = generate(model.base_model, group)
-            if len(results) != len(rows):
-                raise RankError(f"generate returned {len(results)} outputs for a group of {len(rows)} rows")
-            for i, result in zip(rows.tolist(), results):
-                outputs[i] = result
+        merger.merge(merged)
+        if slices:
+            merger.correct(slices, n)
+        batch = {k: v.index_select(0, order.to(v.device))
+                 if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+                 for k, v in inputs.items()}
+        results = generate(model.base_model, batch)
+        if len(results) != n:
+            raise RankError(f"generate returned {len(results)} outputs for a batch of {n} rows")
     finally:
         merger.restore()
+    outputs: list[Any] = [None] * n
+    for i, result in zip(order.tolist(), results):
+        outputs[i] = result
     return outputs

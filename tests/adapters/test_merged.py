@@ -1,5 +1,6 @@
-"""Per-class merged inference: the same tokens as the unmerged mixed batch, on the plain base modules,
-with the weights put back bit for bit."""
+"""Per-class merged inference: the same tokens as the unmerged mixed batch from one generate call on the
+base weights with one rank merged in (the other ranks' rows corrected), with the weights put back bit
+for bit."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import pytest
 import torch
 
 from flexi_workflows.adapters import FlexiLoraConfig, FlexiLoraLinear, inject_flexi_lora
-from flexi_workflows.adapters.merged import RankMerger, generate_per_rank, rank_groups
+from flexi_workflows.adapters.merged import (
+    RankCorrectedLinear,
+    RankMerger,
+    generate_merged,
+    merge_order,
+    rank_groups,
+)
 from flexi_workflows.errors import RankError
 from tests.conftest import make_tiny_llama, randomize_lora
 
@@ -42,34 +49,84 @@ def test_rank_groups_keep_row_order_lowest_rank_first():
     assert [(r, rows.tolist()) for r, rows in groups] == [(1, [2]), (2, [0, 4]), (4, [5]), (8, [1, 3])]
 
 
-def test_merged_generation_gives_the_unmerged_tokens_and_restores_the_weights():
-    """fp32: the same greedy tokens for every row of a mixed-rank batch, on plain nn.Linear modules whose
-    weights are merge_and_unload's at each rank; afterwards the state is bit-identical to before."""
+def test_merge_order_puts_the_most_common_rank_first_and_one_slice_per_other_rank():
+    merged, order, slices = merge_order(RANKS)  # ranks 2 and 8 both hold two rows: the lower rank is merged
+    assert merged == 2
+    assert order.tolist() == [0, 4, 2, 5, 1, 3]
+    assert slices == [(1, 2, 3), (4, 3, 4), (8, 4, 6)]
+    merged, order, slices = merge_order([8, 2, 8, 8])
+    assert (merged, order.tolist(), slices) == (8, [0, 2, 3, 1], [(2, 3, 4)])
+    assert merge_order([4, 4])[2] == [], "a single-rank batch needs no correction"
+
+
+@pytest.mark.parametrize("scaling", ["alpha_over_r", "learned"])
+def test_a_corrected_layer_gives_each_slice_its_own_rank(scaling):
+    """Rows in a slice at rank r get W + Δ_r (merge_and_unload's weight at r) although rank m is merged; the
+    slices scale with generate's repeated rows (k per row) and with (batch, seq) flattened before a linear."""
+    model = inject_flexi_lora(make_tiny_llama(), FlexiLoraConfig(r_max=8, alpha=16, scaling=scaling))
+    randomize_lora(model, seed=1)
+    if scaling == "learned":
+        with torch.no_grad():
+            for _, layer in model.flexi_layers():
+                layer.lora_gamma.mul_(torch.linspace(0.5, 1.5, 8))
+    name = "model.layers.0.self_attn.q_proj"
+    at = {r: copy.deepcopy(model).merge_and_unload(r).get_submodule(name) for r in (1, 2, 4, 8)}
+    merger = RankMerger(model)
+    merger.merge(2)
+    merger.correct([(1, 2, 3), (4, 3, 4), (8, 4, 6)], batch_size=6)
+    layer = model.base_model.get_submodule(name)
+    assert type(layer) is RankCorrectedLinear
+    sorted_ranks = [2, 2, 1, 4, 8, 8]
+    x = torch.randn(6, 5, layer.in_features)
+    for k, inputs in ((1, x), (3, x.repeat_interleave(3, dim=0)), (1, x.reshape(30, -1))):
+        y = layer(inputs)
+        per = inputs.shape[0] // 6
+        for row, rank in enumerate(sorted_ranks):
+            rows = slice(row * per, (row + 1) * per)
+            torch.testing.assert_close(y[rows], at[rank](inputs[rows]), rtol=1e-5, atol=1e-5,
+                                       msg=f"k={k}: row {row} is not at rank {rank}")
+    with pytest.raises(RankError, match="given for 6 rows but a layer saw 4"):
+        layer(x[:4])
+    merger.restore()
+
+
+def test_merged_generation_gives_the_unmerged_tokens_in_one_call_and_restores_the_weights():
+    """fp32: the same greedy tokens for every row of a mixed-rank batch from one generate call, on the base
+    weights with the most common rank merged as merge_and_unload merges it; afterwards the state is
+    bit-identical to before. A single-rank batch runs on the bare base modules."""
     inputs = _batch()
     for seed in range(3):
         model = _flexi(seed=seed)
         unmerged = model.generate(**inputs, ranks=RANKS, **GEN)
         assert len({tuple(unmerged[b].tolist()) for b in range(len(RANKS))}) > 1
         before = _snapshot(model)
-        merged_at = {r: dict(copy.deepcopy(model).merge_and_unload(r).named_parameters()) for r in set(RANKS)}
+        merged_at = dict(copy.deepcopy(model).merge_and_unload(2).named_parameters())
         seen = []
 
-        def generate(base, group, seen=seen, merged_at=merged_at):
+        def generate(base, batch, seen=seen, merged_at=merged_at):
             q = base.model.layers[0].self_attn.q_proj
-            assert type(q) is torch.nn.Linear, "a group runs on the bare base modules"
-            rank = sorted(set(RANKS))[len(seen)]  # groups come lowest rank first
-            assert torch.equal(q.weight, merged_at[rank]["model.layers.0.self_attn.q_proj.weight"])
-            seen.append((rank, group["input_ids"].shape[0]))
-            return list(base.generate(**group, **GEN))
+            assert type(q) is RankCorrectedLinear, "the other ranks' rows are corrected"
+            assert torch.equal(q.weight, merged_at["model.layers.0.self_attn.q_proj.weight"]), "rank 2 is merged"
+            seen.append(batch["input_ids"].tolist())
+            return list(base.generate(**batch, **GEN))
 
-        got = torch.stack(generate_per_rank(model, RANKS, inputs, generate))
-        assert sorted(seen) == [(1, 1), (2, 2), (4, 1), (8, 2)], "one generate call per rank present"
+        got = torch.stack(generate_merged(model, RANKS, inputs, generate))
+        assert seen == [inputs["input_ids"][[0, 4, 2, 5, 1, 3]].tolist()], "one generate call, rows sorted by rank"
         assert torch.equal(got, unmerged), f"seed {seed}: merged tokens differ from the unmerged path"
         after = model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before), "weights restored bit for bit"
         assert all(isinstance(layer, FlexiLoraLinear) for _, layer in model.flexi_layers())
         again = model.generate(**inputs, ranks=RANKS, **GEN)
         assert torch.equal(again, unmerged), "the adapter works as before"
+
+    model = _flexi()
+    uniform = model.generate(**inputs, ranks=4, **GEN)
+
+    def plain(base, batch):
+        assert type(base.model.layers[0].self_attn.q_proj) is torch.nn.Linear, "one rank: the bare base modules"
+        return list(base.generate(**batch, **GEN))
+
+    assert torch.equal(torch.stack(generate_merged(model, [4] * len(RANKS), inputs, plain)), uniform)
 
 
 def test_bf16_weights_come_back_bit_exact_where_subtracting_the_delta_would_not():
@@ -98,7 +155,7 @@ def test_weights_are_restored_when_generation_fails():
         raise RuntimeError("out of memory")
 
     with pytest.raises(RuntimeError, match="out of memory"):
-        generate_per_rank(model, RANKS, _batch(), fail)
+        generate_merged(model, RANKS, _batch(), fail)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(isinstance(layer, FlexiLoraLinear) for _, layer in model.flexi_layers())
@@ -109,3 +166,12 @@ def test_a_weight_shared_with_another_module_is_refused():
                               FlexiLoraConfig(r_max=4, targets=["lm_head"]))
     with pytest.raises(RankError, match="shared with model.embed_tokens.weight"):
         RankMerger(model)
+
+
+def test_merged_beam_search_follows_each_rows_rank():
+    """Beam search repeats each row (repeat_interleave): the corrected slices grow with it."""
+    inputs, beams = _batch(), {**GEN, "num_beams": 3}
+    model = _flexi(seed=1)
+    unmerged = model.generate(**inputs, ranks=RANKS, **beams)
+    got = torch.stack(generate_merged(model, RANKS, inputs, lambda base, batch: list(base.generate(**batch, **beams))))
+    assert torch.equal(got, unmerged)

@@ -1,5 +1,5 @@
 """evaluation.merged through the evaluation stage's Ray Data actor pool: the routed rows sorted by rank into
-batches, each generated merged per rank, give the unmerged predictions of the mixed-rank batches (tiny fp32
+batches, each generated merged (one call per batch), give the unmerged predictions of the mixed-rank batches (tiny fp32
 LLaMA, a Flexi adapter with nonzero B)."""
 
 from __future__ import annotations
