@@ -139,8 +139,11 @@ class RankMerger:
             original = self._originals.get(name)
             if original is None:
                 original = self._originals[name] = weight.detach().clone()
-            merged = original.to(torch.float32) + layer.delta_weight(rank).to(torch.float32)
-            weight.copy_(merged.to(weight.dtype))
+            delta = layer.delta_weight(rank)
+            if weight.dtype == delta.dtype == torch.float32:  # the same sum, written straight into the weight
+                torch.add(original, delta, out=weight)
+            else:
+                weight.copy_((original.to(torch.float32) + delta.to(torch.float32)).to(weight.dtype))
             _set_submodule(self.model.base_model, name, layer.base_layer)
         self.rank = rank
 
@@ -157,12 +160,12 @@ class RankMerger:
             corrections = []
             for rank, start, end in slices:
                 width = max(rank, merged)
-                coefficients = torch.zeros(width, device=weight.device)
-                coefficients[:rank] += float(layer.gamma(rank))
-                coefficients[:merged] -= float(layer.gamma(merged))
-                a = (layer.lora_A[:width].float() * coefficients[:, None]).t().to(weight.dtype).contiguous()
-                b = layer.lora_B[:, :width].float().t().to(weight.dtype).contiguous()
-                corrections.append((start, end, a, b))
+                coefficients = [float(layer.gamma(rank)) * (j < rank) - float(layer.gamma(merged)) * (j < merged)
+                                for j in range(width)]
+                a = layer.lora_A[:width] * torch.tensor(coefficients, dtype=layer.lora_A.dtype,
+                                                        device=weight.device)[:, None]
+                # transposed views: the matmuls read them as they are
+                corrections.append((start, end, a.to(weight.dtype).t(), layer.lora_B[:, :width].to(weight.dtype).t()))
             _set_submodule(self.model.base_model, name, RankCorrectedLinear(layer.base_layer, corrections, batch_size))
 
     @torch.no_grad()

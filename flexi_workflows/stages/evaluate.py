@@ -118,8 +118,8 @@ def generate_with_method(rows: list[Row], recipe: Recipe, method: Method | None,
     progress_label = f"eval {method.label if method is not None else 'base'}"
     merged = cfg.merged and method is not None and method.merges_ranks
     if merged and method.routing is not None:
-        # the rows' ranks are known before generation: batches of one rank each (but at the seams) run one
-        # merged generate each, as many as the base model's, where mixed batches would run one per rank
+        # the rows' ranks are known before generation: batches of one rank each (but at the seams) run on the
+        # bare base modules with that rank merged, where a mixed batch adds its other ranks' corrections
         rows = sorted(rows, key=lambda r: int(r["rank"]))
     _, stream, position = eval_batches(len(rows), cfg.batch_size, cfg.num_actors)
     columns = [{**model_columns(r), "rank": int(r.get("rank", 0)), "eval_stream": int(k), "stream_position": int(p)}
