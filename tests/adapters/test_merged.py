@@ -175,3 +175,17 @@ def test_merged_beam_search_follows_each_rows_rank():
     unmerged = model.generate(**inputs, ranks=RANKS, **beams)
     got = torch.stack(generate_merged(model, RANKS, inputs, lambda base, batch: list(base.generate(**batch, **beams))))
     assert torch.equal(got, unmerged)
+
+
+def test_merged_whisper_gives_the_unmerged_transcripts(tiny_whisper):
+    """Encoder self-attention and decoder self- and cross-attention are all corrected per slice: the
+    encoder's rows and the decoder's rows both follow the sorted batch."""
+    model = inject_flexi_lora(tiny_whisper, FlexiLoraConfig(r_max=8))
+    randomize_lora(model, std=0.3)
+    torch.manual_seed(1)
+    feats, ranks, gen = torch.randn(5, 16, 40), [2, 8, 2, 4, 2], {"max_new_tokens": 5, "do_sample": False}
+    unmerged = model.generate(input_features=feats, ranks=ranks, **gen)
+    assert len({tuple(row.tolist()) for row in unmerged}) > 1
+    got = torch.stack(generate_merged(model, ranks, {"input_features": feats},
+                                      lambda base, batch: list(base.generate(**batch, **gen))))
+    assert torch.equal(got, unmerged)
