@@ -189,3 +189,25 @@ def test_merged_whisper_gives_the_unmerged_transcripts(tiny_whisper):
     got = torch.stack(generate_merged(model, ranks, {"input_features": feats},
                                       lambda base, batch: list(base.generate(**batch, **gen))))
     assert torch.equal(got, unmerged)
+
+
+def test_the_readme_adapter_lines_run_as_written_and_merged_gives_the_same_tokens():
+    """The README's adapter lines run as written; with nonzero adapters (B starts at zero, so every rank is
+    the base model at first) its generate lines run again and the merged call gives generate's tokens."""
+    import re
+
+    from tests.conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    snippet = re.findall(r"```python\n(.*?)```", readme[readme.index("## The adapter in five lines"):], re.DOTALL)[0]
+    ids = torch.randint(3, 96, (4, 6), generator=torch.Generator().manual_seed(0))
+    hf_model = make_tiny_llama()
+    scope = {"hf_model": hf_model, "ids": ids, "mask": torch.ones_like(ids)}
+    exec(compile(snippet, "README.md (The adapter in five lines)", "exec"), scope)  # noqa: S102 — the README is ours
+    assert scope["model"].base_model is hf_model and scope["out"].loss is not None
+    randomize_lora(scope["model"], seed=3)
+    generate_lines = snippet[snippet.index("gen = "):]
+    exec(compile(generate_lines, "README.md (The adapter in five lines)", "exec"), scope)  # noqa: S102
+    gen = scope["gen"]
+    assert len({tuple(row.tolist()) for row in gen}) > 1
+    assert torch.equal(torch.stack(scope["fast"]), gen)
