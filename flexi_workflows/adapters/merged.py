@@ -16,9 +16,10 @@ matmuls), and a mixed one adds two rank-≤r_max matmuls on its minority rows pe
 decoding loop either way, never one loop per rank (on a CPU or a latency-bound GPU a loop costs about
 the same for 2 rows as for 8, so a loop per rank would cost a whole batch per rank).
 
-Restoring is exact because the original weights are copied, not recomputed: (W + Δ) − Δ in floating
-point is not W. The copy is in the weights' own dtype (already exact, so no fp32 copy is needed); it costs
-one extra copy of the touched weights for as long as a rank is merged (LLaMA-3.2-1B's q/k/v/o in bf16:
+Restoring is exact because the original weights are never written, not because Δ is subtracted
+((W + Δ) − Δ in floating point is not W): while a rank is merged each touched weight parameter points at
+a new tensor holding W + Δ, and restoring points it back at W's own tensor, with no copy. That costs one
+extra copy of the touched weights for as long as a rank is merged (LLaMA-3.2-1B's q/k/v/o in bf16:
 16 layers × (2·2048² + 2·2048·512) × 2 bytes ≈ 0.34 GB), plus one layer's fp32 merge at a time.
 
 The merged weight is computed as merge_and_unload computes it (fp32 sum, rounded once to the weight's
@@ -137,13 +138,18 @@ class RankMerger:
         for name, layer in self.layers.items():
             weight = layer.base_layer.weight
             original = self._originals.get(name)
-            if original is None:
-                original = self._originals[name] = weight.detach().clone()
-            delta = layer.delta_weight(rank)
-            if weight.dtype == delta.dtype == torch.float32:  # the same sum, written straight into the weight
-                torch.add(original, delta, out=weight)
+            if original is None:  # the first merge: the weight's own tensor is kept aside, untouched
+                original = self._originals[name] = weight.data
+                merged = torch.empty_like(original)
+            else:  # another rank: the previous rank's merged tensor is overwritten
+                merged = weight.data
+            if original.dtype == layer.lora_A.dtype == torch.float32:
+                # delta_weight's (B·A)·γ and the sum, in place in one buffer: the same float operations
+                torch.matmul(layer.lora_B[:, :rank], layer.lora_A[:rank], out=merged)
+                merged.mul_(layer.gamma(rank)).add_(original)
             else:
-                weight.copy_((original.to(torch.float32) + delta.to(torch.float32)).to(weight.dtype))
+                merged.copy_((original.to(torch.float32) + layer.delta_weight(rank).to(torch.float32)).to(original.dtype))
+            weight.data = merged
             _set_submodule(self.model.base_model, name, layer.base_layer)
         self.rank = rank
 
@@ -170,12 +176,12 @@ class RankMerger:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Every weight copied so far goes back and every Flexi-LoRA layer is put back in place (also after
-        a merge that failed half-way)."""
+        """Every weight merged so far points at its original tensor again and every Flexi-LoRA layer is put
+        back in place (also after a merge that failed half-way)."""
         if not self._originals:
             return
         for name, original in self._originals.items():
-            self.layers[name].base_layer.weight.copy_(original)
+            self.layers[name].base_layer.weight.data = original
         for name, layer in self.layers.items():
             _set_submodule(self.model.base_model, name, layer)
         self._originals.clear()
