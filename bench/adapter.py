@@ -9,7 +9,10 @@ round-robin so drift (thermal, other load) hits each equally; each figure is a m
     flexi r_max        Flexi-LoRA r_max, every sample at r_max (uniform fast path)
     flexi low          Flexi-LoRA, every sample at the low rank (uniform fast path)
     flexi merged       generation only: the mixed batch in one generate call on the base weights with its most
-                       common rank merged in and the other rows corrected, restored after (evaluation.merged)
+                       common rank merged in and the other rows corrected, restored after (evaluation.merged),
+                       through one RankMerger kept across calls as an evaluation actor keeps it
+    merged cold        generation only: the same with a new RankMerger per call (its merge buffers allocated
+                       afresh: generate_merged's default)
     merged uniform     generation only: the same batch with every row at the low rank, merged: no corrections,
                        so merging and restoring alone
     base stream        generation only: the frozen base on --stream-batches batches of mixed-rank rows
@@ -20,7 +23,8 @@ The last line printed is one JSON object; `train_step_ratio_vs_peft` and `genera
 are flexi-mixed time / PEFT time (lower is better); `merged_generate_ratio_vs_base` is flexi-merged time
 (merging and restoring included) / the frozen base's time on the same batch, and
 `merged_uniform_generate_ratio_vs_base` the same for a single-rank batch, which leaves out the other
-ranks' corrections (merging and restoring alone).
+ranks' corrections (merging and restoring alone), and `merged_cold_generate_ratio_vs_base` the same
+for a new merger per call.
 `merged_sorted_generate_ratio_vs_base` is merged stream / base stream: what the evaluation stage pays.
 
     python bench/adapter.py            # hidden 512, 4 layers, seq 256, batch 8
@@ -42,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexi_workflows.adapters import FlexiLoraConfig, StaticRank, inject_flexi_lora  # noqa: E402
+from flexi_workflows.adapters.merged import RankMerger
 from flexi_workflows.adapters.merged import generate_merged as merged_generate
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -126,11 +131,12 @@ def generate(model, ranks, prompt, new_tokens):
         )
 
 
-def generate_merged(flexi, ranks, prompt, new_tokens):
+def generate_merged(flexi, ranks, prompt, new_tokens, merger=None):
     """The batch in one generate call on the base weights with a rank merged in (adapters/merged.py)."""
     inputs = {"input_ids": prompt}
     return torch.stack(merged_generate(flexi, ranks, inputs,
-                                       lambda base, batch: list(generate(base, None, batch["input_ids"], new_tokens))))
+                                       lambda base, batch: list(generate(base, None, batch["input_ids"], new_tokens)),
+                                       merger=merger))
 
 
 def stream_ranks(mixed, batches, g):
@@ -143,13 +149,13 @@ def generate_stream_base(base, prompts, batch, new_tokens):
         generate(base, None, prompts[start:start + batch], new_tokens)
 
 
-def generate_stream_merged(flexi, ranks, prompts, batch, new_tokens):
+def generate_stream_merged(flexi, ranks, prompts, batch, new_tokens, merger=None):
     """The rows sorted by rank (stable), batched as the base batches them, each batch generated merged."""
     order = torch.sort(ranks, stable=True).indices
     out = [None] * len(prompts)
     for start in range(0, len(prompts), batch):
         rows = order[start:start + batch]
-        outputs = generate_merged(flexi, ranks[rows], prompts[rows.to(prompts.device)], new_tokens)
+        outputs = generate_merged(flexi, ranks[rows], prompts[rows.to(prompts.device)], new_tokens, merger)
         for i, seq in zip(rows.tolist(), outputs):
             out[i] = seq
     return torch.stack(out)
@@ -213,19 +219,22 @@ def main(argv=None) -> dict:
     def gen_fn(name, model, ranks):
         model.eval()
         if name in ("flexi merged", "merged uniform"):
+            generate_merged(model, ranks, prompt, args.new_tokens, merger)
+        elif name == "merged cold":
             generate_merged(model, ranks, prompt, args.new_tokens)
         elif name == "base stream":
             generate_stream_base(model, stream_prompts, args.batch, args.new_tokens)
         elif name == "merged stream":
-            generate_stream_merged(model, ranks, stream_prompts, args.batch, args.new_tokens)
+            generate_stream_merged(model, ranks, stream_prompts, args.batch, args.new_tokens, merger)
         else:
             generate(model, ranks, prompt, args.new_tokens)
         sync()
 
     flexi = variants["flexi mixed"][0]
+    merger = RankMerger(flexi)  # one for the run, as an evaluation actor keeps one
     started = time.perf_counter()
     flexi.eval()
-    merged_out = generate_merged(flexi, mixed, prompt, args.new_tokens)
+    merged_out = generate_merged(flexi, mixed, prompt, args.new_tokens, merger)
     unmerged_out = generate(flexi, mixed, prompt, args.new_tokens)
     merged_tokens_equal = torch.equal(merged_out, unmerged_out)
     # in bf16 a greedy near-tie can flip (adapters/merged.py): how far apart, not only whether
@@ -235,10 +244,11 @@ def main(argv=None) -> dict:
     b = args.batch
     unmerged_stream = torch.cat([generate(flexi, ranks_stream[s:s + b], stream_prompts[s:s + b], args.new_tokens)
                                  for s in range(0, len(stream_prompts), b)])
-    merged_stream = generate_stream_merged(flexi, ranks_stream, stream_prompts, b, args.new_tokens)
+    merged_stream = generate_stream_merged(flexi, ranks_stream, stream_prompts, b, args.new_tokens, merger)
     stream_tokens_equal = torch.equal(merged_stream, unmerged_stream)
     train = {} if args.generate_only else measure(variants, train_fn, train_repeats, warmup=1)
-    gen_variants = {**variants, "flexi merged": (flexi, mixed), "merged uniform": (flexi, args.low_rank),
+    gen_variants = {**variants, "flexi merged": (flexi, mixed), "merged cold": (flexi, mixed),
+                    "merged uniform": (flexi, args.low_rank),
                     "base stream": (base, None), "merged stream": (flexi, ranks_stream)}
     gen = measure(gen_variants, gen_fn, gen_repeats, warmup=1 if args.quick else 2)
     peft_name = f"peft lora r{args.r_max}"
@@ -260,7 +270,8 @@ def main(argv=None) -> dict:
         step = f"{train[name]:>14.4f}{train[name] / train[peft_name]:>9.3f}" if name in train else f"{'—':>14}{'':>9}"
         print(f"{name:<16}{step}{gen[name]:>13.4f}{gen[name] / gen[peft_name]:>9.3f}{tok_s:>11.0f}")
     print(f"\nflexi merged / frozen base, generation: {gen['flexi merged'] / gen['frozen base']:.3f} "
-          f"(goal ≤ 1.05); a single-rank batch merged: {gen['merged uniform'] / gen['frozen base']:.3f}; "
+          f"(goal ≤ 1.05); a new merger per call: {gen['merged cold'] / gen['frozen base']:.3f}; "
+          f"a single-rank batch merged: {gen['merged uniform'] / gen['frozen base']:.3f}; "
           f"merged tokens equal the unmerged mixed batch's: {merged_tokens_equal} "
           f"(rows equal {merged_agreement['rows_equal']:.0%}, first new token {merged_agreement['first_token_equal']:.0%})")
     print(f"{args.stream_batches} batches sorted by rank, merged / the frozen base on the same rows: "
@@ -275,6 +286,7 @@ def main(argv=None) -> dict:
         "generate_ratio_peft_vs_base": round(gen[peft_name] / gen["frozen base"], 4),
         "generate_ratio_mixed_vs_base": round(gen["flexi mixed"] / gen["frozen base"], 4),
         "merged_uniform_generate_ratio_vs_base": round(gen["merged uniform"] / gen["frozen base"], 4),
+        "merged_cold_generate_ratio_vs_base": round(gen["merged cold"] / gen["frozen base"], 4),
         "merged_tokens_equal_unmerged": merged_tokens_equal,
         "merged_agreement": merged_agreement,
         "merged_sorted_generate_ratio_vs_base": round(gen["merged stream"] / gen["base stream"], 4),

@@ -155,7 +155,7 @@ class MethodGenerator(BatchGenerator):
 
     With `merged` (evaluation.merged, nested-adapter methods) each batch is generated in one call on the
     base weights with its most common rank merged in and its other rows corrected (adapters/merged.py),
-    restored after the batch.
+    restored after the batch; the actor keeps one RankMerger, so every batch merges into the same buffers.
     """
 
     def __init__(self, model_ref: str, task_name: str | TaskConfig, *, method: dict[str, Any], artifact_dir: str,
@@ -171,13 +171,17 @@ class MethodGenerator(BatchGenerator):
         # the trained artifact lives in the run's storage: read in place, or downloaded once to this actor's node
         self.model = self.method.load(self.model, fetch(artifact_dir), seed=seed).to(self.device).eval()
         self.merged = merged
+        self._merger = None
 
     def generate_ranked(self, inputs: dict[str, torch.Tensor], ranks: np.ndarray) -> list[str]:
         if not self.merged:
             return self.generate(inputs, ranks=ranks.tolist())
-        from flexi_workflows.adapters.merged import generate_merged
+        from flexi_workflows.adapters.merged import RankMerger, generate_merged
 
-        return generate_merged(self.model, ranks.tolist(), inputs, lambda base, batch: self.generate(batch, model=base))
+        if self._merger is None:  # one for the actor's lifetime: each batch's merge reuses its buffers
+            self._merger = RankMerger(self.model)
+        return generate_merged(self.model, ranks.tolist(), inputs, lambda base, batch: self.generate(batch, model=base),
+                               merger=self._merger)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = self.prompts(batch)

@@ -21,4 +21,5 @@ def test_adapter_bench_smoke_run_reports_merged_generation():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert list(result)[-1] == "merged_generate_ratio_vs_base" and result["merged_generate_ratio_vs_base"] > 0
     assert result["merged_tokens_equal_unmerged"] is True
-    assert {"flexi merged", "merged uniform", "frozen base"} <= set(result["generate_s"])
+    assert {"flexi merged", "merged cold", "merged uniform", "frozen base"} <= set(result["generate_s"])
+    assert result["merged_cold_generate_ratio_vs_base"] > 0

@@ -20,7 +20,9 @@ Restoring is exact because the original weights are never written, not because �
 ((W + Δ) − Δ in floating point is not W): while a rank is merged each touched weight parameter points at
 a new tensor holding W + Δ, and restoring points it back at W's own tensor, with no copy. That costs one
 extra copy of the touched weights for as long as a rank is merged (LLaMA-3.2-1B's q/k/v/o in bf16:
-16 layers × (2·2048² + 2·2048·512) × 2 bytes ≈ 0.34 GB), plus one layer's fp32 merge at a time.
+16 layers × (2·2048² + 2·2048·512) × 2 bytes ≈ 0.34 GB), plus one layer's fp32 merge at a time; a
+RankMerger kept across batches (the evaluation stage keeps one per actor) reuses that copy's memory, and
+holds it, for as long as it lives.
 
 The merged weight is computed as merge_and_unload computes it (fp32 sum, rounded once to the weight's
 dtype), so rows at rank m see the weights an exported merged model at that rank would have; the other
@@ -79,15 +81,26 @@ class RankCorrectedLinear(nn.Module):
         self.weight, self.bias = base_layer.weight, base_layer.bias  # the merged weight itself, not a copy
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.corrections, self.batch_size = corrections, batch_size
+        # (rows of x, rows of x flattened) → [(row slice, a, b)]: worked out once per shape, as a decoding
+        # loop calls this layer with the same few shapes every step
+        self._plans: dict[tuple[int, int], list[tuple[slice, torch.Tensor, torch.Tensor]]] = {}
+
+    def _plan(self, rows: int, flat_rows: int) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+        if rows % self.batch_size:
+            raise RankError(f"the ranks were given for {self.batch_size} rows but a layer saw {rows}")
+        per = flat_rows // self.batch_size  # flattened rows per row of the batch: k · the flattened middle dims
+        plan = self._plans[rows, flat_rows] = [(slice(start * per, end * per), a, b)
+                                                for start, end, a, b in self.corrections]
+        return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if x.shape[0] % self.batch_size:
-            raise RankError(f"the ranks were given for {self.batch_size} rows but a layer saw {x.shape[0]}")
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        per = x2.shape[0] // self.batch_size  # rows of x2 per row of the batch: k · the flattened middle dims
-        for start, end, a, b in self.corrections:
-            y2[start * per:end * per].addmm_(x2[start * per:end * per] @ a, b)
+        plan = self._plans.get((x.shape[0], x2.shape[0]))
+        if plan is None:
+            plan = self._plan(x.shape[0], x2.shape[0])
+        for rows, a, b in plan:
+            y2[rows].addmm_(x2[rows] @ a, b)
         return y
 
     def extra_repr(self) -> str:
@@ -114,6 +127,9 @@ class RankMerger:
         self._check_untied()
         self.rank: int | None = None
         self._originals: dict[str, torch.Tensor] = {}
+        # the tensors merged weights are written to, kept from one merge to the next: freshly allocated
+        # ones cost a page fault per 4 KiB page on first write, more than the merge's own arithmetic
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def _check_untied(self) -> None:
         """A weight shared with another module (tied embeddings, a targeted lm_head) would change that
@@ -140,7 +156,10 @@ class RankMerger:
             original = self._originals.get(name)
             if original is None:  # the first merge: the weight's own tensor is kept aside, untouched
                 original = self._originals[name] = weight.data
-                merged = torch.empty_like(original)
+                merged = self._buffers.get(name)
+                if merged is None or (merged.shape, merged.dtype, merged.device) != (
+                        original.shape, original.dtype, original.device):
+                    merged = self._buffers[name] = torch.empty_like(original)
             else:  # another rank: the previous rank's merged tensor is overwritten
                 merged = weight.data
             if original.dtype == layer.lora_A.dtype == torch.float32:
@@ -201,6 +220,7 @@ def generate_merged(
     ranks: torch.Tensor | Sequence[int] | int,
     inputs: dict[str, Any],
     generate: Callable[[torch.nn.Module, dict[str, Any]], Sequence[Any]],
+    merger: RankMerger | None = None,
 ) -> list[Any]:
     """Row b's output at rank ranks[b], from one `generate(base_model, sorted_inputs)` call on the base
     weights with the batch's most common rank merged in and the other rows corrected (module docstring).
@@ -210,11 +230,17 @@ def generate_merged(
     padding), so a row sees the same inputs as in the unmerged mixed batch. `generate` returns one output
     per row, in the order it was given them; they come back in the batch's order. The weights are
     restored when this returns or raises.
+
+    A `merger` kept across calls (one per evaluation actor) writes every merge into the same buffers,
+    which then stay allocated (one copy of the target weights) for as long as the merger does.
     """
     n = _batch_size(inputs)
     ranks, _ = model.resolve_ranks(ranks, n, None, None)
     merged, order, slices = merge_order(ranks)
-    merger = RankMerger(model)
+    if merger is None:
+        merger = RankMerger(model)
+    elif merger.model is not model:
+        raise RankError("the merger was made for another model")
     try:
         merger.merge(merged)
         if slices:

@@ -129,6 +129,34 @@ def test_merged_generation_gives_the_unmerged_tokens_in_one_call_and_restores_th
     assert torch.equal(torch.stack(generate_merged(model, [4] * len(RANKS), inputs, plain)), uniform)
 
 
+def test_a_merger_kept_across_batches_merges_into_the_same_buffers():
+    """As an evaluation actor keeps one merger: batches whose most common rank differs each get the unmerged
+    path's tokens, every merge writes into the same tensor, and the model is whole again after each batch."""
+    model = _flexi(seed=1)
+    inputs = _batch(seed=1)
+    before = _snapshot(model)
+    q_weight = model.base_model.model.layers[0].self_attn.q_proj.base_layer.weight
+    original_ptr = q_weight.data_ptr()
+    merger = RankMerger(model)
+    merged = []  # held, so a buffer allocated afresh could not reuse a freed one's address
+
+    def generate(base, batch):
+        merged.append(base.model.layers[0].self_attn.q_proj.weight.data)
+        return list(base.generate(**batch, **GEN))
+
+    for ranks in (RANKS, [8, 8, 2, 8, 1, 8], [4] * len(RANKS), RANKS):
+        unmerged = model.generate(**inputs, ranks=ranks, **GEN)
+        got = torch.stack(generate_merged(model, ranks, inputs, generate, merger=merger))
+        assert torch.equal(got, unmerged), f"ranks {ranks}: merged tokens differ from the unmerged path"
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), "weights restored bit for bit"
+    ptrs = {tensor.data_ptr() for tensor in merged}
+    assert len(merged) == 4 and len(ptrs) == 1, "every merge writes into one buffer"
+    assert original_ptr not in ptrs and q_weight.data_ptr() == original_ptr, "the original is never written"
+    with pytest.raises(RankError, match="made for another model"):
+        generate_merged(_flexi(), RANKS, inputs, generate, merger=merger)
+
+
 def test_bf16_weights_come_back_bit_exact_where_subtracting_the_delta_would_not():
     model = _flexi(torch.bfloat16)
     before = _snapshot(model)
