@@ -15,6 +15,8 @@ round-robin so drift (thermal, other load) hits each equally; each figure is a m
                        afresh: generate_merged's default)
     merged uniform     generation only: the same batch with every row at the low rank, merged: no corrections,
                        so merging and restoring alone
+    base again         generation only: the frozen base once more, later in the round: a null control, whose
+                       ratio to the frozen base is this machine's noise on a ratio of two identical workloads
     base stream        generation only: the frozen base on --stream-batches batches of mixed-rank rows
     merged stream      generation only: the same rows sorted by rank (as the evaluation stage sorts them
                        with evaluation.merged), each batch generated merged
@@ -26,6 +28,10 @@ are flexi-mixed time / PEFT time (lower is better); `merged_generate_ratio_vs_ba
 ranks' corrections (merging and restoring alone), and `merged_cold_generate_ratio_vs_base` the same
 for a new merger per call.
 `merged_sorted_generate_ratio_vs_base` is merged stream / base stream: what the evaluation stage pays.
+Those are ratios of medians. `paired_ratio_vs_base` holds, for the merged variants and the null control,
+the median over rounds of each round's own ratio to that round's frozen base (which cancels drift slower
+than a round), and `base_again_ratio_vs_base` the null control's ratio of medians: on a shared machine
+read the merged figures against those two.
 
     python bench/adapter.py            # hidden 512, 4 layers, seq 256, batch 8
     python bench/adapter.py --quick    # same shapes, fewer repeats: about 70 s on 2 idle CPU cores
@@ -162,6 +168,7 @@ def generate_stream_merged(flexi, ranks, prompts, batch, new_tokens, merger=None
 
 
 def measure(variants, fn, repeats, warmup):
+    """Each variant's median time, and every round's times (rounds interleave the variants)."""
     times = {name: [] for name in variants}
     for i in range(warmup + repeats):
         for name, (model, ranks) in variants.items():
@@ -169,7 +176,12 @@ def measure(variants, fn, repeats, warmup):
             fn(name, model, ranks)
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()}, times
+
+
+def paired_ratio(times, name, reference):
+    """The median over rounds of name's time / reference's time in the same round."""
+    return round(statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True)), 4)
 
 
 def main(argv=None) -> dict:
@@ -246,11 +258,14 @@ def main(argv=None) -> dict:
                                  for s in range(0, len(stream_prompts), b)])
     merged_stream = generate_stream_merged(flexi, ranks_stream, stream_prompts, b, args.new_tokens, merger)
     stream_tokens_equal = torch.equal(merged_stream, unmerged_stream)
-    train = {} if args.generate_only else measure(variants, train_fn, train_repeats, warmup=1)
+    train = {} if args.generate_only else measure(variants, train_fn, train_repeats, warmup=1)[0]
     gen_variants = {**variants, "flexi merged": (flexi, mixed), "merged cold": (flexi, mixed),
-                    "merged uniform": (flexi, args.low_rank),
+                    "merged uniform": (flexi, args.low_rank), "base again": (base, None),
                     "base stream": (base, None), "merged stream": (flexi, ranks_stream)}
-    gen = measure(gen_variants, gen_fn, gen_repeats, warmup=1 if args.quick else 2)
+    gen, rounds = measure(gen_variants, gen_fn, gen_repeats, warmup=1 if args.quick else 2)
+    paired = {name: paired_ratio(rounds, name, "frozen base")
+              for name in ("flexi merged", "merged cold", "merged uniform", "base again")}
+    paired["merged stream"] = paired_ratio(rounds, "merged stream", "base stream")
     peft_name = f"peft lora r{args.r_max}"
 
     print(
@@ -277,6 +292,8 @@ def main(argv=None) -> dict:
     print(f"{args.stream_batches} batches sorted by rank, merged / the frozen base on the same rows: "
           f"{gen['merged stream'] / gen['base stream']:.3f}; "
           f"tokens equal the unmerged batches': {stream_tokens_equal}")
+    print(f"null control, the frozen base again / the frozen base: {gen['base again'] / gen['frozen base']:.3f}; "
+          f"paired per round (median of each round's ratio): " + ", ".join(f"{k} {v:.3f}" for k, v in paired.items()))
     result = {
         "train_step_ratio_vs_peft": round(train["flexi mixed"] / train[peft_name], 4) if train else None,
         "generate_ratio_vs_peft": round(gen["flexi mixed"] / gen[peft_name], 4),
@@ -291,6 +308,8 @@ def main(argv=None) -> dict:
         "merged_agreement": merged_agreement,
         "merged_sorted_generate_ratio_vs_base": round(gen["merged stream"] / gen["base stream"], 4),
         "merged_sorted_tokens_equal_unmerged": stream_tokens_equal,
+        "base_again_ratio_vs_base": round(gen["base again"] / gen["frozen base"], 4),
+        "paired_ratio_vs_base": paired,
         "stream_batches": args.stream_batches,
         "train_step_s": {k: round(v, 5) for k, v in train.items()},
         "generate_s": {k: round(v, 5) for k, v in gen.items()},

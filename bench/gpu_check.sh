@@ -134,7 +134,8 @@ out = {
     "adapter": None if adapter is None else {k: adapter.get(k) for k in (
         "train_step_ratio_vs_peft", "generate_ratio_vs_peft", "train_step_ratio_rmax_vs_peft",
         "generate_ratio_rmax_vs_peft", "merged_generate_ratio_vs_base", "merged_uniform_generate_ratio_vs_base",
-        "merged_cold_generate_ratio_vs_base", "merged_sorted_generate_ratio_vs_base",
+        "merged_cold_generate_ratio_vs_base", "merged_sorted_generate_ratio_vs_base", "base_again_ratio_vs_base",
+        "paired_ratio_vs_base",
         "merged_tokens_equal_unmerged", "merged_agreement", "train_step_s", "generate_s", "device", "dtype", "wall_s")},
     "zero_memory": [json.loads(l) for l in ((logs / "zero_memory.log").read_text().splitlines()
                                             if (logs / "zero_memory.log").exists() else []) if l.startswith('{"stage"')],

@@ -23,3 +23,7 @@ def test_adapter_bench_smoke_run_reports_merged_generation():
     assert result["merged_tokens_equal_unmerged"] is True
     assert {"flexi merged", "merged cold", "merged uniform", "frozen base"} <= set(result["generate_s"])
     assert result["merged_cold_generate_ratio_vs_base"] > 0
+    assert result["base_again_ratio_vs_base"] > 0 and "base again" in result["generate_s"], "the null control"
+    assert set(result["paired_ratio_vs_base"]) == {"flexi merged", "merged cold", "merged uniform", "base again",
+                                                   "merged stream"}
+    assert all(v > 0 for v in result["paired_ratio_vs_base"].values())
