@@ -1,7 +1,8 @@
 """Flexi-LoRA vs PEFT LoRA: training-step and generation cost on a LLaMA-shaped model.
 
 All variants share one set of random base weights and run in this one process, interleaved
-round-robin so drift (thermal, other load) hits each equally; each figure is a median of repeats.
+round-robin so drift (thermal, other load) hits each equally, each round starting one variant further
+along so none always runs first; each figure is a median of repeats.
 
     frozen base        backprop through the frozen model to its input embeddings (no adapter)
     peft lora r_max    PEFT LoRA at r_max on q, k, v, o
@@ -168,10 +169,17 @@ def generate_stream_merged(flexi, ranks, prompts, batch, new_tokens, merger=None
 
 
 def measure(variants, fn, repeats, warmup):
-    """Each variant's median time, and every round's times (rounds interleave the variants)."""
+    """Each variant's median time, and every round's times (rounds interleave the variants).
+
+    Each round starts one variant further along (round i runs them from the i-th on, wrapping), so no
+    variant always runs first or last in a round: with a fixed order, the frozen base measured a second
+    time later in each round (the null control) came out 1.029 ± 0.048 × its first measurement."""
     times = {name: [] for name in variants}
+    names = list(variants)
     for i in range(warmup + repeats):
-        for name, (model, ranks) in variants.items():
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            model, ranks = variants[name]
             start = time.perf_counter()
             fn(name, model, ranks)
             if i >= warmup:

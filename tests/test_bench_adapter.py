@@ -27,3 +27,19 @@ def test_adapter_bench_smoke_run_reports_merged_generation():
     assert set(result["paired_ratio_vs_base"]) == {"flexi merged", "merged cold", "merged uniform", "base again",
                                                    "merged stream"}
     assert all(v > 0 for v in result["paired_ratio_vs_base"].values())
+
+
+def test_each_round_starts_one_variant_further_along():
+    """No variant always runs first in its round: a fixed order put the frozen base first every time, and
+    its second timing later in each round (the null control) read 1.03 × the first on average."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_adapter", REPO_ROOT / "bench" / "adapter.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    order: list[str] = []
+    variants = {name: (None, None) for name in ("a", "b", "c")}
+    medians, times = bench.measure(variants, lambda name, model, ranks: order.append(name), repeats=3, warmup=1)
+    rounds = [order[i:i + 3] for i in range(0, len(order), 3)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert set(medians) == set(variants) and all(len(t) == 3 for t in times.values())  # warm-up round not timed
