@@ -57,8 +57,12 @@ def test_a_driver_stopped_mid_training_leaves_no_ray_process_and_each_rerun_resu
     from flexi_workflows.stages.train import REPORT
     from flexi_workflows.training.loop import STATE_FILE
 
+    # 96 steps of about 0.05 s: a stop takes a second or two to reach the worker, during which training goes on
+    # (a run Ctrl-C'd once its step-8 checkpoint was seen had reached step 40 of 48 when it stopped, and the
+    # rerun then finished before the second stop could come); a checkpoint every 8 steps, 12 in all, as before
+    total = 96
     data = small_recipe_data(tmp_path, tiny_model_dir, method={"name": "lora", "rank": 4},
-                             training={"epochs": 3, "checkpoint_every": 4}, evaluation={"include_base": False},
+                             training={"epochs": 6, "checkpoint_every": 8}, evaluation={"include_base": False},
                              tracking={"enabled": True})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -110,12 +114,12 @@ def test_a_driver_stopped_mid_training_leaves_no_ray_process_and_each_rerun_resu
     assert last.startswith("flexi run: interrupted. Finished stages are kept in"), last
     first_stop = checkpoint_steps()[-1]
 
-    assert stop_mid_training(signal.SIGKILL, first_stop + 4, 2) == -signal.SIGKILL
+    assert stop_mid_training(signal.SIGKILL, first_stop + 8, 2) == -signal.SIGKILL
     steps_run2 = [int(line.split("step ")[1].split("/")[0]) for line in (tmp_path / "run2.out").read_text().splitlines()
                   if "[lora-4] step " in line]
     assert steps_run2 and steps_run2[0] == first_stop + 1, (first_stop, steps_run2[:3])  # resumed after Ctrl-C
     second_stop = checkpoint_steps()[-1]
-    assert second_stop < 48, "the second run had finished training before it was killed"
+    assert second_stop < total, "the second run had finished training before it was killed"
 
     rerun = subprocess.run([flexi, "run", str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -126,7 +130,7 @@ def test_a_driver_stopped_mid_training_leaves_no_ray_process_and_each_rerun_resu
     assert "PlacementGroupCleaner" not in console and "multiple active Ray instances" not in console, console[-4000:]
     report = json.loads(next(out.glob(f"train/*/{REPORT}")).read_text())
     assert report["resumed_from_step"] == second_stop, (report["resumed_from_step"], second_stop)  # after SIGKILL
-    assert report["steps"] == report["total_steps"] == 48
+    assert report["steps"] == report["total_steps"] == total
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     statuses = sorted(r.info.status for r in runs)
