@@ -23,9 +23,11 @@ command="$1"; shift
 
 free_port() { .venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
-  local deadline=$((SECONDS + $1)) what="$2"; shift 2
+wait_for() {  # wait_for SECONDS DESCRIPTION PID LOG COMMAND...: 0 once COMMAND succeeds, 3 if PID exits first
+  local deadline=$((SECONDS + $1)) what="$2" pid="$3" log="$4"; shift 4
   until "$@" >/dev/null 2>&1; do
+    if ! kill -0 "$pid" 2>/dev/null; then echo "local-cluster: $what exited while starting; its log ($log) ends:" >&2
+      tail -n 5 "$log" | sed 's/^/  /' >&2; return 3; fi
     if [ $SECONDS -ge $deadline ]; then echo "local-cluster: $what did not come up (logs in $state)" >&2; return 1; fi
     sleep 1
   done
@@ -40,7 +42,6 @@ case "$command" in
     mkdir -p "$state"
     export PATH="$root/.venv/bin:$PATH" RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token
     ray_tmp="$(mktemp -d /tmp/flexi-ray-XXXXXX)"  # short: Ray's unix socket paths are limited to ~107 bytes
-    gcs=$(free_port); dash=$(free_port); mlflow_port=$(free_port)
     # every port of its own, so another Ray cluster on this machine (Ray's defaults) is never in the way
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: a one-machine cluster whose servers all bind 127.0.0.1 (on Linux Ray
     # otherwise listens on every interface); jobs inherit it, so their drivers join at 127.0.0.1 too
@@ -51,30 +52,52 @@ case "$command" in
     # RAY_API_SERVER_ADDRESS: the state API of this head for every process of it (Ray Train's placement-group
     # cleaner asks it, with no address, whether a run's controller died; with two clusters on the machine Ray
     # could not tell which to ask, and the cleaner stopped watching)
-    RAY_JOB_STOP_WAIT_TIME_S="${RAY_JOB_STOP_WAIT_TIME_S:-30}" RAY_API_SERVER_ADDRESS="http://127.0.0.1:$dash" \
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 setsid .venv/bin/ray start --head --block --num-cpus="${FLEXI_CLUSTER_CPUS:-$(nproc)}" --port="$gcs" \
-      --dashboard-host=127.0.0.1 --dashboard-port="$dash" --include-dashboard=true --temp-dir="$ray_tmp" \
-      --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)" \
-      --metrics-export-port="$(free_port)" --runtime-env-agent-port="$(free_port)" \
-      --ray-client-server-port="$(free_port)" >"$state/ray.log" 2>&1 &
-    ray_pid=$!
-    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid .venv/bin/mlflow server \
-      --backend-store-uri "sqlite:///$state/mlflow.db" --default-artifact-root "$state/mlartifacts" \
-      --host 127.0.0.1 --port "$mlflow_port" --workers 1 >"$state/mlflow.log" 2>&1 &
-    mlflow_pid=$!
-    cat >"$state/env" <<EOF
+    # Ports are picked free, then bound by the server seconds later; another process (a Ray worker, an
+    # MLflow request) can take one in between, and the server then exits ("address already in use"; seen
+    # once in CI, for MLflow's). So a server that exits while starting is started again on fresh ports.
+    launch_ray() {
+      gcs=$(free_port); dash=$(free_port)
+      RAY_JOB_STOP_WAIT_TIME_S="${RAY_JOB_STOP_WAIT_TIME_S:-30}" RAY_API_SERVER_ADDRESS="http://127.0.0.1:$dash" \
+      RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 setsid .venv/bin/ray start --head --block --num-cpus="${FLEXI_CLUSTER_CPUS:-$(nproc)}" --port="$gcs" \
+        --dashboard-host=127.0.0.1 --dashboard-port="$dash" --include-dashboard=true --temp-dir="$ray_tmp" \
+        --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)" \
+        --metrics-export-port="$(free_port)" --runtime-env-agent-port="$(free_port)" \
+        --ray-client-server-port="$(free_port)" >"$state/ray.log" 2>&1 &
+      ray_pid=$!
+    }
+    launch_mlflow() {
+      mlflow_port=$(free_port)
+      MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid .venv/bin/mlflow server \
+        --backend-store-uri "sqlite:///$state/mlflow.db" --default-artifact-root "$state/mlartifacts" \
+        --host 127.0.0.1 --port "$mlflow_port" --workers 1 >"$state/mlflow.log" 2>&1 &
+      mlflow_pid=$!
+    }
+    record() {
+      cat >"$state/env" <<EOF
 RAY_PGID=$ray_pid
 MLFLOW_PGID=$mlflow_pid
 RAY_TMP=$ray_tmp
 RAY_DASHBOARD=http://127.0.0.1:$dash
 MLFLOW_URI=http://127.0.0.1:$mlflow_port
 EOF
-    if ! wait_for 120 "the Ray head" .venv/bin/ray job list --address "http://127.0.0.1:$dash" \
-       || ! wait_for 90 "the MLflow server" .venv/bin/python -c \
-            "import urllib.request, sys; urllib.request.urlopen(sys.argv[1] + '/health', timeout=2)" \
-            "http://127.0.0.1:$mlflow_port"; then
-      bash "$0" stop; exit 1
-    fi
+    }
+    launch_ray; launch_mlflow; record
+    for attempt in 1 2 3; do
+      if wait_for 120 "the Ray head" "$ray_pid" "$state/ray.log" .venv/bin/ray job list --address "http://127.0.0.1:$dash"
+      then break; else rc=$?; fi
+      if [ "$rc" -ne 3 ] || [ "$attempt" -eq 3 ]; then bash "$0" stop; exit 1; fi
+      echo "local-cluster: starting the Ray head again on other ports" >&2
+      launch_ray; record
+    done
+    for attempt in 1 2 3; do
+      if wait_for 90 "the MLflow server" "$mlflow_pid" "$state/mlflow.log" .venv/bin/python -c \
+           "import urllib.request, sys; urllib.request.urlopen(sys.argv[1] + '/health', timeout=2)" \
+           "http://127.0.0.1:$mlflow_port"
+      then break; else rc=$?; fi
+      if [ "$rc" -ne 3 ] || [ "$attempt" -eq 3 ]; then bash "$0" stop; exit 1; fi
+      echo "local-cluster: starting the MLflow server again on another port" >&2
+      launch_mlflow; record
+    done
     echo "Ray head      http://127.0.0.1:$dash   (dashboard; token auth: RAY_AUTH_MODE=token)"
     echo "MLflow server http://127.0.0.1:$mlflow_port"
     ;;

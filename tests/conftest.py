@@ -131,23 +131,30 @@ def free_port() -> int:
 
 
 def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
-    """A real MLflow tracking server on 127.0.0.1 (sqlite store under `root`); (process, URL)."""
-    port = free_port()
+    """A real MLflow tracking server on 127.0.0.1 (sqlite store under `root`); (process, URL).
+
+    The port is picked free and bound by the server seconds later; when something takes it in between the
+    server exits ("address already in use"), and it is started again on another port."""
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
+    for _ in range(3):
+        port = free_port()
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+             "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    return proc, url
+            except OSError:
+                time.sleep(0.5)
+        if proc.poll() is None:
+            proc.kill()
+            break
     pytest.fail("mlflow server did not come up")
 
 
