@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 from flexi_workflows.recipes.schema import RayConfig
+
+log = logging.getLogger(__name__)
 
 # Variables Ray workers need: they are separate processes that import the project.
 _WORKER_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
@@ -73,12 +76,28 @@ def ensure_ray(config: RayConfig | None = None) -> None:
         # the console; next to a `ray start` head it would ask that cluster, not find the controller, and
         # remove a live run's group. So the dashboard gets a port chosen here, and every process of the
         # cluster (they inherit this environment) is pointed at it (an inherited value names another cluster).
-        dashboard_port = _free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-        with _token_auth_notice_dropped():
-            ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=None, dashboard_host="127.0.0.1",
-                     dashboard_port=dashboard_port, **kwargs)
+        # A port picked free can be taken before the dashboard binds it; Ray then starts without a dashboard
+        # (one logged error) and the cleaner has no state API to ask, so the cluster is started again on
+        # another port. A minimal Ray (no dashboard packages) runs without one, as Ray decides.
+        dashboard_expected = _dashboard_installed()
+        for attempt in range(3):
+            dashboard_port = _free_port()
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+            with _token_auth_notice_dropped():
+                context = ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=None,
+                                   dashboard_host="127.0.0.1", dashboard_port=dashboard_port, **kwargs)
+            if context.dashboard_url or not dashboard_expected or attempt == 2:
+                break
+            log.warning("Ray's dashboard could not take port %d; starting the local cluster again on another",
+                        dashboard_port)
+            ray.shutdown()
     sigterm_to_python_alone(own_handler)
+
+
+def _dashboard_installed() -> bool:
+    from ray._private.utils import get_dashboard_dependency_error
+
+    return get_dashboard_dependency_error() is None
 
 
 def _free_port() -> int:
